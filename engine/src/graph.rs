@@ -1,0 +1,281 @@
+//! The logical dataflow graph: named nodes, their parallelism, and how records
+//! are partitioned on each edge.
+//!
+//! A graph is built once, validated, and then handed to the
+//! [`runtime`](crate::runtime), which turns every node into `parallelism`
+//! tokio tasks and every edge into bounded channels. How an edge distributes
+//! records is decided here, from what the downstream node needs:
+//!
+//! | downstream needs            | edge               |
+//! |-----------------------------|--------------------|
+//! | keyed state (`key_columns`) | hash of the key    |
+//! | nothing, same parallelism   | forward (1:1)      |
+//! | nothing, other parallelism  | round robin        |
+//!
+//! Hashing uses DataFusion's repartitioning hash with a fixed seed, so the same
+//! key lands on the same subtask in every run.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+
+use crate::error::{EngineError, Result};
+use crate::operator::{OperatorFactory, SidePort, SinkFactory, SourceFactory};
+
+/// Index of a node in a [`Graph`].
+pub type NodeId = usize;
+
+/// Which output of a node an edge reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// The main output.
+    Main,
+    /// A side output (dead letters, late records).
+    Side(SidePort),
+}
+
+impl std::fmt::Display for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Port::Main => f.write_str("main"),
+            Port::Side(s) => f.write_str(s),
+        }
+    }
+}
+
+/// What a node does.
+#[derive(Clone)]
+pub enum NodeKind {
+    /// Reads records in.
+    Source(Arc<dyn SourceFactory>),
+    /// Transforms records.
+    Operator(Arc<dyn OperatorFactory>),
+    /// Writes records out.
+    Sink(Arc<dyn SinkFactory>),
+}
+
+/// How an edge distributes records over the downstream subtasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Partitioning {
+    /// Subtask *i* sends to subtask *i*.
+    Forward,
+    /// By hash of these columns.
+    Hash(Vec<String>),
+    /// Batches in turn to each subtask.
+    RoundRobin,
+}
+
+/// One input of a node.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// Upstream node.
+    pub from: NodeId,
+    /// Which of its outputs.
+    pub port: Port,
+    /// How records are spread.
+    pub partitioning: Partitioning,
+}
+
+/// A node of the graph.
+#[derive(Clone)]
+pub struct Node {
+    /// Unique name, as in the pipeline file.
+    pub name: String,
+    /// What it does.
+    pub kind: NodeKind,
+    /// Number of subtasks.
+    pub parallelism: usize,
+    /// Its inputs, in logical input order.
+    pub inputs: Vec<Edge>,
+}
+
+impl Node {
+    /// Schema of one of this node's outputs.
+    pub fn output_schema(&self, port: Port) -> Option<SchemaRef> {
+        match (&self.kind, port) {
+            (NodeKind::Source(f), Port::Main) => Some(f.output_schema()),
+            (NodeKind::Operator(f), Port::Main) => Some(f.output_schema()),
+            (NodeKind::Source(f), Port::Side(p)) => side(f.side_outputs(), p),
+            (NodeKind::Operator(f), Port::Side(p)) => side(f.side_outputs(), p),
+            (NodeKind::Sink(_), _) => None,
+        }
+    }
+
+    fn role(&self) -> &'static str {
+        match self.kind {
+            NodeKind::Source(_) => "source",
+            NodeKind::Operator(_) => "operator",
+            NodeKind::Sink(_) => "sink",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.kind {
+            NodeKind::Source(f) => f.describe(),
+            NodeKind::Operator(f) => f.describe(),
+            NodeKind::Sink(f) => f.describe(),
+        }
+    }
+}
+
+fn side(outputs: Vec<(SidePort, SchemaRef)>, port: SidePort) -> Option<SchemaRef> {
+    outputs.into_iter().find(|(p, _)| *p == port).map(|(_, s)| s)
+}
+
+/// A dataflow graph.
+#[derive(Clone, Default)]
+pub struct Graph {
+    nodes: Vec<Node>,
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The nodes, indexed by [`NodeId`].
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Looks a node up by name.
+    pub fn find(&self, name: &str) -> Option<NodeId> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    fn push(&mut self, node: Node) -> Result<NodeId> {
+        if node.parallelism == 0 {
+            return Err(EngineError::User(format!(
+                "node {:?}: parallelism must be at least 1",
+                node.name
+            )));
+        }
+        if self.find(&node.name).is_some() {
+            return Err(EngineError::User(format!("node {:?} defined twice", node.name)));
+        }
+        self.nodes.push(node);
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Adds a source node.
+    pub fn add_source(
+        &mut self,
+        name: &str,
+        factory: Arc<dyn SourceFactory>,
+        parallelism: usize,
+    ) -> Result<NodeId> {
+        let parallelism = factory
+            .max_parallelism()
+            .map_or(parallelism, |m| parallelism.min(m.max(1)));
+        self.push(Node {
+            name: name.to_string(),
+            kind: NodeKind::Source(factory),
+            parallelism,
+            inputs: Vec::new(),
+        })
+    }
+
+    /// Adds an operator reading the given upstream outputs, in order.
+    pub fn add_operator(
+        &mut self,
+        name: &str,
+        factory: Arc<dyn OperatorFactory>,
+        parallelism: usize,
+        inputs: &[(NodeId, Port)],
+    ) -> Result<NodeId> {
+        let keys = factory.key_columns();
+        let edges = self.edges(inputs, parallelism, &keys)?;
+        self.push(Node {
+            name: name.to_string(),
+            kind: NodeKind::Operator(factory),
+            parallelism,
+            inputs: edges,
+        })
+    }
+
+    /// Adds a sink reading one upstream output.
+    pub fn add_sink(
+        &mut self,
+        name: &str,
+        factory: Arc<dyn SinkFactory>,
+        parallelism: usize,
+        input: (NodeId, Port),
+    ) -> Result<NodeId> {
+        let parallelism = factory
+            .max_parallelism()
+            .map_or(parallelism, |m| parallelism.min(m.max(1)));
+        let edges = self.edges(&[input], parallelism, &[])?;
+        self.push(Node {
+            name: name.to_string(),
+            kind: NodeKind::Sink(factory),
+            parallelism,
+            inputs: edges,
+        })
+    }
+
+    fn edges(&self, inputs: &[(NodeId, Port)], parallelism: usize, keys: &[String]) -> Result<Vec<Edge>> {
+        inputs
+            .iter()
+            .map(|&(from, port)| {
+                let up = self
+                    .nodes
+                    .get(from)
+                    .ok_or_else(|| EngineError::Internal(format!("no node {from}")))?;
+                let schema = up.output_schema(port).ok_or_else(|| {
+                    EngineError::User(format!("node {:?} has no output {port}", up.name))
+                })?;
+                for k in keys {
+                    if schema.index_of(k).is_err() {
+                        return Err(EngineError::User(format!(
+                            "key column {k:?} is not in the output of {:?}",
+                            up.name
+                        )));
+                    }
+                }
+                let partitioning = if !keys.is_empty() && parallelism > 1 {
+                    Partitioning::Hash(keys.to_vec())
+                } else if up.parallelism == parallelism {
+                    Partitioning::Forward
+                } else {
+                    Partitioning::RoundRobin
+                };
+                Ok(Edge {
+                    from,
+                    port,
+                    partitioning,
+                })
+            })
+            .collect()
+    }
+
+    /// The operator graph as text, one node a line, for `vigil explain`.
+    pub fn explain(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let _ = writeln!(
+                out,
+                "{:<8} {:<24} x{:<3} {}",
+                n.role(),
+                n.name,
+                n.parallelism,
+                n.describe()
+            );
+            for e in &n.inputs {
+                let from = &self.nodes[e.from];
+                let how = match &e.partitioning {
+                    Partitioning::Forward => "forward".to_string(),
+                    Partitioning::RoundRobin => "round-robin".to_string(),
+                    Partitioning::Hash(k) => format!("hash({})", k.join(", ")),
+                };
+                let port = match e.port {
+                    Port::Main => String::new(),
+                    Port::Side(p) => format!(".{p}"),
+                };
+                let _ = writeln!(out, "{:<8}   <- {}{} [{}]", "", from.name, port, how);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,41 @@
+//! Vigil's dataflow runtime.
+//!
+//! A pipeline is a [`Graph`] of sources, operators and sinks. The runtime runs
+//! each node as `parallelism` tokio tasks joined by bounded channels that
+//! carry Arrow record batches interleaved with control messages (watermarks,
+//! checkpoint barriers, end of input). The pieces, in the order data meets
+//! them:
+//!
+//! * [`operator`]: the contracts sources, operators and sinks implement;
+//! * [`graph`]: nodes, parallelism and edge partitioning;
+//! * [`runtime`]: tasks, channels, back-pressure, barrier alignment;
+//! * [`watermark`]: per-partition watermarks, idleness, merging;
+//! * [`checkpoint`]: barrier coordination and completed snapshots;
+//! * [`metrics`]: per-subtask counters;
+//! * [`clock`]: the injected wall clock.
+//!
+//! The engine knows nothing of particular connectors or operators; those live
+//! in `vigil-connectors` and `vigil-operators` and plug in through the
+//! factory traits.
+
+pub mod checkpoint;
+pub mod clock;
+pub mod error;
+pub mod graph;
+pub mod message;
+pub mod metrics;
+pub mod operator;
+pub mod runtime;
+pub mod watermark;
+
+pub use checkpoint::{CheckpointHandle, CompletedCheckpoint};
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
+pub use error::{EngineError, ErrorDomain, Result};
+pub use graph::{Graph, NodeId, Partitioning, Port};
+pub use message::{Barrier, CheckpointId, EventTime, Message, Watermark};
+pub use metrics::{MetricsRegistry, NodeRole, TaskMetrics};
+pub use operator::{
+    Collector, Operator, OperatorFactory, OperatorState, Sink, SinkFactory, Source, SourceEvent,
+    SourceFactory, TaskContext, DEAD_LETTER, LATE,
+};
+pub use runtime::{start, RunningPipeline, RuntimeOptions};

@@ -1,0 +1,46 @@
+//! What flows on the edges of a dataflow graph.
+//!
+//! Data travels as Arrow [`RecordBatch`]es; control travels in-band, in the same
+//! channel and so in order with the data: a watermark promises that no later
+//! record on this edge is older than it, a barrier cuts the stream for a
+//! consistent checkpoint, and end-of-input says the edge is finished. Keeping
+//! control in-band is what makes barrier alignment and watermark ordering
+//! correct without any side protocol.
+
+use arrow::record_batch::RecordBatch;
+
+/// Event time in milliseconds since the Unix epoch (UTC).
+pub type EventTime = i64;
+
+/// A watermark on one edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watermark {
+    /// No record with an event time below this value will follow on this edge.
+    EventTime(EventTime),
+    /// The sender has had no data for its idle timeout: it must not hold back
+    /// the receiver's watermark until it sends data or a watermark again.
+    Idle,
+}
+
+/// Identifies one checkpoint; increases by one per checkpoint of a pipeline.
+pub type CheckpointId = u64;
+
+/// A checkpoint barrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Barrier {
+    /// The checkpoint this barrier belongs to.
+    pub checkpoint: CheckpointId,
+}
+
+/// One message on an edge.
+#[derive(Debug, Clone)]
+pub enum Message {
+    /// A batch of records.
+    Batch(RecordBatch),
+    /// A watermark; see [`Watermark`].
+    Watermark(Watermark),
+    /// A checkpoint barrier; see [`Barrier`].
+    Barrier(Barrier),
+    /// The sender will send nothing more.
+    EndOfInput,
+}

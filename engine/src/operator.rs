@@ -1,0 +1,249 @@
+//! The contracts every dataflow component implements: [`Source`], [`Operator`]
+//! and [`Sink`].
+//!
+//! Operators have a **synchronous core**: they take a batch or a watermark and
+//! push results into a [`Collector`]; the runtime's async task around them
+//! does all channel I/O and back-pressure. That keeps operator logic plain,
+//! testable with `#[test]`, and free of `await` points in the hot path.
+//! Sources and sinks do I/O, so theirs are async.
+//!
+//! # Watermarks
+//! [`Operator::on_watermark`] is called with the operator's *merged* input
+//! watermark (minimum over active inputs, see [`crate::watermark`]) each time
+//! it advances. After it returns, the runtime forwards the same watermark
+//! downstream, so anything the operator emits for a closed window is ahead of
+//! the watermark that closes it.
+//!
+//! # Checkpointing
+//! When a barrier has arrived on every input (aligned barriers), the runtime
+//! calls [`Operator::snapshot`]; the returned [`OperatorState`] is the
+//! operator's whole state as Arrow batches. On restart,
+//! [`Operator::restore`] receives the same batches before any data.
+//!
+//! # End of input
+//! When every input has ended, [`Operator::on_end`] may flush what remains.
+//! Inputs end with a `Watermark::EventTime(i64::MAX)` first, so event-time
+//! operators have already closed every window by then.
+//!
+//! # Errors
+//! An error from any method fails the pipeline; an operator never panics on
+//! bad data. Records it cannot handle go to a side output (dead letters, late
+//! data) through [`Collector::emit_side`], and are counted.
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+
+use crate::clock::SharedClock;
+use crate::error::Result;
+use crate::message::EventTime;
+use crate::metrics::TaskMetrics;
+use std::sync::Arc;
+
+/// Names a side output of a node: records that leave the main flow.
+pub type SidePort = &'static str;
+
+/// Side output for records that could not be decoded or processed.
+pub const DEAD_LETTER: SidePort = "dead_letter";
+
+/// Side output for records behind the watermark that no window can take.
+pub const LATE: SidePort = "late";
+
+/// Where an operator or source puts its output during one call.
+#[derive(Debug, Default)]
+pub struct Collector {
+    main: Vec<RecordBatch>,
+    side: Vec<(SidePort, RecordBatch)>,
+}
+
+impl Collector {
+    /// An empty collector.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Emits a batch on the main output. Empty batches are dropped.
+    pub fn emit(&mut self, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.main.push(batch);
+        }
+    }
+
+    /// Emits a batch on a side output.
+    pub fn emit_side(&mut self, port: SidePort, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.side.push((port, batch));
+        }
+    }
+
+    /// True when nothing was emitted.
+    pub fn is_empty(&self) -> bool {
+        self.main.is_empty() && self.side.is_empty()
+    }
+
+    /// Takes the main-output batches.
+    pub fn take_main(&mut self) -> Vec<RecordBatch> {
+        std::mem::take(&mut self.main)
+    }
+
+    /// Takes the side-output batches.
+    pub fn take_side(&mut self) -> Vec<(SidePort, RecordBatch)> {
+        std::mem::take(&mut self.side)
+    }
+}
+
+/// The state of one operator subtask at a checkpoint, as Arrow batches.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorState {
+    /// State tables; their meaning is the operator's own.
+    pub batches: Vec<RecordBatch>,
+}
+
+/// What a running subtask knows about its place in the graph.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// Name of the node in the pipeline.
+    pub node: String,
+    /// This subtask's index, `0..parallelism`.
+    pub subtask: usize,
+    /// Number of subtasks of this node.
+    pub parallelism: usize,
+    /// Wall clock; the only one an operator may read.
+    pub clock: SharedClock,
+    /// Counters of this subtask.
+    pub metrics: Arc<TaskMetrics>,
+}
+
+/// A transforming step: filter, projection, window, join, detection.
+pub trait Operator: Send {
+    /// Processes one batch that arrived on logical input `input`.
+    fn process_batch(&mut self, input: usize, batch: RecordBatch, out: &mut Collector) -> Result<()>;
+
+    /// The merged input watermark advanced to `watermark`.
+    fn on_watermark(&mut self, _watermark: EventTime, _out: &mut Collector) -> Result<()> {
+        Ok(())
+    }
+
+    /// Returns the operator's state for a checkpoint.
+    fn snapshot(&mut self) -> Result<OperatorState> {
+        Ok(OperatorState::default())
+    }
+
+    /// Replaces the operator's state with a checkpointed one, before any data.
+    fn restore(&mut self, _state: OperatorState) -> Result<()> {
+        Ok(())
+    }
+
+    /// Every input has ended; flush what remains.
+    fn on_end(&mut self, _out: &mut Collector) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Builds the subtasks of an operator node.
+pub trait OperatorFactory: Send + Sync {
+    /// Schema of the main output.
+    fn output_schema(&self) -> SchemaRef;
+    /// Builds subtask `ctx.subtask`.
+    fn create(&self, ctx: &TaskContext) -> Result<Box<dyn Operator>>;
+    /// Key expressions the input must be hash-partitioned by (empty: any).
+    fn key_columns(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Side outputs this operator may emit, with their schemas.
+    fn side_outputs(&self) -> Vec<(SidePort, SchemaRef)> {
+        Vec::new()
+    }
+    /// One-line description for `vigil explain`.
+    fn describe(&self) -> String;
+}
+
+/// What a source hands the runtime on one poll.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// Records from partition `partition` (index into the subtask's partitions).
+    Data {
+        /// Partition index within this subtask.
+        partition: usize,
+        /// The records.
+        batch: RecordBatch,
+    },
+    /// Records that could not be decoded, in the dead-letter schema.
+    DeadLetters(RecordBatch),
+    /// Nothing available right now; poll again.
+    Pending,
+    /// Partition `partition` has ended.
+    PartitionEnd(usize),
+}
+
+/// A source subtask: reads its share of a source's partitions.
+///
+/// `next` must return within about 100 ms ([`SourceEvent::Pending`] when
+/// nothing is there) so the runtime can inject barriers and detect idleness.
+#[async_trait]
+pub trait Source: Send {
+    /// Number of partitions this subtask reads.
+    fn partitions(&self) -> usize;
+    /// Next event; see [`SourceEvent`].
+    async fn next(&mut self) -> Result<SourceEvent>;
+    /// Position of this subtask (offsets, generator progress) for a checkpoint.
+    fn snapshot(&mut self) -> Result<OperatorState> {
+        Ok(OperatorState::default())
+    }
+    /// Restores a position taken by [`Source::snapshot`].
+    fn restore(&mut self, _state: OperatorState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Builds the subtasks of a source node.
+pub trait SourceFactory: Send + Sync {
+    /// Schema of the records.
+    fn output_schema(&self) -> SchemaRef;
+    /// Column holding event time (a millisecond timestamp), used for watermarks.
+    fn event_time_column(&self) -> usize;
+    /// Records may be this far out of order, in ms.
+    fn out_of_orderness_ms(&self) -> i64;
+    /// A partition silent this long no longer holds the watermark back, in ms.
+    fn idle_timeout_ms(&self) -> i64;
+    /// Builds subtask `ctx.subtask`.
+    fn create(&self, ctx: &TaskContext) -> Result<Box<dyn Source>>;
+    /// Side outputs, with their schemas (dead letters).
+    fn side_outputs(&self) -> Vec<(SidePort, SchemaRef)> {
+        Vec::new()
+    }
+    /// Largest useful parallelism (number of partitions), if bounded.
+    fn max_parallelism(&self) -> Option<usize> {
+        None
+    }
+    /// One-line description for `vigil explain`.
+    fn describe(&self) -> String;
+}
+
+/// A sink subtask: writes batches out of the pipeline.
+#[async_trait]
+pub trait Sink: Send {
+    /// Writes one batch. May wait: waiting here is how back-pressure reaches
+    /// the sources.
+    async fn write(&mut self, batch: RecordBatch) -> Result<()>;
+    /// The merged watermark advanced (sinks that report lag use it).
+    async fn on_watermark(&mut self, _watermark: EventTime) -> Result<()> {
+        Ok(())
+    }
+    /// Makes everything written so far durable (called on barriers and at end).
+    async fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Builds the subtasks of a sink node.
+pub trait SinkFactory: Send + Sync {
+    /// Builds subtask `ctx.subtask` for input records of `schema`.
+    fn create(&self, ctx: &TaskContext, schema: SchemaRef) -> Result<Box<dyn Sink>>;
+    /// Highest parallelism the sink supports (stdout: 1).
+    fn max_parallelism(&self) -> Option<usize> {
+        None
+    }
+    /// One-line description for `vigil explain`.
+    fn describe(&self) -> String;
+}

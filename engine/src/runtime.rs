@@ -1,0 +1,641 @@
+//! Runs a [`Graph`]: one tokio task per subtask, bounded channels per edge.
+//!
+//! # Back-pressure
+//! Every edge is a set of bounded `tokio::sync::mpsc` channels (capacity
+//! [`RuntimeOptions::channel_capacity`] batches). A slow sink fills its input
+//! channels, its upstream waits in `send`, and so on up to the sources, which
+//! stop reading. Memory in flight is bounded by
+//! `edges × capacity × batch size`; nothing is buffered without limit and
+//! nothing is dropped.
+//!
+//! # Control messages
+//! Watermarks, barriers and end-of-input travel in the same channels as data
+//! ([`Message`]). Watermarks and barriers are broadcast to every downstream
+//! subtask of every output edge; batches are routed by the edge's
+//! [`Partitioning`].
+//!
+//! # Failure and cancellation
+//! Tasks live in one `JoinSet`. The first task to fail aborts all others and
+//! its error is what [`RunningPipeline::wait`] returns, so a pipeline never
+//! keeps running half-dead.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+
+use arrow::array::AsArray;
+use arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
+use arrow::record_batch::RecordBatch;
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::metrics::Time;
+use datafusion::physical_plan::repartition::BatchPartitioner;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::checkpoint::{CheckpointHandle, CompletedCheckpoint, Coordinator};
+use crate::clock::{SharedClock, SystemClock};
+use crate::error::{EngineError, Result};
+use crate::graph::{Graph, NodeKind, Partitioning, Port};
+use crate::message::{Barrier, CheckpointId, Message, Watermark};
+use crate::metrics::{MetricsRegistry, NodeRole, TaskMetrics};
+use crate::operator::{Collector, OperatorState, SourceEvent, TaskContext};
+use crate::watermark::{InputWatermarks, PartitionWatermarks};
+
+/// How a pipeline runs.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Capacity of each channel, in batches.
+    pub channel_capacity: usize,
+    /// Wall clock handed to every subtask.
+    pub clock: SharedClock,
+    /// Checkpoint to restore state from before any data flows.
+    pub restore: Option<Arc<CompletedCheckpoint>>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            channel_capacity: 4,
+            clock: Arc::new(SystemClock),
+            restore: None,
+        }
+    }
+}
+
+/// A pipeline whose tasks are running.
+#[derive(Debug)]
+pub struct RunningPipeline {
+    tasks: JoinSet<Result<()>>,
+    checkpoints: CheckpointHandle,
+    metrics: Arc<MetricsRegistry>,
+}
+
+impl RunningPipeline {
+    /// Counters of every subtask.
+    pub fn metrics(&self) -> Arc<MetricsRegistry> {
+        self.metrics.clone()
+    }
+
+    /// Triggers and reads checkpoints.
+    pub fn checkpoints(&self) -> CheckpointHandle {
+        self.checkpoints.clone()
+    }
+
+    /// Stops every task now.
+    pub fn abort(&mut self) {
+        self.tasks.abort_all();
+    }
+
+    /// Waits until every task has finished. The first failure aborts the
+    /// others and is returned.
+    pub async fn wait(mut self) -> Result<()> {
+        let mut first: Option<EngineError> = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            let err = match joined {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(j) if j.is_cancelled() => continue,
+                Err(j) => EngineError::Internal(format!("task panicked: {j}")),
+            };
+            let secondary = matches!(err, EngineError::ChannelClosed(_));
+            match &first {
+                None => first = Some(err),
+                Some(EngineError::ChannelClosed(_)) if !secondary => first = Some(err),
+                Some(_) => {}
+            }
+            self.tasks.abort_all();
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+enum Router {
+    Forward,
+    RoundRobin(usize),
+    Hash(Box<BatchPartitioner>),
+}
+
+struct Output {
+    port: Port,
+    target: String,
+    router: Router,
+    senders: Vec<mpsc::Sender<Message>>,
+}
+
+impl Output {
+    async fn send_to(&self, i: usize, msg: Message) -> Result<()> {
+        self.senders[i]
+            .send(msg)
+            .await
+            .map_err(|_| EngineError::ChannelClosed(self.target.clone()))
+    }
+
+    async fn send_batch(&mut self, batch: RecordBatch) -> Result<()> {
+        match &mut self.router {
+            Router::Forward => self.send_to(0, Message::Batch(batch)).await,
+            Router::RoundRobin(next) => {
+                let i = *next % self.senders.len();
+                *next = next.wrapping_add(1);
+                self.send_to(i, Message::Batch(batch)).await
+            }
+            Router::Hash(p) => {
+                let parts = p
+                    .partition_iter(batch)?
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                for (i, b) in parts {
+                    if b.num_rows() > 0 {
+                        self.send_to(i, Message::Batch(b)).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn broadcast(&self, msg: &Message) -> Result<()> {
+        for i in 0..self.senders.len() {
+            self.send_to(i, msg.clone()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The outputs of one subtask.
+struct Outputs {
+    edges: Vec<Output>,
+    metrics: Arc<TaskMetrics>,
+}
+
+impl Outputs {
+    async fn emit(&mut self, out: &mut Collector) -> Result<()> {
+        for batch in out.take_main() {
+            TaskMetrics::add(&self.metrics.records_out, batch.num_rows());
+            let n = self.edges.len();
+            for (k, e) in self.edges.iter_mut().enumerate() {
+                if e.port == Port::Main {
+                    // The last consumer takes the batch; earlier ones a cheap Arc clone.
+                    let b = if k + 1 == n { batch.clone() } else { batch.clone() };
+                    e.send_batch(b).await?;
+                }
+            }
+        }
+        for (port, batch) in out.take_side() {
+            self.emit_side(port, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn emit_side(&mut self, port: &'static str, batch: RecordBatch) -> Result<()> {
+        for e in self.edges.iter_mut() {
+            if e.port == Port::Side(port) {
+                e.send_batch(batch.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn broadcast(&self, msg: Message) -> Result<()> {
+        for e in &self.edges {
+            e.broadcast(&msg).await?;
+        }
+        Ok(())
+    }
+
+    async fn watermark(&self, w: Watermark) -> Result<()> {
+        if let Watermark::EventTime(t) = w {
+            self.metrics.watermark_ms.store(t, Ordering::Relaxed);
+        }
+        self.broadcast(Message::Watermark(w)).await
+    }
+}
+
+struct Slot {
+    logical: usize,
+    rx: mpsc::Receiver<Message>,
+    blocked: bool,
+    finished: bool,
+}
+
+enum InputEvent {
+    Batch(usize, RecordBatch),
+    Watermark(Watermark),
+    Barrier(Barrier),
+    End,
+}
+
+/// The inputs of one subtask: fair polling, watermark merge, barrier alignment.
+struct Inputs {
+    slots: Vec<Slot>,
+    watermarks: InputWatermarks,
+    pending_barrier: Option<Barrier>,
+    ready: VecDeque<InputEvent>,
+    next_slot: usize,
+    ended: bool,
+}
+
+impl Inputs {
+    fn new(slots: Vec<Slot>) -> Self {
+        Self {
+            watermarks: InputWatermarks::new(slots.len()),
+            slots,
+            pending_barrier: None,
+            ready: VecDeque::new(),
+            next_slot: 0,
+            ended: false,
+        }
+    }
+
+    async fn recv(&mut self) -> Option<(usize, Option<Message>)> {
+        let n = self.slots.len();
+        let start = self.next_slot;
+        let slots = &mut self.slots;
+        let got = poll_fn(|cx| {
+            let mut any_open = false;
+            for k in 0..n {
+                let i = (start + k) % n;
+                let s = &mut slots[i];
+                if s.blocked || s.finished {
+                    continue;
+                }
+                any_open = true;
+                if let Poll::Ready(m) = s.rx.poll_recv(cx) {
+                    return Poll::Ready(Some((i, m)));
+                }
+            }
+            if any_open {
+                Poll::Pending
+            } else {
+                Poll::Ready(None)
+            }
+        })
+        .await;
+        if let Some((i, _)) = &got {
+            self.next_slot = i + 1;
+        }
+        got
+    }
+
+    fn aligned(&self) -> bool {
+        self.slots.iter().all(|s| s.blocked || s.finished)
+    }
+
+    fn release_barrier_if_aligned(&mut self) {
+        if self.pending_barrier.is_some() && self.aligned() {
+            for s in &mut self.slots {
+                s.blocked = false;
+            }
+            if let Some(b) = self.pending_barrier.take() {
+                self.ready.push_back(InputEvent::Barrier(b));
+            }
+        }
+    }
+
+    async fn next(&mut self, me: &str) -> Result<InputEvent> {
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Ok(e);
+            }
+            if self.ended {
+                return Ok(InputEvent::End);
+            }
+            let Some((i, msg)) = self.recv().await else {
+                self.ended = true;
+                continue;
+            };
+            match msg {
+                Some(Message::Batch(b)) => return Ok(InputEvent::Batch(self.slots[i].logical, b)),
+                Some(Message::Watermark(w)) => {
+                    if let Some(m) = self.watermarks.update(i, w) {
+                        return Ok(InputEvent::Watermark(m));
+                    }
+                }
+                Some(Message::Barrier(b)) => {
+                    self.slots[i].blocked = true;
+                    self.pending_barrier = Some(b);
+                    self.release_barrier_if_aligned();
+                }
+                Some(Message::EndOfInput) => {
+                    self.slots[i].finished = true;
+                    if let Some(m) = self.watermarks.finish(i) {
+                        self.ready.push_back(InputEvent::Watermark(m));
+                    }
+                    self.release_barrier_if_aligned();
+                    if self.slots.iter().all(|s| s.finished) {
+                        self.ended = true;
+                    }
+                }
+                None => return Err(EngineError::ChannelClosed(format!("input of {me}"))),
+            }
+        }
+    }
+}
+
+fn hash_router(keys: &[String], schema: &arrow::datatypes::Schema, n: usize) -> Result<Router> {
+    let exprs = keys
+        .iter()
+        .map(|k| Ok(Arc::new(Column::new_with_schema(k, schema)?) as Arc<dyn PhysicalExpr>))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Router::Hash(Box::new(BatchPartitioner::new_hash_partitioner(
+        exprs,
+        n,
+        Time::new(),
+    )?)))
+}
+
+fn restored(restore: &Option<Arc<CompletedCheckpoint>>, node: &str, subtask: usize) -> Option<OperatorState> {
+    restore.as_ref().and_then(|c| c.state(node, subtask).cloned())
+}
+
+/// Starts every task of `graph`. Must be called inside a tokio runtime.
+pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
+    let nodes = graph.nodes();
+    let metrics = Arc::new(MetricsRegistry::default());
+    let cap = opts.channel_capacity.max(1);
+
+    // Wire channels: inputs[node][subtask], outputs[node][subtask].
+    let mut inputs: Vec<Vec<Vec<Slot>>> = nodes
+        .iter()
+        .map(|n| (0..n.parallelism).map(|_| Vec::new()).collect())
+        .collect();
+    let mut outputs: Vec<Vec<Vec<Output>>> = nodes
+        .iter()
+        .map(|n| (0..n.parallelism).map(|_| Vec::new()).collect())
+        .collect();
+    for (d, node) in nodes.iter().enumerate() {
+        for (logical, edge) in node.inputs.iter().enumerate() {
+            let up = &nodes[edge.from];
+            let schema = up
+                .output_schema(edge.port)
+                .ok_or_else(|| EngineError::Internal(format!("{} has no port {}", up.name, edge.port)))?;
+            for u in 0..up.parallelism {
+                let targets: Vec<usize> = match edge.partitioning {
+                    Partitioning::Forward => {
+                        if up.parallelism != node.parallelism {
+                            return Err(EngineError::Internal(format!(
+                                "forward edge {} -> {} with different parallelism",
+                                up.name, node.name
+                            )));
+                        }
+                        vec![u]
+                    }
+                    _ => (0..node.parallelism).collect(),
+                };
+                let mut senders = Vec::with_capacity(targets.len());
+                for &t in &targets {
+                    let (tx, rx) = mpsc::channel(cap);
+                    senders.push(tx);
+                    inputs[d][t].push(Slot {
+                        logical,
+                        rx,
+                        blocked: false,
+                        finished: false,
+                    });
+                }
+                let router = match &edge.partitioning {
+                    Partitioning::Forward => Router::Forward,
+                    Partitioning::RoundRobin => Router::RoundRobin(u),
+                    Partitioning::Hash(keys) => hash_router(keys, &schema, node.parallelism)?,
+                };
+                outputs[edge.from][u].push(Output {
+                    port: edge.port,
+                    target: node.name.clone(),
+                    router,
+                    senders,
+                });
+            }
+        }
+    }
+
+    let total_tasks: usize = nodes.iter().map(|n| n.parallelism).sum();
+    let mut source_controls = Vec::new();
+    let mut source_rx = Vec::new();
+    for n in nodes {
+        if matches!(n.kind, NodeKind::Source(_)) {
+            for _ in 0..n.parallelism {
+                let (tx, rx) = mpsc::channel::<CheckpointId>(16);
+                source_controls.push(tx);
+                source_rx.push(rx);
+            }
+        }
+    }
+    let first_id = opts.restore.as_ref().map_or(1, |c| c.id + 1);
+    let coordinator = Arc::new(Coordinator::new(total_tasks, source_controls, first_id));
+    let mut source_rx = source_rx.into_iter();
+
+    let mut tasks = JoinSet::new();
+    for (id, node) in nodes.iter().enumerate() {
+        let role = match node.kind {
+            NodeKind::Source(_) => NodeRole::Source,
+            NodeKind::Operator(_) => NodeRole::Operator,
+            NodeKind::Sink(_) => NodeRole::Sink,
+        };
+        let node_inputs = std::mem::take(&mut inputs[id]);
+        let node_outputs = std::mem::take(&mut outputs[id]);
+        for (subtask, (slots, outs)) in node_inputs.into_iter().zip(node_outputs).enumerate() {
+            let ctx = TaskContext {
+                node: node.name.clone(),
+                subtask,
+                parallelism: node.parallelism,
+                clock: opts.clock.clone(),
+                metrics: metrics.register(&node.name, subtask, role),
+            };
+            let outs = Outputs {
+                edges: outs,
+                metrics: ctx.metrics.clone(),
+            };
+            let state = restored(&opts.restore, &node.name, subtask);
+            let coord = coordinator.clone();
+            let wrap = {
+                let name = node.name.clone();
+                move |e: EngineError| match e {
+                    EngineError::ChannelClosed(_) => e,
+                    e => EngineError::Operator {
+                        operator: name,
+                        subtask,
+                        source: Box::new(e),
+                    },
+                }
+            };
+            match &node.kind {
+                NodeKind::Source(f) => {
+                    let mut source = f.create(&ctx)?;
+                    if let Some(s) = state {
+                        source.restore(s)?;
+                    }
+                    let et = f.event_time_column();
+                    let schema = f.output_schema();
+                    if !matches!(
+                        schema.fields().get(et).map(|f| f.data_type()),
+                        Some(DataType::Timestamp(TimeUnit::Millisecond, _))
+                    ) {
+                        return Err(EngineError::Internal(format!(
+                            "source {}: event-time column must be a millisecond timestamp",
+                            node.name
+                        )));
+                    }
+                    let wm = PartitionWatermarks::new(
+                        source.partitions(),
+                        f.out_of_orderness_ms(),
+                        f.idle_timeout_ms(),
+                        ctx.clock.now_ms(),
+                    );
+                    let control = source_rx
+                        .next()
+                        .ok_or_else(|| EngineError::Internal("source control missing".into()))?;
+                    tasks.spawn(async move {
+                        run_source(ctx, source, et, wm, control, outs, coord)
+                            .await
+                            .map_err(wrap)
+                    });
+                }
+                NodeKind::Operator(f) => {
+                    let mut op = f.create(&ctx)?;
+                    if let Some(s) = state {
+                        op.restore(s)?;
+                    }
+                    let ins = Inputs::new(slots);
+                    tasks.spawn(async move { run_operator(ctx, op, ins, outs, coord).await.map_err(wrap) });
+                }
+                NodeKind::Sink(f) => {
+                    let schema = node
+                        .inputs
+                        .first()
+                        .and_then(|e| nodes[e.from].output_schema(e.port))
+                        .ok_or_else(|| EngineError::Internal(format!("sink {} has no input", node.name)))?;
+                    let sink = f.create(&ctx, schema)?;
+                    let ins = Inputs::new(slots);
+                    tasks.spawn(async move { run_sink(ctx, sink, ins, coord).await.map_err(wrap) });
+                }
+            }
+        }
+    }
+    Ok(RunningPipeline {
+        tasks,
+        checkpoints: CheckpointHandle { inner: coordinator },
+        metrics,
+    })
+}
+
+async fn run_source(
+    ctx: TaskContext,
+    mut source: Box<dyn crate::operator::Source>,
+    event_time_column: usize,
+    mut wm: PartitionWatermarks,
+    mut control: mpsc::Receiver<CheckpointId>,
+    mut outs: Outputs,
+    coord: Arc<Coordinator>,
+) -> Result<()> {
+    let clock = ctx.clock.clone();
+    loop {
+        while let Ok(id) = control.try_recv() {
+            let state = source.snapshot()?;
+            coord.ack(id, &ctx.node, ctx.subtask, state);
+            outs.broadcast(Message::Barrier(Barrier { checkpoint: id })).await?;
+        }
+        if wm.all_finished() {
+            if let Some(w) = wm.poll(clock.now_ms()) {
+                outs.watermark(w).await?;
+            }
+            outs.broadcast(Message::EndOfInput).await?;
+            return Ok(());
+        }
+        match source.next().await? {
+            SourceEvent::Data { partition, batch } => {
+                let ts = batch.column(event_time_column).as_primitive::<TimestampMillisecondType>();
+                if let Some(max) = arrow::compute::max(ts) {
+                    wm.observe(partition, max, clock.now_ms());
+                } else {
+                    wm.touch(partition, clock.now_ms());
+                }
+                TaskMetrics::add(&ctx.metrics.records_in, batch.num_rows());
+                TaskMetrics::add(&ctx.metrics.batches_in, 1);
+                let mut c = Collector::new();
+                c.emit(batch);
+                outs.emit(&mut c).await?;
+            }
+            SourceEvent::DeadLetters(batch) => {
+                TaskMetrics::add(&ctx.metrics.dead_letters, batch.num_rows());
+                outs.emit_side(crate::operator::DEAD_LETTER, batch).await?;
+            }
+            SourceEvent::Pending => {}
+            SourceEvent::PartitionEnd(p) => wm.finish(p),
+        }
+        if let Some(w) = wm.poll(clock.now_ms()) {
+            outs.watermark(w).await?;
+        }
+    }
+}
+
+async fn run_operator(
+    ctx: TaskContext,
+    mut op: Box<dyn crate::operator::Operator>,
+    mut ins: Inputs,
+    mut outs: Outputs,
+    coord: Arc<Coordinator>,
+) -> Result<()> {
+    let mut out = Collector::new();
+    loop {
+        match ins.next(&ctx.node).await? {
+            InputEvent::Batch(input, batch) => {
+                TaskMetrics::add(&ctx.metrics.records_in, batch.num_rows());
+                TaskMetrics::add(&ctx.metrics.batches_in, 1);
+                op.process_batch(input, batch, &mut out)?;
+                outs.emit(&mut out).await?;
+            }
+            InputEvent::Watermark(w) => {
+                if let Watermark::EventTime(t) = w {
+                    op.on_watermark(t, &mut out)?;
+                    outs.emit(&mut out).await?;
+                }
+                outs.watermark(w).await?;
+            }
+            InputEvent::Barrier(b) => {
+                let state = op.snapshot()?;
+                coord.ack(b.checkpoint, &ctx.node, ctx.subtask, state);
+                outs.broadcast(Message::Barrier(b)).await?;
+            }
+            InputEvent::End => {
+                op.on_end(&mut out)?;
+                outs.emit(&mut out).await?;
+                outs.broadcast(Message::EndOfInput).await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn run_sink(
+    ctx: TaskContext,
+    mut sink: Box<dyn crate::operator::Sink>,
+    mut ins: Inputs,
+    coord: Arc<Coordinator>,
+) -> Result<()> {
+    loop {
+        match ins.next(&ctx.node).await? {
+            InputEvent::Batch(_, batch) => {
+                let n = batch.num_rows();
+                TaskMetrics::add(&ctx.metrics.records_in, n);
+                TaskMetrics::add(&ctx.metrics.batches_in, 1);
+                sink.write(batch).await?;
+                TaskMetrics::add(&ctx.metrics.records_out, n);
+            }
+            InputEvent::Watermark(w) => {
+                if let Watermark::EventTime(t) = w {
+                    ctx.metrics.watermark_ms.store(t, Ordering::Relaxed);
+                    sink.on_watermark(t).await?;
+                }
+            }
+            InputEvent::Barrier(b) => {
+                sink.flush().await?;
+                coord.ack(b.checkpoint, &ctx.node, ctx.subtask, OperatorState::default());
+            }
+            InputEvent::End => {
+                sink.flush().await?;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Event-time watermarks: where they are made and how they merge.
+//!
+//! A watermark is a promise: "no record older than *t* follows". Vigil makes
+//! watermarks **per source partition** (a Kafka partition, a file, a generator
+//! stream), because order only holds within a partition, and merges them at
+//! every step downstream by taking the **minimum over active inputs**.
+//!
+//! Three rules shape this module:
+//!
+//! * **Bounded out-of-orderness.** A partition's watermark trails the largest
+//!   event time it has seen by a fixed delay ([`BoundedOutOfOrderness`]):
+//!   real sensors (Zeek stamps a connection at its start and writes it at its
+//!   end) deliver records minutes out of order.
+//! * **Idleness.** A partition that has sent nothing for its idle timeout is
+//!   excluded from the minimum, so one quiet partition cannot stall every
+//!   window downstream. Time is read from an injected [`Clock`](crate::Clock),
+//!   never from the system, so this is testable. When every input is idle the
+//!   merged result is [`Watermark::Idle`], which downstream steps treat the same way.
+//! * **Monotonicity.** A merged watermark never goes back, even when an idle
+//!   input returns with an older one: records behind the watermark are then
+//!   late, and operators count and route them as such.
+//!
+//! "Nothing yet" is a state too: an input that has never produced a watermark
+//! and is not idle holds the merged watermark back, because it may still send
+//! old records.
+
+use crate::message::{EventTime, Watermark};
+
+/// Watermark of one stream: the largest event time seen minus a fixed delay.
+#[derive(Debug, Clone)]
+pub struct BoundedOutOfOrderness {
+    delay_ms: i64,
+    max_seen: Option<EventTime>,
+}
+
+impl BoundedOutOfOrderness {
+    /// A generator tolerating records up to `delay_ms` out of order.
+    pub fn new(delay_ms: i64) -> Self {
+        Self {
+            delay_ms,
+            max_seen: None,
+        }
+    }
+
+    /// Records that a record (or batch) with largest event time `max_ts` was seen.
+    pub fn observe(&mut self, max_ts: EventTime) {
+        self.max_seen = Some(self.max_seen.map_or(max_ts, |m| m.max(max_ts)));
+    }
+
+    /// The current watermark, if any record was seen.
+    pub fn current(&self) -> Option<EventTime> {
+        self.max_seen.map(|m| m.saturating_sub(self.delay_ms))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartitionState {
+    Active,
+    Finished,
+}
+
+#[derive(Debug, Clone)]
+struct PartitionTrack {
+    generator: BoundedOutOfOrderness,
+    last_activity_ms: i64,
+    state: PartitionState,
+}
+
+/// The watermarks of the partitions one source subtask reads, merged.
+///
+/// Feed it what the partitions deliver ([`observe`](Self::observe)) and ask it
+/// for the watermark to send ([`poll`](Self::poll)); it answers only when the
+/// merged watermark moved or the source turned idle.
+#[derive(Debug, Clone)]
+pub struct PartitionWatermarks {
+    partitions: Vec<PartitionTrack>,
+    idle_timeout_ms: i64,
+    last_emitted: Option<Watermark>,
+    last_event_time: Option<EventTime>,
+}
+
+impl PartitionWatermarks {
+    /// Tracks `partitions` partitions, each with the given out-of-orderness
+    /// delay, counting idleness from `now_ms`.
+    pub fn new(partitions: usize, delay_ms: i64, idle_timeout_ms: i64, now_ms: i64) -> Self {
+        Self {
+            partitions: (0..partitions)
+                .map(|_| PartitionTrack {
+                    generator: BoundedOutOfOrderness::new(delay_ms),
+                    last_activity_ms: now_ms,
+                    state: PartitionState::Active,
+                })
+                .collect(),
+            idle_timeout_ms,
+            last_emitted: None,
+            last_event_time: None,
+        }
+    }
+
+    /// Number of partitions tracked.
+    pub fn len(&self) -> usize {
+        self.partitions.len()
+    }
+
+    /// True when no partition is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.partitions.is_empty()
+    }
+
+    /// Partition `p` delivered records whose largest event time is `max_ts`.
+    pub fn observe(&mut self, p: usize, max_ts: EventTime, now_ms: i64) {
+        if let Some(t) = self.partitions.get_mut(p) {
+            t.generator.observe(max_ts);
+            t.last_activity_ms = now_ms;
+        }
+    }
+
+    /// Partition `p` delivered something without event times (keeps it active).
+    pub fn touch(&mut self, p: usize, now_ms: i64) {
+        if let Some(t) = self.partitions.get_mut(p) {
+            t.last_activity_ms = now_ms;
+        }
+    }
+
+    /// Partition `p` has ended (a file read to its end): it no longer holds
+    /// the watermark back.
+    pub fn finish(&mut self, p: usize) {
+        if let Some(t) = self.partitions.get_mut(p) {
+            t.state = PartitionState::Finished;
+        }
+    }
+
+    /// True when every partition has ended.
+    pub fn all_finished(&self) -> bool {
+        self.partitions
+            .iter()
+            .all(|t| t.state == PartitionState::Finished)
+    }
+
+    /// The last event-time watermark handed out, if any.
+    pub fn current(&self) -> Option<EventTime> {
+        self.last_event_time
+    }
+
+    /// The watermark to send now, if it differs from the last one sent.
+    ///
+    /// When every partition has finished this is `EventTime(i64::MAX)`: a
+    /// finished stream closes every window.
+    pub fn poll(&mut self, now_ms: i64) -> Option<Watermark> {
+        let mut min: Option<EventTime> = None;
+        let mut any_active = false;
+        let mut blocked = false;
+        let mut all_finished = true;
+        for t in &self.partitions {
+            if t.state == PartitionState::Finished {
+                continue;
+            }
+            all_finished = false;
+            if now_ms.saturating_sub(t.last_activity_ms) >= self.idle_timeout_ms {
+                continue; // idle: excluded
+            }
+            any_active = true;
+            match t.generator.current() {
+                Some(w) => min = Some(min.map_or(w, |m| m.min(w))),
+                None => blocked = true,
+            }
+        }
+        let next = if all_finished {
+            Watermark::EventTime(EventTime::MAX)
+        } else if !any_active {
+            Watermark::Idle
+        } else if blocked {
+            return None;
+        } else {
+            let w = min?;
+            Watermark::EventTime(self.last_event_time.map_or(w, |l| l.max(w)))
+        };
+        self.emit_if_changed(next)
+    }
+
+    fn emit_if_changed(&mut self, next: Watermark) -> Option<Watermark> {
+        if self.last_emitted == Some(next) {
+            return None;
+        }
+        if let Watermark::EventTime(w) = next {
+            if self.last_event_time.is_some_and(|l| l >= w) && self.last_emitted != Some(Watermark::Idle) {
+                return None;
+            }
+            self.last_event_time = Some(w);
+        }
+        self.last_emitted = Some(next);
+        Some(next)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputState {
+    /// No watermark yet.
+    Waiting,
+    At(EventTime),
+    Idle(Option<EventTime>),
+    Finished,
+}
+
+/// Merges the watermarks arriving on an operator's input edges.
+///
+/// The merged watermark is the minimum over inputs that are neither idle nor
+/// finished; it is `Idle` when every unfinished input is idle, and it never
+/// decreases.
+#[derive(Debug, Clone)]
+pub struct InputWatermarks {
+    inputs: Vec<InputState>,
+    last_emitted: Option<Watermark>,
+    last_event_time: Option<EventTime>,
+}
+
+impl InputWatermarks {
+    /// Tracks `inputs` input edges.
+    pub fn new(inputs: usize) -> Self {
+        Self {
+            inputs: vec![InputState::Waiting; inputs],
+            last_emitted: None,
+            last_event_time: None,
+        }
+    }
+
+    /// The merged event-time watermark last produced, if any.
+    pub fn current(&self) -> Option<EventTime> {
+        self.last_event_time
+    }
+
+    /// Input `i` sent watermark `w`; returns the new merged watermark if it changed.
+    pub fn update(&mut self, i: usize, w: Watermark) -> Option<Watermark> {
+        let slot = self.inputs.get_mut(i)?;
+        *slot = match (w, *slot) {
+            (_, InputState::Finished) => InputState::Finished,
+            (Watermark::EventTime(t), InputState::At(prev)) => InputState::At(prev.max(t)),
+            (Watermark::EventTime(t), InputState::Idle(Some(prev))) => InputState::At(prev.max(t)),
+            (Watermark::EventTime(t), _) => InputState::At(t),
+            (Watermark::Idle, InputState::At(prev)) => InputState::Idle(Some(prev)),
+            (Watermark::Idle, InputState::Idle(prev)) => InputState::Idle(prev),
+            (Watermark::Idle, InputState::Waiting) => InputState::Idle(None),
+        };
+        self.merge()
+    }
+
+    /// Input `i` ended; returns the new merged watermark if it changed.
+    pub fn finish(&mut self, i: usize) -> Option<Watermark> {
+        if let Some(slot) = self.inputs.get_mut(i) {
+            *slot = InputState::Finished;
+        }
+        self.merge()
+    }
+
+    fn merge(&mut self) -> Option<Watermark> {
+        let mut min: Option<EventTime> = None;
+        let mut any_active = false;
+        let mut any_idle = false;
+        for s in &self.inputs {
+            match s {
+                InputState::Waiting => return None,
+                InputState::At(t) => {
+                    any_active = true;
+                    min = Some(min.map_or(*t, |m| m.min(*t)));
+                }
+                InputState::Idle(_) => any_idle = true,
+                InputState::Finished => {}
+            }
+        }
+        let next = if any_active {
+            let w = min?;
+            Watermark::EventTime(self.last_event_time.map_or(w, |l| l.max(w)))
+        } else if any_idle {
+            Watermark::Idle
+        } else {
+            // Every input finished: nothing can be late any more.
+            Watermark::EventTime(EventTime::MAX)
+        };
+        if self.last_emitted == Some(next) {
+            return None;
+        }
+        if let Watermark::EventTime(w) = next {
+            if self.last_event_time == Some(w) && self.last_emitted != Some(Watermark::Idle) {
+                return None;
+            }
+            self.last_event_time = Some(w);
+        }
+        self.last_emitted = Some(next);
+        Some(next)
+    }
+}
+
+#[cfg(test)]
+mod tests;
