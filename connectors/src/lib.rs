@@ -1,1 +1,29 @@
-//! x
+//! Vigil's connectors: where records enter and leave a pipeline.
+//!
+//! Sources produce Arrow batches directly (no per-record value trees) and
+//! report undecodable input on a dead-letter side output instead of failing
+//! or dropping it; sinks take batches and may wait, which is how back-pressure
+//! reaches the sources. Each connector has a plain, documented `*Config` (what
+//! pipeline authors write) and a factory that validates it once and builds
+//! the running subtasks.
+//!
+//! | connector   | source | sink |
+//! |-------------|--------|------|
+//! | `generator` | yes    |      |
+//! | `file`      | JSON, NDJSON, gzip | NDJSON |
+//! | `stdout`    |        | table, JSON lines |
+//! | `null`      |        | yes  |
+//! | `memory`    |        | yes (tests, embedding) |
+
+pub mod dead_letter;
+pub mod error;
+pub mod event_time;
+pub mod file;
+pub mod generator;
+pub mod json;
+pub mod memory;
+pub mod null;
+pub mod schema;
+pub mod stdout;
+
+pub use error::{ConnectorError, Result};

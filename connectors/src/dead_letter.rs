@@ -1,0 +1,85 @@
+//! The dead-letter record: what could not be read, where it came from, and why.
+//!
+//! Every source that can meet bad input emits rejected records on its
+//! `dead_letter` side output in this one schema, so any sink can store them and
+//! a person can find the original line and replay it after fixing the cause.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{ArrayRef, RecordBatch, StringBuilder, UInt64Builder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+/// Schema of dead-letter records.
+pub fn schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("source", DataType::Utf8, false),
+                Field::new("location", DataType::Utf8, false),
+                Field::new("line", DataType::UInt64, true),
+                Field::new("reason", DataType::Utf8, false),
+                Field::new("raw", DataType::Utf8, false),
+            ]))
+        })
+        .clone()
+}
+
+/// Accumulates dead-letter records for one batch.
+#[derive(Debug)]
+pub struct DeadLetters {
+    source: Arc<str>,
+    sources: StringBuilder,
+    locations: StringBuilder,
+    lines: UInt64Builder,
+    reasons: StringBuilder,
+    raws: StringBuilder,
+}
+
+impl DeadLetters {
+    /// A builder for records of source node `source`.
+    pub fn new(source: &str) -> Self {
+        Self {
+            source: source.into(),
+            sources: StringBuilder::new(),
+            locations: StringBuilder::new(),
+            lines: UInt64Builder::new(),
+            reasons: StringBuilder::new(),
+            raws: StringBuilder::new(),
+        }
+    }
+
+    /// Adds one rejected record.
+    pub fn push(&mut self, location: &str, line: Option<u64>, reason: &str, raw: &[u8]) {
+        self.sources.append_value(&*self.source);
+        self.locations.append_value(location);
+        self.lines.append_option(line);
+        self.reasons.append_value(reason);
+        self.raws.append_value(String::from_utf8_lossy(raw));
+    }
+
+    /// Number of records held.
+    pub fn len(&self) -> usize {
+        arrow::array::ArrayBuilder::len(&self.lines)
+    }
+
+    /// True when nothing was rejected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the records as a batch (None when empty).
+    pub fn finish(&mut self) -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.sources.finish()),
+            Arc::new(self.locations.finish()),
+            Arc::new(self.lines.finish()),
+            Arc::new(self.reasons.finish()),
+            Arc::new(self.raws.finish()),
+        ];
+        RecordBatch::try_new(schema(), cols).map(Some)
+    }
+}

@@ -1,0 +1,12 @@
+//! Files: a JSON / NDJSON source (gzip too) and an NDJSON sink.
+
+mod config;
+mod sink;
+mod source;
+
+pub use config::{EventTimeConfig, FileFormat, FileSinkConfig, FileSourceConfig, PathList, SchemaConfig};
+pub use sink::FileSinkFactory;
+pub use source::FileSourceFactory;
+
+#[cfg(test)]
+mod tests;
