@@ -1,0 +1,66 @@
+//! The operators' one error type.
+//!
+//! Building an operator checks its configuration against its input schema
+//! (columns exist, expressions type-check); those errors name the field so the
+//! pipeline loader can point at its line. Everything an operator meets at run
+//! time becomes an [`EngineError`].
+
+use vigil_engine::EngineError;
+
+/// Errors building an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// A configuration value is invalid; `field` names it as written.
+    #[error("{message}")]
+    Config {
+        /// The field at fault, e.g. `where` or `key[1]`.
+        field: String,
+        /// What is wrong.
+        message: String,
+        /// What to do about it.
+        hint: Option<String>,
+    },
+    /// DataFusion rejected an expression.
+    #[error("{0}")]
+    DataFusion(#[from] Box<datafusion::error::DataFusionError>),
+    /// An Arrow kernel failed.
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+impl OperatorError {
+    /// A configuration error on `field`.
+    pub fn config(field: impl Into<String>, message: impl Into<String>, hint: Option<String>) -> Self {
+        OperatorError::Config {
+            field: field.into(),
+            message: message.into(),
+            hint,
+        }
+    }
+
+    /// A configuration error about a column that the input does not have.
+    pub fn unknown_column(field: impl Into<String>, column: &str, schema: &arrow::datatypes::Schema) -> Self {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        let hint = names
+            .iter()
+            .map(|n| (datafusion::common::utils::datafusion_strsim::levenshtein(column, n), *n))
+            .filter(|(d, _)| *d <= 2.max(column.len() / 3))
+            .min()
+            .map(|(_, n)| format!("did you mean {n:?}?"))
+            .or_else(|| Some(format!("columns are: {}", names.join(", "))));
+        Self::config(field, format!("column {column:?} is not in the input"), hint)
+    }
+}
+
+impl From<OperatorError> for EngineError {
+    fn from(e: OperatorError) -> Self {
+        match e {
+            OperatorError::DataFusion(d) => EngineError::DataFusion(d),
+            OperatorError::Arrow(a) => EngineError::Arrow(a),
+            c @ OperatorError::Config { .. } => EngineError::User(c.to_string()),
+        }
+    }
+}
+
+/// Result alias for operators.
+pub type Result<T, E = OperatorError> = std::result::Result<T, E>;
