@@ -1,1 +1,14 @@
-//! x
+//! Vigil: event-time stream processing for security telemetry.
+//!
+//! This crate is the `vigil` command and the glue it needs: [`pipeline`]
+//! turns pipeline files into dataflow graphs (checking everything before
+//! anything starts), and [`run`] runs a graph while reporting progress. The
+//! runtime itself is `vigil-engine`; sources and sinks are
+//! `vigil-connectors`; transforms and detections are `vigil-operators`.
+
+pub mod pipeline;
+pub mod run;
+
+/// The demo pipeline shipped in `pipelines/demo.yaml`, embedded so that
+/// `vigil demo` works from any directory.
+pub const DEMO_PIPELINE: &str = include_str!("../pipelines/demo.yaml");

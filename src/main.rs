@@ -1,1 +1,196 @@
-fn main(){}
+//! The `vigil` command.
+//!
+//! `validate`, `explain` and `run` take a pipeline file; `demo` runs the
+//! embedded demo pipeline. Exit codes: 0 success, 1 the pipeline failed while
+//! running, 2 the pipeline file is invalid (nothing was started).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use vigil::pipeline::{self, Diagnostics, Plan, PlanOptions};
+use vigil::run::{run, Progress, RunOptions, Summary};
+
+#[derive(Parser)]
+#[command(name = "vigil", version, about = "Event-time stream processing for security telemetry")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log level (error, warn, info, debug, trace), or a RUST_LOG-style filter.
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a pipeline file without running it.
+    Validate {
+        /// The pipeline file.
+        file: PathBuf,
+    },
+    /// Print the operator graph of a pipeline with its parallelism.
+    Explain {
+        /// The pipeline file.
+        file: PathBuf,
+    },
+    /// Run a pipeline.
+    Run {
+        /// The pipeline file.
+        file: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Run the embedded demo: generated logins with injected attacks, detected live.
+    Demo {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Stop after this long (e.g. 30s, 5m).
+    #[arg(long = "for", value_parser = humantime_duration)]
+    duration: Option<Duration>,
+    /// Progress on stderr: auto (live on a terminal, log lines otherwise), live, lines, off.
+    #[arg(long, default_value = "auto")]
+    progress: String,
+    /// Directory for the default dead-letter file.
+    #[arg(long, default_value = ".")]
+    dead_letter_dir: PathBuf,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn init_logs(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+enum Failure {
+    Invalid(Diagnostics),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Failed(e)
+    }
+}
+
+fn plan_file(file: &Path, options: &PlanOptions) -> Result<Plan, Failure> {
+    pipeline::load(file, options).map_err(Failure::Invalid)
+}
+
+fn print_summary(plan: &Plan, s: &Summary) {
+    eprintln!(
+        "{}: {} events in {:.1}s ({:.0} events/s), {} records out, {} dead letters, {} late{}",
+        plan.name,
+        s.events_in,
+        s.elapsed.as_secs_f64(),
+        s.rate(),
+        s.records_out,
+        s.dead_letters,
+        s.late,
+        if s.stopped { " (stopped)" } else { "" }
+    );
+    if s.dead_letters > 0 {
+        if let Some(p) = &plan.default_dead_letters {
+            eprintln!("dead letters written to {}", p.display());
+        }
+    }
+}
+
+fn run_plan(plan: Plan, args: &RunArgs) -> Result<(), Failure> {
+    let progress = match args.progress.as_str() {
+        "auto" => Progress::detect(),
+        "live" => Progress::Live,
+        "lines" => Progress::Lines,
+        "off" => Progress::Off,
+        other => return Err(Failure::Failed(anyhow::anyhow!("unknown --progress {other:?}: use auto, live, lines or off"))),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let options = RunOptions {
+        progress,
+        duration: args.duration,
+        ..RunOptions::default()
+    };
+    tracing::info!(pipeline = %plan.name, "starting");
+    let summary = runtime
+        .block_on(run(&plan, options))
+        .with_context(|| format!("pipeline {} failed", plan.name))?;
+    print_summary(&plan, &summary);
+    Ok(())
+}
+
+fn options(dead_letter_dir: &Path) -> PlanOptions {
+    PlanOptions {
+        dead_letter_dir: dead_letter_dir.to_path_buf(),
+        ..PlanOptions::default()
+    }
+}
+
+fn execute(cli: &Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Validate { file } => {
+            let plan = plan_file(file, &PlanOptions::default())?;
+            println!(
+                "{}: pipeline {:?} is valid ({} nodes)",
+                file.display(),
+                plan.name,
+                plan.graph.nodes().len()
+            );
+            Ok(())
+        }
+        Command::Explain { file } => {
+            let plan = plan_file(file, &PlanOptions::default())?;
+            println!("pipeline {}", plan.name);
+            print!("{}", plan.graph.explain());
+            Ok(())
+        }
+        Command::Run { file, run } => run_plan(plan_file(file, &options(&run.dead_letter_dir))?, run),
+        Command::Demo { run } => {
+            let plan = pipeline::load_str("pipelines/demo.yaml", vigil::DEMO_PIPELINE, &options(&run.dead_letter_dir))
+                .map_err(Failure::Invalid)?;
+            run_plan(plan, run)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli);
+    match execute(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Invalid(d)) => {
+            eprintln!("{d}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

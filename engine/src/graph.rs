@@ -27,7 +27,7 @@ use crate::operator::{OperatorFactory, SidePort, SinkFactory, SourceFactory};
 pub type NodeId = usize;
 
 /// Which output of a node an edge reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Port {
     /// The main output.
     Main,
@@ -195,24 +195,38 @@ impl Graph {
         })
     }
 
-    /// Adds a sink reading one upstream output.
+    /// Adds a sink reading the given upstream outputs (their schemas may differ).
     pub fn add_sink(
         &mut self,
         name: &str,
         factory: Arc<dyn SinkFactory>,
         parallelism: usize,
-        input: (NodeId, Port),
+        inputs: &[(NodeId, Port)],
     ) -> Result<NodeId> {
         let parallelism = factory
             .max_parallelism()
             .map_or(parallelism, |m| parallelism.min(m.max(1)));
-        let edges = self.edges(&[input], parallelism, &[])?;
+        let edges = self.edges(inputs, parallelism, &[])?;
         self.push(Node {
             name: name.to_string(),
             kind: NodeKind::Sink(factory),
             parallelism,
             inputs: edges,
         })
+    }
+
+    /// Replaces the factory of sink `name`, keeping its inputs (tests and
+    /// embedders capture a pipeline's output this way).
+    pub fn replace_sink(&mut self, name: &str, factory: Arc<dyn SinkFactory>) -> Result<()> {
+        let id = self
+            .find(name)
+            .ok_or_else(|| EngineError::User(format!("no sink named {name:?}")))?;
+        let node = &mut self.nodes[id];
+        if !matches!(node.kind, NodeKind::Sink(_)) {
+            return Err(EngineError::User(format!("{name:?} is not a sink")));
+        }
+        node.kind = NodeKind::Sink(factory);
+        Ok(())
     }
 
     fn edges(&self, inputs: &[(NodeId, Port)], parallelism: usize, keys: &[String]) -> Result<Vec<Edge>> {

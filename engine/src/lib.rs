@@ -38,4 +38,4 @@ pub use operator::{
     Collector, Operator, OperatorFactory, OperatorState, Sink, SinkFactory, Source, SourceEvent,
     SourceFactory, TaskContext, DEAD_LETTER, LATE,
 };
-pub use runtime::{start, RunningPipeline, RuntimeOptions};
+pub use runtime::{start, RunningPipeline, RuntimeOptions, StopHandle};

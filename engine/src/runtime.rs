@@ -65,12 +65,26 @@ impl Default for RuntimeOptions {
     }
 }
 
+/// Stops a running pipeline from anywhere (a signal handler, a deadline).
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle {
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl StopHandle {
+    /// Asks the pipeline to stop: every task is cancelled.
+    pub fn stop(&self) {
+        self.notify.notify_one();
+    }
+}
+
 /// A pipeline whose tasks are running.
 #[derive(Debug)]
 pub struct RunningPipeline {
     tasks: JoinSet<Result<()>>,
     checkpoints: CheckpointHandle,
     metrics: Arc<MetricsRegistry>,
+    stop: StopHandle,
 }
 
 impl RunningPipeline {
@@ -84,16 +98,30 @@ impl RunningPipeline {
         self.checkpoints.clone()
     }
 
-    /// Stops every task now.
-    pub fn abort(&mut self) {
-        self.tasks.abort_all();
+    /// A handle that stops the pipeline.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
     }
 
-    /// Waits until every task has finished. The first failure aborts the
-    /// others and is returned.
+    /// Waits until every task has finished, or the pipeline was stopped
+    /// through its [`StopHandle`]. The first failure aborts the others and is
+    /// returned.
     pub async fn wait(mut self) -> Result<()> {
         let mut first: Option<EngineError> = None;
-        while let Some(joined) = self.tasks.join_next().await {
+        let notify = self.stop.notify.clone();
+        let mut stopped = false;
+        loop {
+            let joined = tokio::select! {
+                j = self.tasks.join_next() => match j {
+                    Some(j) => j,
+                    None => break,
+                },
+                _ = notify.notified(), if !stopped => {
+                    stopped = true;
+                    self.tasks.abort_all();
+                    continue;
+                }
+            };
             let err = match joined {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e,
@@ -101,6 +129,9 @@ impl RunningPipeline {
                 Err(j) => EngineError::Internal(format!("task panicked: {j}")),
             };
             let secondary = matches!(err, EngineError::ChannelClosed(_));
+            if secondary && stopped {
+                continue; // a neighbour was cancelled first
+            }
             match &first {
                 None => first = Some(err),
                 Some(EngineError::ChannelClosed(_)) if !secondary => first = Some(err),
@@ -516,6 +547,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
         tasks,
         checkpoints: CheckpointHandle { inner: coordinator },
         metrics,
+        stop: StopHandle::default(),
     })
 }
 

@@ -18,6 +18,8 @@ use super::config::FileSinkConfig;
 pub struct FileSinkFactory {
     path: PathBuf,
     append: bool,
+    /// Create the file only when the first record arrives.
+    lazy: bool,
 }
 
 impl FileSinkFactory {
@@ -26,12 +28,21 @@ impl FileSinkFactory {
         Self {
             path: config.path.clone(),
             append: config.append,
+            lazy: false,
         }
     }
-}
 
-impl SinkFactory for FileSinkFactory {
-    fn create(&self, _ctx: &TaskContext, _schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+    /// The default dead-letter sink: appends to `path`, which is created only
+    /// if a dead letter ever arrives, so clean runs leave nothing behind.
+    pub fn dead_letters(path: PathBuf) -> Self {
+        Self {
+            path,
+            append: true,
+            lazy: true,
+        }
+    }
+
+    fn open(&self) -> vigil_engine::Result<LineDelimitedWriter<BufWriter<File>>> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| EngineError::io(format!("cannot create {}", dir.display()), e))?;
         }
@@ -42,9 +53,20 @@ impl SinkFactory for FileSinkFactory {
             .truncate(!self.append)
             .open(&self.path)
             .map_err(|e| EngineError::io(format!("cannot open {}", self.path.display()), e))?;
+        Ok(LineDelimitedWriter::new(BufWriter::with_capacity(1 << 20, file)))
+    }
+}
+
+impl SinkFactory for FileSinkFactory {
+    fn create(&self, _ctx: &TaskContext, _schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+        let writer = if self.lazy { None } else { Some(self.open()?) };
         Ok(Box::new(FileSink {
-            path: self.path.display().to_string(),
-            writer: Some(LineDelimitedWriter::new(BufWriter::with_capacity(1 << 20, file))),
+            factory: FileSinkFactory {
+                path: self.path.clone(),
+                append: self.append,
+                lazy: self.lazy,
+            },
+            writer,
         }))
     }
     fn max_parallelism(&self) -> Option<usize> {
@@ -56,32 +78,27 @@ impl SinkFactory for FileSinkFactory {
 }
 
 struct FileSink {
-    path: String,
+    factory: FileSinkFactory,
     writer: Option<LineDelimitedWriter<BufWriter<File>>>,
-}
-
-impl FileSink {
-    fn writer(&mut self) -> vigil_engine::Result<&mut LineDelimitedWriter<BufWriter<File>>> {
-        self.writer
-            .as_mut()
-            .ok_or_else(|| EngineError::Internal(format!("file sink {} written after close", self.path)))
-    }
 }
 
 #[async_trait]
 impl Sink for FileSink {
     async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
-        self.writer()?.write(&batch)?;
+        let w = match &mut self.writer {
+            Some(w) => w,
+            None => self.writer.insert(self.factory.open()?),
+        };
+        w.write(&batch)?;
         Ok(())
     }
 
     async fn flush(&mut self) -> vigil_engine::Result<()> {
         use std::io::Write;
-        let path = self.path.clone();
-        let w = self.writer()?;
+        let Some(w) = &mut self.writer else { return Ok(()) };
         w.finish()?;
         w.get_mut()
             .flush()
-            .map_err(|e| EngineError::io(format!("cannot write {path}"), e))
+            .map_err(|e| EngineError::io(format!("cannot write {}", self.factory.path.display()), e))
     }
 }

@@ -103,7 +103,8 @@ pub struct GeneratorConfig {
     /// Events per second of event time (default: `rate`, or 10000).
     #[serde(default)]
     pub event_rate: Option<u64>,
-    /// Event time of the first event, RFC 3339; absent: now.
+    /// Event time of the first event: RFC 3339, `now`, or `now-10m`;
+    /// absent: now.
     #[serde(default)]
     pub start_time: Option<String>,
     /// Background events in total; absent: endless.
@@ -186,17 +187,25 @@ impl GeneratorConfig {
         self.event_rate.or(self.rate).unwrap_or(10_000).max(1)
     }
 
-    /// The start time written in the file, in ms, if one is.
-    pub fn start_time_ms(&self) -> Result<Option<i64>> {
-        self.start_time
-            .as_deref()
-            .map(|s| {
-                crate::event_time::parse(s, crate::event_time::TimeFormat::Rfc3339).ok_or_else(|| {
-                    ConnectorError::config("start_time", format!("start_time {s:?} is not an RFC 3339 time"))
-                        .with_hint("write it like 2026-01-01T00:00:00Z")
-                })
-            })
-            .transpose()
+    /// The start time in ms, given the time `now_ms`.
+    pub fn start_time_ms(&self, now_ms: i64) -> Result<i64> {
+        let Some(s) = self.start_time.as_deref().map(str::trim) else {
+            return Ok(now_ms);
+        };
+        let bad = || {
+            ConnectorError::config("start_time", format!("start_time {s:?} is neither an RFC 3339 time nor now-<duration>"))
+                .with_hint("write it like 2026-01-01T00:00:00Z or now-10m")
+        };
+        if let Some(rel) = s.strip_prefix("now") {
+            let rel = rel.trim();
+            if rel.is_empty() {
+                return Ok(now_ms);
+            }
+            let ago = rel.strip_prefix('-').ok_or_else(bad)?;
+            let d = humantime::parse_duration(ago.trim()).map_err(|_| bad())?;
+            return Ok(now_ms - d.as_millis() as i64);
+        }
+        crate::event_time::parse(s, crate::event_time::TimeFormat::Rfc3339).ok_or_else(bad)
     }
 
     /// Checks the values that types alone do not.
@@ -223,7 +232,7 @@ impl GeneratorConfig {
         if self.rate == Some(0) {
             return Err(ConnectorError::config("rate", "rate must be at least 1").with_hint("omit rate to run flat out"));
         }
-        self.start_time_ms()?;
+        self.start_time_ms(0)?;
         for (i, a) in self.attacks.iter().enumerate() {
             if a.every.is_some_and(|e| e.is_zero()) {
                 return Err(ConnectorError::config(format!("attacks[{i}].every"), "every must be positive"));

@@ -97,11 +97,10 @@ impl Shared {
 }
 
 impl GeneratorSourceFactory {
-    /// Validates `cfg`; the first event is at `start_ms` (the configured start
-    /// time, or now when none is configured).
-    pub fn new(cfg: GeneratorConfig, start_ms: i64, out_of_orderness_ms: i64, idle_timeout_ms: i64) -> Result<Self> {
+    /// Validates `cfg`; `now_ms` resolves a relative or absent start time.
+    pub fn new(cfg: GeneratorConfig, now_ms: i64, out_of_orderness_ms: i64, idle_timeout_ms: i64) -> Result<Self> {
         cfg.validate()?;
-        let start_ms = cfg.start_time_ms()?.unwrap_or(start_ms);
+        let start_ms = cfg.start_time_ms(now_ms)?;
         let world = World::new(cfg.tenants, cfg.users, cfg.hosts);
         let shared = Shared {
             schema: stream_schema(cfg.stream),

@@ -1,0 +1,363 @@
+//! The typed contents of a pipeline file.
+//!
+//! ```yaml
+//! name: demo                  # names the pipeline (and, later, its consumer group)
+//! parallelism: 2              # default subtasks per transform
+//! sources:
+//!   auth:
+//!     type: generator         # or file
+//!     stream: auth
+//!     watermark: { out_of_orderness: 2s, idle_timeout: 30s }
+//! transforms:
+//!   failed:
+//!     type: filter            # or project, threshold
+//!     input: auth
+//!     where: "outcome = 'failure'"
+//! sinks:
+//!   alerts:
+//!     type: stdout            # or file, null
+//!     input: [failed]
+//! ```
+//!
+//! Keys common to every node (`type`, `input`, `parallelism`, `watermark`)
+//! are read here; the rest of each node goes to the connector's or operator's
+//! own config type, which rejects unknown keys.
+
+use std::time::Duration;
+
+use marked_yaml::types::MarkedMappingNode;
+use marked_yaml::Node;
+use serde::Deserialize;
+use vigil_connectors::file::{FileSinkConfig, FileSourceConfig};
+use vigil_connectors::generator::GeneratorConfig;
+use vigil_connectors::stdout::StdoutSinkConfig;
+use vigil_operators::filter::FilterConfig;
+use vigil_operators::project::ProjectConfig;
+use vigil_operators::threshold::ThresholdConfig;
+
+use super::diagnostic::{did_you_mean, Diagnostic, Diagnostics, Location};
+use super::env::{substitute, Env};
+use super::yaml::{self, loc};
+
+/// Source types, in one explicit list.
+pub const SOURCE_TYPES: &[&str] = &["generator", "file"];
+/// Transform types.
+pub const TRANSFORM_TYPES: &[&str] = &["filter", "project", "threshold"];
+/// Sink types.
+pub const SINK_TYPES: &[&str] = &["stdout", "file", "null"];
+
+const TOP_KEYS: &[&str] = &["name", "description", "parallelism", "sources", "transforms", "sinks"];
+
+/// Event-time settings of a source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkConfig {
+    /// How far records may arrive out of event-time order (default: the
+    /// generator's own disorder, 5s for files).
+    #[serde(default, with = "humantime_serde")]
+    pub out_of_orderness: Option<Duration>,
+    /// A partition silent this long stops holding the watermark back.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+fn default_idle() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for WatermarkConfig {
+    fn default() -> Self {
+        Self {
+            out_of_orderness: None,
+            idle_timeout: default_idle(),
+        }
+    }
+}
+
+/// A source's own settings.
+#[derive(Debug, Clone)]
+pub enum SourceKind {
+    /// Generated telemetry.
+    Generator(Box<GeneratorConfig>),
+    /// A JSON or NDJSON file.
+    File(Box<FileSourceConfig>),
+}
+
+/// A transform's own settings.
+#[derive(Debug, Clone)]
+pub enum TransformKind {
+    /// `filter`.
+    Filter(FilterConfig),
+    /// `project`.
+    Project(ProjectConfig),
+    /// `threshold`.
+    Threshold(ThresholdConfig),
+}
+
+/// A sink's own settings.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    /// `stdout`.
+    Stdout(StdoutSinkConfig),
+    /// `file`.
+    File(FileSinkConfig),
+    /// `null`.
+    Null,
+}
+
+/// One node of the file.
+#[derive(Debug, Clone)]
+pub struct NodeSpec<K> {
+    /// Its name.
+    pub name: String,
+    /// Section path in the file (`sources.auth`), for locating errors.
+    pub path: String,
+    /// Inputs (`name` or `name.port`); empty for sources.
+    pub inputs: Vec<String>,
+    /// Subtasks, if set.
+    pub parallelism: Option<usize>,
+    /// Event-time settings (sources only).
+    pub watermark: WatermarkConfig,
+    /// Type-specific settings.
+    pub kind: K,
+}
+
+/// A parsed pipeline file.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    /// File name, for diagnostics.
+    pub file: String,
+    /// The parsed YAML, for locating fields in later diagnostics.
+    pub root: Node,
+    /// Pipeline name.
+    pub name: String,
+    /// Default parallelism of transforms.
+    pub parallelism: usize,
+    /// Sources, in file order.
+    pub sources: Vec<NodeSpec<SourceKind>>,
+    /// Transforms, in file order.
+    pub transforms: Vec<NodeSpec<TransformKind>>,
+    /// Sinks, in file order.
+    pub sinks: Vec<NodeSpec<SinkKind>>,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    errors: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, location: Option<Location>, message: impl Into<String>, hint: Option<String>) {
+        self.errors.push(Diagnostic::new(self.file, location, message).hint(hint));
+    }
+}
+
+fn scalar_usize(ctx: &mut Ctx, node: &Node, what: &str) -> Option<usize> {
+    match node.as_scalar().map(|s| s.as_str().trim().parse::<usize>()) {
+        Some(Ok(n)) if n >= 1 => Some(n),
+        _ => {
+            ctx.err(loc(node.span()), format!("{what} must be a whole number of at least 1"), None);
+            None
+        }
+    }
+}
+
+impl PipelineSpec {
+    /// Parses pipeline text: environment substitution, YAML, typed configs.
+    pub fn parse(file: &str, text: &str, env: &Env) -> Result<Self, Diagnostics> {
+        let text = substitute(file, text, env)?;
+        let root = yaml::parse(file, &text)?;
+        let mut ctx = Ctx { file, errors: Vec::new() };
+        let Some(top) = root.as_mapping() else {
+            return Err(Diagnostic::new(file, loc(root.span()), "a pipeline file must be a mapping").into());
+        };
+        for (k, _) in top.iter() {
+            if !TOP_KEYS.contains(&k.as_str()) {
+                let hint = did_you_mean(k.as_str(), TOP_KEYS.iter().copied());
+                ctx.err(loc(k.span()), format!("unknown top-level key {:?}", k.as_str()), hint);
+            }
+        }
+        let name = match top.get_scalar("name") {
+            Some(n) if !n.as_str().trim().is_empty() => n.as_str().trim().to_string(),
+            Some(n) => {
+                ctx.err(loc(n.span()), "name must not be empty", None);
+                String::new()
+            }
+            None => {
+                ctx.err(loc(root.span()), "missing key \"name\"", Some("every pipeline has a name: name: my-pipeline".into()));
+                String::new()
+            }
+        };
+        let parallelism = top.get_node("parallelism").and_then(|n| scalar_usize(&mut ctx, n, "parallelism")).unwrap_or(1);
+        let sources = section(&mut ctx, top, &root, "sources", true, SOURCE_TYPES, parse_source);
+        let transforms = section(&mut ctx, top, &root, "transforms", false, TRANSFORM_TYPES, parse_transform);
+        let sinks = section(&mut ctx, top, &root, "sinks", true, SINK_TYPES, parse_sink);
+        if !ctx.errors.is_empty() {
+            return Err(Diagnostics(ctx.errors));
+        }
+        Ok(Self {
+            file: file.to_string(),
+            root,
+            name,
+            parallelism,
+            sources,
+            transforms,
+            sinks,
+        })
+    }
+
+    /// Where `field` (a dotted path such as `transforms.x.where`) is.
+    pub fn locate(&self, path: &str) -> Option<Location> {
+        yaml::locate(&self.root, path)
+    }
+}
+
+type Parser<K> = fn(&mut Ctx, &str, &str, &Node) -> Option<K>;
+
+fn section<K>(
+    ctx: &mut Ctx,
+    top: &MarkedMappingNode,
+    root: &Node,
+    key: &str,
+    required: bool,
+    types: &[&str],
+    parse: Parser<K>,
+) -> Vec<NodeSpec<K>> {
+    let singular = key.trim_end_matches('s');
+    let Some(node) = top.get_node(key) else {
+        if required {
+            ctx.err(loc(root.span()), format!("missing section {key:?}"), Some(format!("a pipeline needs at least one {singular}")));
+        }
+        return Vec::new();
+    };
+    let Some(map) = node.as_mapping() else {
+        ctx.err(loc(node.span()), format!("{key} must be a mapping of names to {key}"), None);
+        return Vec::new();
+    };
+    if required && map.is_empty() {
+        ctx.err(loc(node.span()), format!("{key} is empty"), Some(format!("a pipeline needs at least one {singular}")));
+    }
+    let mut out = Vec::new();
+    for (name_node, body) in map.iter() {
+        let name = name_node.as_str().to_string();
+        let what = format!("{singular} {name:?}");
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            ctx.err(loc(name_node.span()), format!("invalid name {name:?}"), Some("names use letters, digits, _ and -".into()));
+            continue;
+        }
+        let Some(body_map) = body.as_mapping() else {
+            ctx.err(loc(body.span()), format!("{what} must be a mapping"), None);
+            continue;
+        };
+        let Some(type_node) = body_map.get_scalar("type") else {
+            ctx.err(loc(name_node.span()), format!("missing key \"type\" in {what}"), Some(format!("types are: {}", types.join(", "))));
+            continue;
+        };
+        let ty = type_node.as_str();
+        if !types.contains(&ty) {
+            let hint = did_you_mean(ty, types.iter().copied()).or_else(|| Some(format!("{singular} types are: {}", types.join(", "))));
+            ctx.err(loc(type_node.span()), format!("unknown {singular} type {ty:?} in {what}"), hint);
+            continue;
+        }
+        let mut rest = body_map.clone();
+        let mut common: Vec<(String, Node)> = Vec::new();
+        for k in ["type", "input", "parallelism", "watermark"] {
+            if let Some(v) = rest.remove(k) {
+                common.push((k.to_string(), v));
+            }
+        }
+        let get = |k: &str| common.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+        let inputs: Vec<String> = match (get("input"), key) {
+            (Some(v), "sources") => {
+                ctx.err(loc(v.span()), format!("unknown field \"input\" in {what}"), Some("sources have no input".into()));
+                Vec::new()
+            }
+            (Some(Node::Scalar(s)), _) => vec![s.as_str().to_string()],
+            (Some(Node::Sequence(items)), _) => items
+                .iter()
+                .filter_map(|i| match i.as_scalar() {
+                    Some(s) => Some(s.as_str().to_string()),
+                    None => {
+                        ctx.err(loc(i.span()), format!("inputs of {what} must be names"), None);
+                        None
+                    }
+                })
+                .collect(),
+            (Some(v), _) => {
+                ctx.err(loc(v.span()), format!("input of {what} must be a name or a list of names"), None);
+                Vec::new()
+            }
+            (None, "sources") => Vec::new(),
+            (None, _) => {
+                ctx.err(loc(name_node.span()), format!("missing key \"input\" in {what}"), None);
+                Vec::new()
+            }
+        };
+        let parallelism = get("parallelism").and_then(|v| scalar_usize(ctx, v, &format!("parallelism of {what}")));
+        let watermark = match get("watermark") {
+            Some(v) if key == "sources" => match yaml::from_node::<WatermarkConfig>(ctx.file, v, &format!("watermark of {what}")) {
+                Ok(w) => w,
+                Err(d) => {
+                    ctx.errors.push(d);
+                    WatermarkConfig::default()
+                }
+            },
+            Some(v) => {
+                ctx.err(loc(v.span()), format!("unknown field \"watermark\" in {what}"), Some("watermarks are set on sources".into()));
+                WatermarkConfig::default()
+            }
+            None => WatermarkConfig::default(),
+        };
+        let rest_node = Node::from(rest);
+        let Some(kind) = parse(ctx, ty, &what, &rest_node) else { continue };
+        out.push(NodeSpec {
+            name: name.clone(),
+            path: format!("{key}.{name}"),
+            inputs,
+            parallelism,
+            watermark,
+            kind,
+        });
+    }
+    out
+}
+
+fn typed<T: serde::de::DeserializeOwned>(ctx: &mut Ctx, node: &Node, what: &str) -> Option<T> {
+    match yaml::from_node::<T>(ctx.file, node, what) {
+        Ok(t) => Some(t),
+        Err(d) => {
+            ctx.errors.push(d);
+            None
+        }
+    }
+}
+
+fn parse_source(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<SourceKind> {
+    Some(match ty {
+        "generator" => SourceKind::Generator(Box::new(typed(ctx, node, what)?)),
+        _ => SourceKind::File(Box::new(typed(ctx, node, what)?)),
+    })
+}
+
+fn parse_transform(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<TransformKind> {
+    Some(match ty {
+        "filter" => TransformKind::Filter(typed(ctx, node, what)?),
+        "project" => TransformKind::Project(typed(ctx, node, what)?),
+        _ => TransformKind::Threshold(typed(ctx, node, what)?),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullSinkConfig {}
+
+fn parse_sink(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<SinkKind> {
+    Some(match ty {
+        "stdout" => SinkKind::Stdout(typed(ctx, node, what)?),
+        "file" => SinkKind::File(typed(ctx, node, what)?),
+        _ => {
+            let _: NullSinkConfig = typed(ctx, node, what)?;
+            SinkKind::Null
+        }
+    })
+}
