@@ -48,13 +48,28 @@ pub fn from_node<T: DeserializeOwned>(file: &str, node: &Node, what: &str) -> Re
         match &*e {
             marked_yaml::Error::UnknownFieldError(name, expected, _) => Diagnostic::new(
                 file,
-                location,
+                find_key(node, name).or(location),
                 format!("unknown field {name:?} in {what}"),
             )
             .hint(did_you_mean(name, expected.iter().copied()).or_else(|| Some(format!("fields are: {}", expected.join(", "))))),
             other => Diagnostic::new(file, location, format!("{what}: {}", lower_first(&other.to_string()))),
         }
     })
+}
+
+/// The location of the first key named `name` in `node` or below it.
+fn find_key(node: &Node, name: &str) -> Option<Location> {
+    match node {
+        Node::Mapping(m) => m.iter().find_map(|(k, v)| {
+            if k.as_str() == name {
+                loc(k.span())
+            } else {
+                find_key(v, name)
+            }
+        }),
+        Node::Sequence(s) => s.iter().find_map(|v| find_key(v, name)),
+        Node::Scalar(_) => None,
+    }
 }
 
 fn lower_first(s: &str) -> String {

@@ -1,0 +1,167 @@
+//! A bad pipeline file is rejected before anything starts, with its location.
+
+use vigil::pipeline::load_str;
+
+use crate::options_with;
+
+fn error_of(text: &str) -> String {
+    match load_str("p.yaml", text, &options_with(&[])) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(d) => d.to_string(),
+    }
+}
+
+const GOOD: &str = "\
+name: t
+sources:
+  auth:
+    type: generator
+    stream: auth
+    count: 10
+transforms:
+  failed:
+    type: filter
+    input: auth
+    where: \"outcome = 'failure'\"
+  bf:
+    type: threshold
+    input: failed
+    key: [tenant_id, user]
+    window: 1m
+    min_count: 5
+sinks:
+  out:
+    type: stdout
+    input: bf
+";
+
+#[test]
+fn the_good_file_is_accepted() {
+    let plan = load_str("p.yaml", GOOD, &options_with(&[])).expect("valid");
+    assert_eq!(plan.graph.nodes().len(), 4);
+}
+
+#[test]
+fn unknown_field_with_a_suggestion() {
+    let text = GOOD.replace("    window: 1m", "    widow: 1m");
+    assert_eq!(
+        error_of(&text),
+        "p.yaml:16:5: unknown field \"widow\" in transform \"bf\"\n  hint: did you mean \"window\"?"
+    );
+}
+
+#[test]
+fn unknown_type_with_a_suggestion() {
+    let text = GOOD.replace("type: threshold", "type: treshold");
+    assert_eq!(
+        error_of(&text),
+        "p.yaml:13:11: unknown transform type \"treshold\" in transform \"bf\"\n  hint: did you mean \"threshold\"?"
+    );
+}
+
+#[test]
+fn unknown_input_with_a_suggestion() {
+    let text = GOOD.replace("    input: failed\n", "    input: faild\n");
+    assert_eq!(
+        error_of(&text),
+        "p.yaml:14:12: unknown input \"faild\"\n  hint: did you mean \"failed\"?"
+    );
+}
+
+#[test]
+fn a_column_the_input_lacks() {
+    let text = GOOD.replace("key: [tenant_id, user]", "key: [tenant_id, usr]");
+    assert_eq!(
+        error_of(&text),
+        "p.yaml:15:22: transform \"bf\": column \"usr\" is not in the input\n  hint: did you mean \"user\"?"
+    );
+}
+
+#[test]
+fn an_expression_that_does_not_type_check() {
+    let text = GOOD.replace("where: \"outcome = 'failure'\"", "where: \"outcom = 'failure'\"");
+    let e = error_of(&text);
+    assert!(e.starts_with("p.yaml:11:12: transform \"failed\": invalid expression \"outcom = 'failure'\""), "{e}");
+    assert!(e.contains("outcom"), "{e}");
+}
+
+#[test]
+fn a_condition_that_is_not_boolean() {
+    let text = GOOD.replace("where: \"outcome = 'failure'\"", "where: \"user\"");
+    let e = error_of(&text);
+    assert!(e.starts_with("p.yaml:11:12: transform \"failed\": condition \"user\" is of type"), "{e}");
+}
+
+#[test]
+fn a_wrongly_typed_value() {
+    let text = GOOD.replace("min_count: 5", "min_count: lots");
+    let e = error_of(&text);
+    assert!(e.starts_with("p.yaml:17:16: transform \"bf\": "), "{e}");
+}
+
+#[test]
+fn an_unset_environment_variable() {
+    let text = GOOD.replace("count: 10", "count: ${EVENTS}");
+    assert_eq!(
+        error_of(&text),
+        "p.yaml:6:12: environment variable EVENTS is not set\n  hint: set it, or give a default: ${EVENTS:-value}"
+    );
+}
+
+#[test]
+fn a_cycle() {
+    let text = GOOD.replace("    input: auth\n", "    input: bf\n");
+    assert_eq!(
+        error_of(&text),
+        "p.yaml:10:12: transform \"failed\" is part of a cycle\n  hint: inputs must not lead back to the transform itself"
+    );
+}
+
+#[test]
+fn a_duplicate_key_and_broken_yaml() {
+    let text = GOOD.replace("    count: 10\n", "    count: 10\n    count: 20\n");
+    assert_eq!(error_of(&text), "p.yaml:7:5: key \"count\" appears twice in the same mapping");
+    let text = GOOD.replace("    key: [tenant_id, user]", "    key: [tenant_id, user");
+    assert!(error_of(&text).starts_with("p.yaml:"), "{}", error_of(&text));
+}
+
+#[test]
+fn a_missing_section_and_an_unknown_top_level_key() {
+    let text = GOOD.replace("sinks:", "sink:");
+    let e = error_of(&text);
+    assert!(e.contains("p.yaml:18:1: unknown top-level key \"sink\"\n  hint: did you mean \"sinks\"?"), "{e}");
+    assert!(e.contains("missing section \"sinks\""), "{e}");
+}
+
+#[test]
+fn a_file_source_whose_file_is_missing() {
+    let text = "\
+name: t
+sources:
+  zeek:
+    type: file
+    path: /nonexistent/conn.log
+    schema:
+      fields: [{ name: ts, type: timestamp }]
+      event_time: { field: ts }
+sinks:
+  out: { type: stdout, input: zeek }
+";
+    let e = error_of(text);
+    assert!(e.starts_with("p.yaml:5:11: source \"zeek\": cannot read /nonexistent/conn.log"), "{e}");
+}
+
+#[test]
+fn the_cli_exits_non_zero_and_names_the_location() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, GOOD.replace("    window: 1m", "    widow: 1m")).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["run", path.to_str().expect("utf-8 path")])
+        .output()
+        .expect("run vigil");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.yaml:16:5: unknown field \"widow\""), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing ran");
+}
