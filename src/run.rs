@@ -145,6 +145,7 @@ fn status_line(s: &Snapshot, rate: f64, elapsed: Duration, now_ms: i64) -> Strin
 }
 
 /// Runs `plan` to completion (or until `options.duration` passes, or Ctrl-C).
+#[allow(clippy::disallowed_methods)] // elapsed time and rates for people, outside the data path
 pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineError> {
     let runtime = RuntimeOptions {
         channel_capacity: options.channel_capacity,

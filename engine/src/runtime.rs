@@ -204,13 +204,9 @@ impl Outputs {
     async fn emit(&mut self, out: &mut Collector) -> Result<()> {
         for batch in out.take_main() {
             TaskMetrics::add(&self.metrics.records_out, batch.num_rows());
-            let n = self.edges.len();
-            for (k, e) in self.edges.iter_mut().enumerate() {
-                if e.port == Port::Main {
-                    // The last consumer takes the batch; earlier ones a cheap Arc clone.
-                    let b = if k + 1 == n { batch.clone() } else { batch.clone() };
-                    e.send_batch(b).await?;
-                }
+            for e in self.edges.iter_mut().filter(|e| e.port == Port::Main) {
+                // Columns are reference-counted: a clone per consumer copies no data.
+                e.send_batch(batch.clone()).await?;
             }
         }
         for (port, batch) in out.take_side() {

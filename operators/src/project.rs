@@ -125,3 +125,69 @@ impl Operator for Project {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{AsArray, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Int64Type};
+    use vigil_engine::{ManualClock, MetricsRegistry, NodeRole};
+
+    use super::*;
+
+    fn input() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user", DataType::Utf8, false),
+            Field::new("bytes", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["alice", "bob"])),
+                Arc::new(Int64Array::from(vec![1500, 20])),
+            ],
+        )
+        .expect("batch")
+    }
+
+    fn run(config: ProjectConfig) -> RecordBatch {
+        let f = ProjectFactory::new(&config, input().schema()).expect("factory");
+        let ctx = TaskContext {
+            node: "p".into(),
+            subtask: 0,
+            parallelism: 1,
+            clock: ManualClock::new(0),
+            metrics: MetricsRegistry::default().register("p", 0, NodeRole::Operator),
+        };
+        let mut op = f.create(&ctx).expect("op");
+        let mut out = Collector::new();
+        op.process_batch(0, input(), &mut out).expect("process");
+        let mut batches = out.take_main();
+        assert_eq!(batches.len(), 1);
+        let b = batches.remove(0);
+        assert_eq!(b.schema(), f.output_schema());
+        b
+    }
+
+    #[test]
+    fn computed_columns_in_the_order_written() {
+        let mut columns = IndexMap::new();
+        columns.insert("kb".to_string(), "bytes / 1000".to_string());
+        columns.insert("who".to_string(), "upper(user)".to_string());
+        let b = run(ProjectConfig { columns, keep_input: false });
+        assert_eq!(b.schema().field(0).name(), "kb");
+        assert_eq!(b.column(0).as_primitive::<Int64Type>().values(), &[1, 0]);
+        assert_eq!(b.column(1).as_string::<i32>().value(1), "BOB");
+    }
+
+    #[test]
+    fn keep_input_adds_and_replaces_in_place() {
+        let mut columns = IndexMap::new();
+        columns.insert("bytes".to_string(), "bytes * 2".to_string());
+        columns.insert("big".to_string(), "bytes > 1000".to_string());
+        let b = run(ProjectConfig { columns, keep_input: true });
+        let names: Vec<&str> = b.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["user", "bytes", "big"]);
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().values(), &[3000, 40]);
+        assert!(b.column(2).as_boolean().value(0));
+    }
+}

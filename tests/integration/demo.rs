@@ -69,3 +69,24 @@ async fn the_demo_detects_exactly_the_injected_attacks() {
     }
     assert_eq!(detected, expected, "exactly the injected attacks, nothing else");
 }
+
+#[test]
+fn the_demo_command_runs_and_prints_alerts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["demo", "--progress", "off", "--dead-letter-dir"])
+        .arg(dir.path())
+        .env("VIGIL_DEMO_RATE", "1000000000")
+        .env("VIGIL_DEMO_EVENTS", "800000")
+        .env("VIGIL_DEMO_START", "2026-01-01T00:00:00Z")
+        .output()
+        .expect("run vigil demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // 160 s of event time: the brute force at 30s and the spray at 70s complete.
+    assert!(stdout.contains("| brute_force |"), "{stdout}");
+    assert!(stdout.contains("| password_spray |"), "{stdout}");
+    assert!(stderr.contains("demo: 800"), "summary line: {stderr}");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "no dead letters, no file");
+}

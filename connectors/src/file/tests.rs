@@ -154,3 +154,39 @@ fn configuration_errors_name_the_field() {
         .expect_err("missing file");
     assert!(e.to_string().contains("missing.json"), "{e}");
 }
+
+#[tokio::test]
+async fn replay_paces_records_by_their_event_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("r.json");
+    std::fs::write(&path, "{\"ts\": 1000000}\n{\"ts\": 1000010}\n").expect("write");
+    let mut cfg = config(PathList::One(path), vec![field("ts", "timestamp")]);
+    cfg.schema.event_time.format = TimeFormat::EpochS;
+    cfg.batch_size = 1;
+    cfg.replay_speed = Some(2.0);
+    let f = FileSourceFactory::new("r", &cfg, 0, 60_000).expect("factory");
+    let clock = ManualClock::new(5_000);
+    let mut c = ctx();
+    c.clock = clock.clone();
+    let mut src = f.create(&c).expect("create");
+    assert!(next_data(&mut src).await.is_none(), "decoded, held for pacing");
+    assert!(next_data(&mut src).await.is_some(), "first record: at once");
+    // the second is 10 s of event time later: 5 s of wall time at speed 2
+    for _ in 0..3 {
+        assert!(next_data(&mut src).await.is_none());
+    }
+    clock.advance(4_999);
+    assert!(next_data(&mut src).await.is_none());
+    clock.advance(1);
+    assert!(next_data(&mut src).await.is_some());
+}
+
+async fn next_data(src: &mut Box<dyn vigil_engine::Source>) -> Option<RecordBatch> {
+    loop {
+        match src.next().await.expect("next") {
+            SourceEvent::Data { batch, .. } => return Some(batch),
+            SourceEvent::Pending => return None,
+            _ => {}
+        }
+    }
+}

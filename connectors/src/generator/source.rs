@@ -246,6 +246,8 @@ impl Columns {
 const ATTACK_ID_BASE: u64 = 1 << 62;
 
 impl Shared {
+    /// Background events `[i0, i1)` of partition `p`. The hot loop of every
+    /// benchmark: no divisions, no allocation, table lookups only.
     fn background(&self, p: usize, i0: u64, i1: u64, cols: &mut Columns) {
         let w = &self.world;
         let seed = mix(self.cfg.seed, p as u64);
@@ -253,40 +255,58 @@ impl Shared {
         let users = w.users as u64;
         let parts = self.cfg.partitions as u64;
         let per_tenant_hosts = (w.hosts / w.tenants) as u64;
+        let disorder = self.disorder_ms + 1;
+        let roaming = w.roaming() as u64;
+        // Nominal time start + j * 1000 / rate for j = i * parts + p, stepped
+        // exactly in integers.
+        let rate = self.event_rate as u128;
+        let j0 = i0 as u128 * parts as u128 + p as u128;
+        let mut q = (j0 * 1000 / rate) as i64;
+        let mut r = (j0 * 1000 % rate) as u64;
+        let step = parts as u128 * 1000;
+        let (step_q, step_r) = ((step / rate) as i64, (step % rate) as u64);
+        let rate = rate as u64;
+        let scale = |bits: u64, n: u64| ((bits & 0xFFFF_FFFF) * n) >> 32;
         for i in i0..i1 {
             let r1 = mix(seed, i);
             let r2 = mix(seed2, i);
-            let u = (((r1 & 0xFFFF_FFFF) * users) >> 32) as usize;
-            let tenant = u % w.tenants;
-            let jitter = if self.disorder_ms == 0 { 0 } else { ((r2 >> 8) % (self.disorder_ms + 1)) as i64 };
+            let u = scale(r1, users) as usize;
+            let tenant = w.user_tenants[u];
+            let jitter = scale(r2 >> 8, disorder) as i64;
             cols.id.push(i * parts + p as u64);
-            cols.ts.push(self.nominal(p, i) - jitter);
-            cols.c[0].push(tenant as i32);
+            cols.ts.push(self.start_ms + q - jitter);
+            q += step_q;
+            r += step_r;
+            if r >= rate {
+                q += 1;
+                r -= rate;
+            }
+            cols.c[0].push(tenant);
             match self.cfg.stream {
                 Stream::Auth => {
-                    let roaming = (r1 >> 48) & 0x3FF < 10;
-                    let ip = if roaming { w.roaming_ip((r2 >> 32) as usize % w.roaming()) } else { w.home_ip(u) };
+                    let roams = (r1 >> 48) & 0x3FF < 10;
+                    let ip = if roams { w.roaming_ip(scale(r2 >> 32, roaming) as usize) } else { w.home_ip(u) };
                     let failed = (r1 >> 32) & 0xFFFF < self.failure_threshold;
                     cols.c[1].push(u as i32);
                     cols.c[2].push(ip as i32);
-                    cols.c[3].push(w.own_host(u, (r2 & 1) as usize) as i32);
-                    cols.c[4].push(((r2 >> 1) % 4) as i32);
+                    cols.c[3].push(w.user_hosts[u][(r2 & 1) as usize]);
+                    cols.c[4].push(((r2 >> 1) & 3) as i32);
                     cols.c[5].push(if failed { FAILURE } else { 0 });
                 }
                 Stream::Network => {
-                    let server = w.tenant_host(tenant, ((r2 >> 16) % per_tenant_hosts) as usize);
-                    let bytes = 200 + (r2 >> 40) % 2_000_000;
+                    let server = w.tenant_host(tenant as usize, scale(r2 >> 16, per_tenant_hosts) as usize);
+                    let bytes = 200 + scale(r2 >> 40, 2_000_000);
                     cols.c[1].push(w.home_ip(u) as i32);
                     cols.c[2].push(w.host_ip(server) as i32);
-                    cols.port.push(BACKGROUND_PORTS[(r1 >> 32) as usize % BACKGROUND_PORTS.len()]);
+                    cols.port.push(BACKGROUND_PORTS[((r1 >> 32) as usize) % BACKGROUND_PORTS.len()]);
                     cols.c[3].push(((r1 >> 40) & 1) as i32);
                     cols.bytes.push(bytes);
                     cols.packets.push((bytes / 1200 + 1) as u32);
                 }
                 Stream::Process => {
-                    cols.c[1].push(w.own_host(u, (r2 & 1) as usize) as i32);
+                    cols.c[1].push(w.user_hosts[u][(r2 & 1) as usize]);
                     cols.c[2].push(u as i32);
-                    cols.c[3].push(((r1 >> 32) % BACKGROUND_PROCESSES as u64) as i32);
+                    cols.c[3].push(scale(r1 >> 32, BACKGROUND_PROCESSES as u64) as i32);
                     cols.c[4].push(if (r1 >> 48) & 7 == 0 { SERVICES } else { EXPLORER });
                 }
             }

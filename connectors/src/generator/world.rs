@@ -56,6 +56,10 @@ pub struct World {
     pub outcomes: ArrayRef,
     pub processes: ArrayRef,
     pub protocols: ArrayRef,
+    /// Tenant of each user (precomputed: the generator's inner loop reads it).
+    pub user_tenants: Vec<i32>,
+    /// The two hosts each user works on.
+    pub user_hosts: Vec<[i32; 2]>,
     tenant_strings: Vec<String>,
     user_strings: Vec<String>,
     host_strings: Vec<String>,
@@ -89,10 +93,12 @@ impl World {
                 format!("198.51.100.{}", a - 253)
             }
         }));
-        Self {
+        let mut world = Self {
             tenants,
             users,
             hosts,
+            user_tenants: Vec::new(),
+            user_hosts: Vec::new(),
             tenant_names: dict(&tenant_strings),
             user_names: dict(&user_strings),
             host_names: dict(&host_strings),
@@ -105,7 +111,12 @@ impl World {
             user_strings,
             host_strings,
             ip_strings,
-        }
+        };
+        world.user_tenants = (0..users).map(|u| world.user_tenant(u) as i32).collect();
+        world.user_hosts = (0..users)
+            .map(|u| [world.own_host(u, 0) as i32, world.own_host(u, 1) as i32])
+            .collect();
+        world
     }
 
     /// Tenant of user `u`.
