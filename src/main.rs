@@ -14,7 +14,11 @@ use vigil::pipeline::{self, Diagnostics, Plan, PlanOptions};
 use vigil::run::{run, Progress, RunOptions, Summary};
 
 #[derive(Parser)]
-#[command(name = "vigil", version, about = "Event-time stream processing for security telemetry")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Event-time stream processing for security telemetry"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -79,7 +83,9 @@ fn init_logs(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -126,7 +132,11 @@ fn run_plan(plan: Plan, args: &RunArgs) -> Result<(), Failure> {
         "live" => Progress::Live,
         "lines" => Progress::Lines,
         "off" => Progress::Off,
-        other => return Err(Failure::Failed(anyhow::anyhow!("unknown --progress {other:?}: use auto, live, lines or off"))),
+        other => {
+            return Err(Failure::Failed(anyhow::anyhow!(
+                "unknown --progress {other:?}: use auto, live, lines or off"
+            )))
+        }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -170,10 +180,16 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             print!("{}", plan.graph.explain());
             Ok(())
         }
-        Command::Run { file, run } => run_plan(plan_file(file, &options(&run.dead_letter_dir))?, run),
+        Command::Run { file, run } => {
+            run_plan(plan_file(file, &options(&run.dead_letter_dir))?, run)
+        }
         Command::Demo { run } => {
-            let plan = pipeline::load_str("pipelines/demo.yaml", vigil::DEMO_PIPELINE, &options(&run.dead_letter_dir))
-                .map_err(Failure::Invalid)?;
+            let plan = pipeline::load_str(
+                "pipelines/demo.yaml",
+                vigil::DEMO_PIPELINE,
+                &options(&run.dead_letter_dir),
+            )
+            .map_err(Failure::Invalid)?;
             run_plan(plan, run)
         }
     }

@@ -9,7 +9,9 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vigil_engine::{start, EngineError, MetricsRegistry, NodeRole, RuntimeOptions, SharedClock, SystemClock};
+use vigil_engine::{
+    start, EngineError, MetricsRegistry, NodeRole, RuntimeOptions, SharedClock, SystemClock,
+};
 
 use crate::pipeline::Plan;
 
@@ -99,7 +101,12 @@ fn human(n: f64) -> String {
 fn format_time(ms: i64) -> String {
     let s = ms.div_euclid(1000);
     let day = s.rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}Z", day / 3600, (day % 3600) / 60, day % 60)
+    format!(
+        "{:02}:{:02}:{:02}Z",
+        day / 3600,
+        (day % 3600) / 60,
+        day % 60
+    )
 }
 
 struct Snapshot {
@@ -127,7 +134,11 @@ fn status_line(s: &Snapshot, rate: f64, elapsed: Duration, now_ms: i64) -> Strin
     let wm = match s.watermark {
         Some(w) => {
             let lag = (now_ms - w) as f64 / 1000.0;
-            let lag = if lag >= 0.0 { format!("lag {lag:.1}s") } else { format!("{:.1}s ahead", -lag) };
+            let lag = if lag >= 0.0 {
+                format!("lag {lag:.1}s")
+            } else {
+                format!("{:.1}s ahead", -lag)
+            };
             format!("watermark {} ({lag})", format_time(w))
         }
         None => "watermark -".to_string(),

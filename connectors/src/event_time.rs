@@ -36,7 +36,8 @@ pub enum TimeFormat {
 
 impl TimeFormat {
     /// Names accepted in pipeline files.
-    pub const NAMES: &'static [&'static str] = &["auto", "rfc3339", "epoch_s", "epoch_ms", "epoch_us"];
+    pub const NAMES: &'static [&'static str] =
+        &["auto", "rfc3339", "epoch_s", "epoch_ms", "epoch_us"];
 }
 
 /// Parses one value to milliseconds since the epoch.
@@ -48,8 +49,11 @@ pub fn parse(value: &str, format: TimeFormat) -> Option<i64> {
         TimeFormat::EpochMs => parse_epoch_scaled(v, 1.0),
         TimeFormat::EpochUs => parse_epoch_scaled(v, 1e-3),
         TimeFormat::Auto => {
-            if v.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'-')
-                && v.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
+            if v.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_digit() || b == b'-')
+                && v.bytes()
+                    .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
             {
                 if let Ok(n) = v.parse::<f64>() {
                     let a = n.abs();
@@ -69,7 +73,11 @@ pub fn parse(value: &str, format: TimeFormat) -> Option<i64> {
 
 fn parse_epoch_scaled(v: &str, to_ms: f64) -> Option<i64> {
     if let Ok(i) = v.parse::<i64>() {
-        return Some(if to_ms == 1.0 { i } else { (i as f64 * to_ms).floor() as i64 });
+        return Some(if to_ms == 1.0 {
+            i
+        } else {
+            (i as f64 * to_ms).floor() as i64
+        });
     }
     v.parse::<f64>().ok().map(|f| (f * to_ms).floor() as i64)
 }
@@ -93,7 +101,10 @@ fn parse_datetime(v: &str) -> Option<i64> {
 
 /// Parses a column of raw values. Returns the timestamps (null where missing
 /// or unparsable) and, per row, whether a non-null value failed to parse.
-pub fn parse_column(array: &dyn Array, format: TimeFormat) -> (TimestampMillisecondArray, Vec<bool>) {
+pub fn parse_column(
+    array: &dyn Array,
+    format: TimeFormat,
+) -> (TimestampMillisecondArray, Vec<bool>) {
     let n = array.len();
     let mut out = TimestampMillisecondBuilder::with_capacity(n);
     let mut failed = vec![false; n];
@@ -138,7 +149,11 @@ mod tests {
         assert_eq!(parse("1521911799739898", f), Some(T));
         assert_eq!(parse("2018-03-24T11:16:39.739898-0600", f), Some(T));
         assert_eq!(parse("2018-03-24T11:16:39.739898-06:00", f), Some(T));
-        assert_eq!(parse("2018-03-24T17:16:39.739898", f), Some(T), "no zone: UTC");
+        assert_eq!(
+            parse("2018-03-24T17:16:39.739898", f),
+            Some(T),
+            "no zone: UTC"
+        );
         assert_eq!(parse("2018-03-24 17:16:39.739", f), Some(T));
     }
 
@@ -154,7 +169,8 @@ mod tests {
 
     #[test]
     fn column_marks_unparsable_values_but_not_missing_ones() {
-        let a = arrow::array::StringArray::from(vec![Some("1521911799.739898"), None, Some("nope")]);
+        let a =
+            arrow::array::StringArray::from(vec![Some("1521911799.739898"), None, Some("nope")]);
         let (ts, failed) = parse_column(&a, TimeFormat::Auto);
         assert_eq!(ts.value(0), T);
         assert!(ts.is_null(1) && ts.is_null(2));

@@ -32,7 +32,11 @@ impl MemorySinkFactory {
 }
 
 impl SinkFactory for MemorySinkFactory {
-    fn create(&self, _ctx: &TaskContext, _schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+    fn create(
+        &self,
+        _ctx: &TaskContext,
+        _schema: SchemaRef,
+    ) -> vigil_engine::Result<Box<dyn Sink>> {
         Ok(Box::new(MemorySink {
             collected: self.collected.clone(),
         }))

@@ -11,7 +11,11 @@ use vigil_engine::{Sink, SinkFactory, TaskContext};
 pub struct NullSinkFactory;
 
 impl SinkFactory for NullSinkFactory {
-    fn create(&self, _ctx: &TaskContext, _schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+    fn create(
+        &self,
+        _ctx: &TaskContext,
+        _schema: SchemaRef,
+    ) -> vigil_engine::Result<Box<dyn Sink>> {
         Ok(Box::new(NullSink))
     }
     fn describe(&self) -> String {

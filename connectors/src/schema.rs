@@ -30,8 +30,19 @@ pub struct FieldConfig {
 impl FieldConfig {
     /// Type names accepted in pipeline files.
     pub const TYPES: &'static [&'static str] = &[
-        "string", "int64", "int32", "uint16", "uint32", "uint64", "float64", "float32", "boolean",
-        "timestamp", "struct", "list<string>", "list<int64>",
+        "string",
+        "int64",
+        "int32",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float64",
+        "float32",
+        "boolean",
+        "timestamp",
+        "struct",
+        "list<string>",
+        "list<int64>",
     ];
 
     /// The Arrow type this field decodes to.
@@ -64,7 +75,11 @@ impl FieldConfig {
                         .iter()
                         .enumerate()
                         .map(|(i, f)| {
-                            Ok(Field::new(&f.name, f.arrow_type(&format!("{path}.fields[{i}]"))?, true))
+                            Ok(Field::new(
+                                &f.name,
+                                f.arrow_type(&format!("{path}.fields[{i}]"))?,
+                                true,
+                            ))
                         })
                         .collect::<Result<Vec<_>>>()?,
                 ))
@@ -83,7 +98,10 @@ impl FieldConfig {
         if !self.fields.is_empty() && self.data_type != "struct" {
             return Err(ConnectorError::config(
                 format!("{path}.fields"),
-                format!("field {:?} of type {} cannot have sub-fields", self.name, self.data_type),
+                format!(
+                    "field {:?} of type {} cannot have sub-fields",
+                    self.name, self.data_type
+                ),
             ));
         }
         Ok(t)
@@ -106,7 +124,11 @@ pub fn arrow_schema(fields: &[FieldConfig], path: &str) -> Result<SchemaRef> {
                 format!("field {:?} declared twice", f.name),
             ));
         }
-        out.push(Field::new(&f.name, f.arrow_type(&format!("{path}[{i}]"))?, true));
+        out.push(Field::new(
+            &f.name,
+            f.arrow_type(&format!("{path}[{i}]"))?,
+            true,
+        ));
     }
     Ok(Arc::new(Schema::new(out)))
 }

@@ -1,6 +1,6 @@
 //! The stdout sink: a readable table or JSON lines, for people and for pipes.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -45,13 +45,21 @@ pub struct StdoutSinkFactory {
 impl StdoutSinkFactory {
     /// A stdout sink.
     pub fn new(config: &StdoutSinkConfig) -> Self {
-        Self { format: config.format }
+        Self {
+            format: config.format,
+        }
     }
 }
 
 impl SinkFactory for StdoutSinkFactory {
-    fn create(&self, _ctx: &TaskContext, _schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
-        Ok(Box::new(StdoutSink { format: self.format }))
+    fn create(
+        &self,
+        _ctx: &TaskContext,
+        _schema: SchemaRef,
+    ) -> vigil_engine::Result<Box<dyn Sink>> {
+        Ok(Box::new(StdoutSink {
+            format: self.format,
+        }))
     }
     fn max_parallelism(&self) -> Option<usize> {
         Some(1)
@@ -73,6 +81,10 @@ fn stdout_error(e: std::io::Error) -> EngineError {
 impl Sink for StdoutSink {
     async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
         let mut out = std::io::stdout().lock();
+        if out.is_terminal() {
+            // Clear the live status line `vigil run` may have drawn on this terminal.
+            write!(out, "\r\x1b[2K").map_err(stdout_error)?;
+        }
         match self.format {
             StdoutFormat::Table => {
                 let table = pretty_format_batches(&[batch])?;

@@ -50,7 +50,11 @@ pub(crate) struct Coordinator {
 }
 
 impl Coordinator {
-    pub(crate) fn new(expected: usize, sources: Vec<mpsc::Sender<CheckpointId>>, first_id: CheckpointId) -> Self {
+    pub(crate) fn new(
+        expected: usize,
+        sources: Vec<mpsc::Sender<CheckpointId>>,
+        first_id: CheckpointId,
+    ) -> Self {
         Self {
             expected,
             next_id: AtomicU64::new(first_id),

@@ -120,7 +120,10 @@ impl Node {
 }
 
 fn side(outputs: Vec<(SidePort, SchemaRef)>, port: SidePort) -> Option<SchemaRef> {
-    outputs.into_iter().find(|(p, _)| *p == port).map(|(_, s)| s)
+    outputs
+        .into_iter()
+        .find(|(p, _)| *p == port)
+        .map(|(_, s)| s)
 }
 
 /// A dataflow graph.
@@ -153,7 +156,10 @@ impl Graph {
             )));
         }
         if self.find(&node.name).is_some() {
-            return Err(EngineError::User(format!("node {:?} defined twice", node.name)));
+            return Err(EngineError::User(format!(
+                "node {:?} defined twice",
+                node.name
+            )));
         }
         self.nodes.push(node);
         Ok(self.nodes.len() - 1)
@@ -229,7 +235,12 @@ impl Graph {
         Ok(())
     }
 
-    fn edges(&self, inputs: &[(NodeId, Port)], parallelism: usize, keys: &[String]) -> Result<Vec<Edge>> {
+    fn edges(
+        &self,
+        inputs: &[(NodeId, Port)],
+        parallelism: usize,
+        keys: &[String],
+    ) -> Result<Vec<Edge>> {
         inputs
             .iter()
             .map(|&(from, port)| {

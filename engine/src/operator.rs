@@ -117,7 +117,12 @@ pub struct TaskContext {
 /// A transforming step: filter, projection, window, join, detection.
 pub trait Operator: Send {
     /// Processes one batch that arrived on logical input `input`.
-    fn process_batch(&mut self, input: usize, batch: RecordBatch, out: &mut Collector) -> Result<()>;
+    fn process_batch(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> Result<()>;
 
     /// The merged input watermark advanced to `watermark`.
     fn on_watermark(&mut self, _watermark: EventTime, _out: &mut Collector) -> Result<()> {

@@ -365,15 +365,19 @@ fn hash_router(keys: &[String], schema: &arrow::datatypes::Schema, n: usize) -> 
         .iter()
         .map(|k| Ok(Arc::new(Column::new_with_schema(k, schema)?) as Arc<dyn PhysicalExpr>))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Router::Hash(Box::new(BatchPartitioner::new_hash_partitioner(
-        exprs,
-        n,
-        Time::new(),
-    )?)))
+    Ok(Router::Hash(Box::new(
+        BatchPartitioner::new_hash_partitioner(exprs, n, Time::new())?,
+    )))
 }
 
-fn restored(restore: &Option<Arc<CompletedCheckpoint>>, node: &str, subtask: usize) -> Option<OperatorState> {
-    restore.as_ref().and_then(|c| c.state(node, subtask).cloned())
+fn restored(
+    restore: &Option<Arc<CompletedCheckpoint>>,
+    node: &str,
+    subtask: usize,
+) -> Option<OperatorState> {
+    restore
+        .as_ref()
+        .and_then(|c| c.state(node, subtask).cloned())
 }
 
 /// Starts every task of `graph`. Must be called inside a tokio runtime.
@@ -394,10 +398,10 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
     for (d, node) in nodes.iter().enumerate() {
         for (logical, edge) in node.inputs.iter().enumerate() {
             let up = &nodes[edge.from];
-            let schema = up
-                .output_schema(edge.port)
-                .ok_or_else(|| EngineError::Internal(format!("{} has no port {}", up.name, edge.port)))?;
-            for u in 0..up.parallelism {
+            let schema = up.output_schema(edge.port).ok_or_else(|| {
+                EngineError::Internal(format!("{} has no port {}", up.name, edge.port))
+            })?;
+            for (u, upstream_outputs) in outputs[edge.from].iter_mut().enumerate() {
                 let targets: Vec<usize> = match edge.partitioning {
                     Partitioning::Forward => {
                         if up.parallelism != node.parallelism {
@@ -426,7 +430,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                     Partitioning::RoundRobin => Router::RoundRobin(u),
                     Partitioning::Hash(keys) => hash_router(keys, &schema, node.parallelism)?,
                 };
-                outputs[edge.from][u].push(Output {
+                upstream_outputs.push(Output {
                     port: edge.port,
                     target: node.name.clone(),
                     router,
@@ -524,14 +528,18 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                         op.restore(s)?;
                     }
                     let ins = Inputs::new(slots);
-                    tasks.spawn(async move { run_operator(ctx, op, ins, outs, coord).await.map_err(wrap) });
+                    tasks.spawn(async move {
+                        run_operator(ctx, op, ins, outs, coord).await.map_err(wrap)
+                    });
                 }
                 NodeKind::Sink(f) => {
                     let schema = node
                         .inputs
                         .first()
                         .and_then(|e| nodes[e.from].output_schema(e.port))
-                        .ok_or_else(|| EngineError::Internal(format!("sink {} has no input", node.name)))?;
+                        .ok_or_else(|| {
+                            EngineError::Internal(format!("sink {} has no input", node.name))
+                        })?;
                     let sink = f.create(&ctx, schema)?;
                     let ins = Inputs::new(slots);
                     tasks.spawn(async move { run_sink(ctx, sink, ins, coord).await.map_err(wrap) });
@@ -561,7 +569,8 @@ async fn run_source(
         while let Ok(id) = control.try_recv() {
             let state = source.snapshot()?;
             coord.ack(id, &ctx.node, ctx.subtask, state);
-            outs.broadcast(Message::Barrier(Barrier { checkpoint: id })).await?;
+            outs.broadcast(Message::Barrier(Barrier { checkpoint: id }))
+                .await?;
         }
         if wm.all_finished() {
             if let Some(w) = wm.poll(clock.now_ms()) {
@@ -572,7 +581,9 @@ async fn run_source(
         }
         match source.next().await? {
             SourceEvent::Data { partition, batch } => {
-                let ts = batch.column(event_time_column).as_primitive::<TimestampMillisecondType>();
+                let ts = batch
+                    .column(event_time_column)
+                    .as_primitive::<TimestampMillisecondType>();
                 if let Some(max) = arrow::compute::max(ts) {
                     wm.observe(partition, max, clock.now_ms());
                 } else {
@@ -658,7 +669,12 @@ async fn run_sink(
             }
             InputEvent::Barrier(b) => {
                 sink.flush().await?;
-                coord.ack(b.checkpoint, &ctx.node, ctx.subtask, OperatorState::default());
+                coord.ack(
+                    b.checkpoint,
+                    &ctx.node,
+                    ctx.subtask,
+                    OperatorState::default(),
+                );
             }
             InputEvent::End => {
                 sink.flush().await?;

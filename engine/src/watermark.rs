@@ -183,7 +183,9 @@ impl PartitionWatermarks {
             return None;
         }
         if let Watermark::EventTime(w) = next {
-            if self.last_event_time.is_some_and(|l| l >= w) && self.last_emitted != Some(Watermark::Idle) {
+            if self.last_event_time.is_some_and(|l| l >= w)
+                && self.last_emitted != Some(Watermark::Idle)
+            {
                 return None;
             }
             self.last_event_time = Some(w);

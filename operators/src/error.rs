@@ -30,7 +30,11 @@ pub enum OperatorError {
 
 impl OperatorError {
     /// A configuration error on `field`.
-    pub fn config(field: impl Into<String>, message: impl Into<String>, hint: Option<String>) -> Self {
+    pub fn config(
+        field: impl Into<String>,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) -> Self {
         OperatorError::Config {
             field: field.into(),
             message: message.into(),
@@ -39,16 +43,29 @@ impl OperatorError {
     }
 
     /// A configuration error about a column that the input does not have.
-    pub fn unknown_column(field: impl Into<String>, column: &str, schema: &arrow::datatypes::Schema) -> Self {
+    pub fn unknown_column(
+        field: impl Into<String>,
+        column: &str,
+        schema: &arrow::datatypes::Schema,
+    ) -> Self {
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         let hint = names
             .iter()
-            .map(|n| (datafusion::common::utils::datafusion_strsim::levenshtein(column, n), *n))
+            .map(|n| {
+                (
+                    datafusion::common::utils::datafusion_strsim::levenshtein(column, n),
+                    *n,
+                )
+            })
             .filter(|(d, _)| *d <= 2.max(column.len() / 3))
             .min()
             .map(|(_, n)| format!("did you mean {n:?}?"))
             .or_else(|| Some(format!("columns are: {}", names.join(", "))));
-        Self::config(field, format!("column {column:?} is not in the input"), hint)
+        Self::config(
+            field,
+            format!("column {column:?} is not in the input"),
+            hint,
+        )
     }
 }
 

@@ -37,7 +37,9 @@ impl SqlExpr {
         let expr = ctx
             .create_physical_expr(logical, &df_schema)
             .map_err(|e| expr_error(field, sql, e, schema))?;
-        let data_type = expr.data_type(schema).map_err(|e| expr_error(field, sql, e, schema))?;
+        let data_type = expr
+            .data_type(schema)
+            .map_err(|e| expr_error(field, sql, e, schema))?;
         let nullable = expr.nullable(schema).unwrap_or(true);
         Ok(Self {
             sql: sql.to_string(),
@@ -68,7 +70,12 @@ impl SqlExpr {
     }
 }
 
-fn expr_error(field: &str, sql: &str, e: datafusion::error::DataFusionError, schema: &SchemaRef) -> OperatorError {
+fn expr_error(
+    field: &str,
+    sql: &str,
+    e: datafusion::error::DataFusionError,
+    schema: &SchemaRef,
+) -> OperatorError {
     let message = e.strip_backtrace();
     let first = message.lines().next().unwrap_or_default().to_string();
     let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();

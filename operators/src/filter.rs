@@ -49,7 +49,10 @@ impl FilterFactory {
                 Some("compare it with something, e.g. outcome = 'failure'".into()),
             ));
         }
-        Ok(Self { schema: input, condition })
+        Ok(Self {
+            schema: input,
+            condition,
+        })
     }
 }
 
@@ -72,7 +75,12 @@ struct Filter {
 }
 
 impl Operator for Filter {
-    fn process_batch(&mut self, _input: usize, batch: RecordBatch, out: &mut Collector) -> vigil_engine::Result<()> {
+    fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<()> {
         let mask = self.condition.evaluate(&batch)?;
         let mask = mask.as_boolean();
         if mask.true_count() == batch.num_rows() {

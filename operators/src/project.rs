@@ -54,7 +54,11 @@ impl ProjectFactory {
     /// Compiles every expression against the input schema.
     pub fn new(config: &ProjectConfig, input: SchemaRef) -> Result<Self> {
         if config.columns.is_empty() {
-            return Err(OperatorError::config("columns", "a project step needs at least one column", None));
+            return Err(OperatorError::config(
+                "columns",
+                "a project step needs at least one column",
+                None,
+            ));
         }
         let mut fields: Vec<Field> = Vec::new();
         let mut sources: Vec<Source> = Vec::new();
@@ -101,7 +105,12 @@ impl OperatorFactory for ProjectFactory {
         }))
     }
     fn describe(&self) -> String {
-        let names: Vec<&str> = self.schema.fields().iter().map(|f| f.name().as_str()).collect();
+        let names: Vec<&str> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
         format!("project {}", names.join(", "))
     }
 }
@@ -112,7 +121,12 @@ struct Project {
 }
 
 impl Operator for Project {
-    fn process_batch(&mut self, _input: usize, batch: RecordBatch, out: &mut Collector) -> vigil_engine::Result<()> {
+    fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<()> {
         let arrays = self
             .columns
             .iter()
@@ -173,7 +187,10 @@ mod tests {
         let mut columns = IndexMap::new();
         columns.insert("kb".to_string(), "bytes / 1000".to_string());
         columns.insert("who".to_string(), "upper(user)".to_string());
-        let b = run(ProjectConfig { columns, keep_input: false });
+        let b = run(ProjectConfig {
+            columns,
+            keep_input: false,
+        });
         assert_eq!(b.schema().field(0).name(), "kb");
         assert_eq!(b.column(0).as_primitive::<Int64Type>().values(), &[1, 0]);
         assert_eq!(b.column(1).as_string::<i32>().value(1), "BOB");
@@ -184,10 +201,21 @@ mod tests {
         let mut columns = IndexMap::new();
         columns.insert("bytes".to_string(), "bytes * 2".to_string());
         columns.insert("big".to_string(), "bytes > 1000".to_string());
-        let b = run(ProjectConfig { columns, keep_input: true });
-        let names: Vec<&str> = b.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+        let b = run(ProjectConfig {
+            columns,
+            keep_input: true,
+        });
+        let names: Vec<&str> = b
+            .schema_ref()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
         assert_eq!(names, ["user", "bytes", "big"]);
-        assert_eq!(b.column(1).as_primitive::<Int64Type>().values(), &[3000, 40]);
+        assert_eq!(
+            b.column(1).as_primitive::<Int64Type>().values(),
+            &[3000, 40]
+        );
         assert!(b.column(2).as_boolean().value(0));
     }
 }

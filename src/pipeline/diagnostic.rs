@@ -34,7 +34,11 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// A diagnostic without a hint.
-    pub fn new(file: impl Into<String>, location: Option<Location>, message: impl Into<String>) -> Self {
+    pub fn new(
+        file: impl Into<String>,
+        location: Option<Location>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             file: file.into(),
             location,
@@ -98,6 +102,9 @@ pub fn suggest<'a, I: IntoIterator<Item = &'a str>>(word: &str, candidates: I) -
 }
 
 /// "did you mean …?" for the closest candidate, if any.
-pub fn did_you_mean<'a, I: IntoIterator<Item = &'a str>>(word: &str, candidates: I) -> Option<String> {
+pub fn did_you_mean<'a, I: IntoIterator<Item = &'a str>>(
+    word: &str,
+    candidates: I,
+) -> Option<String> {
     suggest(word, candidates).map(|s| format!("did you mean {s:?}?"))
 }

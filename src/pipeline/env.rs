@@ -31,9 +31,9 @@ pub fn substitute(file: &str, text: &str, env: &Env) -> Result<String, Diagnosti
             out.push_str(&rest[..at]);
             col += rest[..at].chars().count();
             let tail = &rest[at..];
-            if tail.starts_with("$${") {
+            if let Some(after) = tail.strip_prefix("$${") {
                 out.push_str("${");
-                rest = &tail[3..];
+                rest = after;
                 col += 3;
                 continue;
             }
@@ -43,9 +43,15 @@ pub fn substitute(file: &str, text: &str, env: &Env) -> Result<String, Diagnosti
                 col += 1;
                 continue;
             }
-            let loc = Some(Location { line: n + 1, column: col });
+            let loc = Some(Location {
+                line: n + 1,
+                column: col,
+            });
             let Some(end) = tail.find('}') else {
-                errors.push(Diagnostic::new(file, loc, "unterminated ${ in pipeline file").hint(Some("write $${ for a literal ${".into())));
+                errors.push(
+                    Diagnostic::new(file, loc, "unterminated ${ in pipeline file")
+                        .hint(Some("write $${ for a literal ${".into())),
+                );
                 out.push_str(tail);
                 rest = "";
                 break;
@@ -55,16 +61,30 @@ pub fn substitute(file: &str, text: &str, env: &Env) -> Result<String, Diagnosti
                 Some((n, d)) => (n, Some(d)),
                 None => (inner, None),
             };
-            let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
-                errors.push(Diagnostic::new(file, loc, format!("invalid environment variable name {name:?}")));
+                errors.push(Diagnostic::new(
+                    file,
+                    loc,
+                    format!("invalid environment variable name {name:?}"),
+                ));
             } else {
-                match (env(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+                match (
+                    env(name).filter(|v| !v.is_empty() || default.is_none()),
+                    default,
+                ) {
                     (Some(v), _) => out.push_str(&v),
                     (None, Some(d)) => out.push_str(d),
                     (None, None) => errors.push(
-                        Diagnostic::new(file, loc, format!("environment variable {name} is not set"))
-                            .hint(Some(format!("set it, or give a default: ${{{name}:-value}}"))),
+                        Diagnostic::new(
+                            file,
+                            loc,
+                            format!("environment variable {name} is not set"),
+                        )
+                        .hint(Some(format!(
+                            "set it, or give a default: ${{{name}:-value}}"
+                        ))),
                     ),
                 }
             }
@@ -94,7 +114,12 @@ mod tests {
 
     #[test]
     fn substitutes_defaults_and_escapes() {
-        let s = substitute("f", "a: ${TOPIC}\nb: ${RATE:-100}\nc: $${TOPIC}\nd: ${EMPTY:-x}\ne: $5\n", &env).expect("ok");
+        let s = substitute(
+            "f",
+            "a: ${TOPIC}\nb: ${RATE:-100}\nc: $${TOPIC}\nd: ${EMPTY:-x}\ne: $5\n",
+            &env,
+        )
+        .expect("ok");
         assert_eq!(s, "a: auth\nb: 100\nc: ${TOPIC}\nd: x\ne: $5\n");
     }
 

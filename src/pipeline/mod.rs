@@ -28,7 +28,11 @@ pub use spec::PipelineSpec;
 /// Loads, checks and plans a pipeline file in one go.
 pub fn load(path: &std::path::Path, options: &PlanOptions) -> Result<Plan, Diagnostics> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        Diagnostics::from(Diagnostic::new(path.display().to_string(), None, format!("cannot read pipeline file: {e}")))
+        Diagnostics::from(Diagnostic::new(
+            path.display().to_string(),
+            None,
+            format!("cannot read pipeline file: {e}"),
+        ))
     })?;
     load_str(&path.display().to_string(), &text, options)
 }

@@ -16,7 +16,10 @@ use vigil_connectors::memory::{Collected, MemorySinkFactory};
 use vigil_connectors::null::NullSinkFactory;
 use vigil_connectors::stdout::StdoutSinkFactory;
 use vigil_connectors::ConnectorError;
-use vigil_engine::{Graph, NodeId, OperatorFactory, Port, SharedClock, SinkFactory, SourceFactory, SystemClock, DEAD_LETTER, LATE};
+use vigil_engine::{
+    Graph, NodeId, OperatorFactory, Port, SharedClock, SinkFactory, SourceFactory, SystemClock,
+    DEAD_LETTER, LATE,
+};
 use vigil_operators::filter::FilterFactory;
 use vigil_operators::project::ProjectFactory;
 use vigil_operators::threshold::ThresholdFactory;
@@ -95,19 +98,36 @@ struct Planner<'a> {
 impl Planner<'_> {
     fn at(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
         let location = self.spec.locate(path);
-        self.errors.push(Diagnostic::new(&self.spec.file, location, message).hint(hint));
+        self.errors
+            .push(Diagnostic::new(&self.spec.file, location, message).hint(hint));
     }
 
     fn connector_error(&mut self, node_path: &str, what: &str, e: ConnectorError) {
         match e {
-            ConnectorError::Config { field, message, hint } => self.at(&format!("{node_path}.{field}"), format!("{what}: {message}"), hint),
+            ConnectorError::Config {
+                field,
+                message,
+                hint,
+            } => self.at(
+                &format!("{node_path}.{field}"),
+                format!("{what}: {message}"),
+                hint,
+            ),
             other => self.at(node_path, format!("{what}: {other}"), None),
         }
     }
 
     fn operator_error(&mut self, node_path: &str, what: &str, e: OperatorError) {
         match e {
-            OperatorError::Config { field, message, hint } => self.at(&format!("{node_path}.{field}"), format!("{what}: {message}"), hint),
+            OperatorError::Config {
+                field,
+                message,
+                hint,
+            } => self.at(
+                &format!("{node_path}.{field}"),
+                format!("{what}: {message}"),
+                hint,
+            ),
             other => self.at(node_path, format!("{what}: {other}"), None),
         }
     }
@@ -115,7 +135,10 @@ impl Planner<'_> {
 
 /// Builds the graph of `spec`.
 pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnostics> {
-    let mut p = Planner { spec, errors: Vec::new() };
+    let mut p = Planner {
+        spec,
+        errors: Vec::new(),
+    };
     let mut graph = Graph::new();
     let mut built: HashMap<String, Built> = HashMap::new();
     let mut generators = HashMap::new();
@@ -126,11 +149,23 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         .sources
         .iter()
         .map(|s| (s.name.as_str(), s.path.as_str()))
-        .chain(spec.transforms.iter().map(|t| (t.name.as_str(), t.path.as_str())))
-        .chain(spec.sinks.iter().map(|s| (s.name.as_str(), s.path.as_str())));
+        .chain(
+            spec.transforms
+                .iter()
+                .map(|t| (t.name.as_str(), t.path.as_str())),
+        )
+        .chain(
+            spec.sinks
+                .iter()
+                .map(|s| (s.name.as_str(), s.path.as_str())),
+        );
     for (name, path) in all {
         if let Some(first) = seen.insert(name, path) {
-            p.at(path, format!("name {name:?} is already used by {first}"), Some("node names are unique across sources, transforms and sinks".into()));
+            p.at(
+                path,
+                format!("name {name:?} is already used by {first}"),
+                Some("node names are unique across sources, transforms and sinks".into()),
+            );
         }
     }
 
@@ -139,26 +174,44 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         let idle = s.watermark.idle_timeout.as_millis() as i64;
         let disorder = s.watermark.out_of_orderness.map(|d| d.as_millis() as i64);
         let parallelism = s.parallelism.unwrap_or(spec.parallelism);
-        let (factory, event_time): (Result<Arc<dyn SourceFactory>, ConnectorError>, String) = match &s.kind {
-            SourceKind::Generator(cfg) => {
-                let d = disorder.unwrap_or(cfg.out_of_orderness.as_millis() as i64);
-                match GeneratorSourceFactory::new((**cfg).clone(), options.clock.now_ms(), d, idle) {
-                    Ok(f) => {
-                        let f = Arc::new(f);
-                        generators.insert(s.name.clone(), f.clone());
-                        (Ok(f as Arc<dyn SourceFactory>), "ts".to_string())
+        let (factory, event_time): (Result<Arc<dyn SourceFactory>, ConnectorError>, String) =
+            match &s.kind {
+                SourceKind::Generator(cfg) => {
+                    let d = disorder.unwrap_or(cfg.out_of_orderness.as_millis() as i64);
+                    match GeneratorSourceFactory::new(
+                        (**cfg).clone(),
+                        options.clock.now_ms(),
+                        d,
+                        idle,
+                    ) {
+                        Ok(f) => {
+                            let f = Arc::new(f);
+                            generators.insert(s.name.clone(), f.clone());
+                            (Ok(f as Arc<dyn SourceFactory>), "ts".to_string())
+                        }
+                        Err(e) => (Err(e), String::new()),
                     }
-                    Err(e) => (Err(e), String::new()),
                 }
-            }
-            SourceKind::File(cfg) => (
-                FileSourceFactory::new(&s.name, cfg, disorder.unwrap_or(FILE_DISORDER_MS), idle).map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
-                cfg.schema.event_time.field.clone(),
-            ),
-        };
+                SourceKind::File(cfg) => (
+                    FileSourceFactory::new(
+                        &s.name,
+                        cfg,
+                        disorder.unwrap_or(FILE_DISORDER_MS),
+                        idle,
+                    )
+                    .map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
+                    cfg.schema.event_time.field.clone(),
+                ),
+            };
         match factory.map(|f| graph.add_source(&s.name, f, parallelism)) {
             Ok(Ok(id)) => {
-                built.insert(s.name.clone(), Built { id, event_time: Some(event_time) });
+                built.insert(
+                    s.name.clone(),
+                    Built {
+                        id,
+                        event_time: Some(event_time),
+                    },
+                );
             }
             Ok(Err(e)) => p.at(&s.path, format!("{what}: {e}"), None),
             Err(e) => p.connector_error(&s.path, &what, e),
@@ -176,29 +229,43 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
     for ti in order {
         let t = &spec.transforms[ti];
         let what = format!("transform {:?}", t.name);
-        let Some(inputs) = resolve(&mut p, &graph, &built, &names, &t.path, &t.inputs) else { continue };
-        let Some(schema) = common_schema(&mut p, &graph, &t.path, &inputs) else { continue };
+        let Some(inputs) = resolve(&mut p, &graph, &built, &names, &t.path, &t.inputs) else {
+            continue;
+        };
+        let Some(schema) = common_schema(&mut p, &graph, &t.path, &inputs) else {
+            continue;
+        };
         let upstream_time = inputs
             .first()
             .and_then(|(id, _)| built.values().find(|b| b.id == *id))
             .and_then(|b| b.event_time.clone());
         let parallelism = t.parallelism.unwrap_or(spec.parallelism);
-        let made: Result<(Arc<dyn OperatorFactory>, Option<String>), OperatorError> = match &t.kind {
-            TransformKind::Filter(c) => FilterFactory::new(c, schema).map(|f| (Arc::new(f) as Arc<dyn OperatorFactory>, upstream_time)),
+        let made: Result<(Arc<dyn OperatorFactory>, Option<String>), OperatorError> = match &t.kind
+        {
+            TransformKind::Filter(c) => FilterFactory::new(c, schema)
+                .map(|f| (Arc::new(f) as Arc<dyn OperatorFactory>, upstream_time)),
             TransformKind::Project(c) => ProjectFactory::new(c, schema).map(|f| {
                 let keeps = upstream_time.filter(|n| f.output_schema().index_of(n).is_ok());
                 (Arc::new(f) as Arc<dyn OperatorFactory>, keeps)
             }),
-            TransformKind::Threshold(c) => ThresholdFactory::new(&t.name, c, schema, upstream_time.as_deref())
-                .map(|f| (Arc::new(f) as Arc<dyn OperatorFactory>, Some("window_end".to_string()))),
+            TransformKind::Threshold(c) => {
+                ThresholdFactory::new(&t.name, c, schema, upstream_time.as_deref()).map(|f| {
+                    (
+                        Arc::new(f) as Arc<dyn OperatorFactory>,
+                        Some("window_end".to_string()),
+                    )
+                })
+            }
         };
         match made {
-            Ok((factory, event_time)) => match graph.add_operator(&t.name, factory, parallelism, &inputs) {
-                Ok(id) => {
-                    built.insert(t.name.clone(), Built { id, event_time });
+            Ok((factory, event_time)) => {
+                match graph.add_operator(&t.name, factory, parallelism, &inputs) {
+                    Ok(id) => {
+                        built.insert(t.name.clone(), Built { id, event_time });
+                    }
+                    Err(e) => p.at(&t.path, format!("{what}: {e}"), None),
                 }
-                Err(e) => p.at(&t.path, format!("{what}: {e}"), None),
-            },
+            }
             Err(e) => p.operator_error(&t.path, &what, e),
         }
     }
@@ -207,14 +274,21 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
     let mut sinks = Vec::new();
     for s in &spec.sinks {
         let what = format!("sink {:?}", s.name);
-        let Some(inputs) = resolve(&mut p, &graph, &built, &names, &s.path, &s.inputs) else { continue };
+        let Some(inputs) = resolve(&mut p, &graph, &built, &names, &s.path, &s.inputs) else {
+            continue;
+        };
         consumed.extend(inputs.iter().copied());
         let factory: Arc<dyn SinkFactory> = match &s.kind {
             SinkKind::Stdout(c) => Arc::new(StdoutSinkFactory::new(c)),
             SinkKind::File(c) => Arc::new(FileSinkFactory::new(c)),
             SinkKind::Null => Arc::new(NullSinkFactory),
         };
-        match graph.add_sink(&s.name, factory, s.parallelism.unwrap_or(spec.parallelism), &inputs) {
+        match graph.add_sink(
+            &s.name,
+            factory,
+            s.parallelism.unwrap_or(spec.parallelism),
+            &inputs,
+        ) {
             Ok(_) => sinks.push(s.name.clone()),
             Err(e) => p.at(&s.path, format!("{what}: {e}"), None),
         }
@@ -230,11 +304,15 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         .iter()
         .filter_map(|s| built.get(&s.name))
         .map(|b| (b.id, Port::Side(DEAD_LETTER)))
-        .filter(|input| !consumed.contains(input) && graph.nodes()[input.0].output_schema(input.1).is_some())
+        .filter(|input| {
+            !consumed.contains(input) && graph.nodes()[input.0].output_schema(input.1).is_some()
+        })
         .collect();
     let mut default_dead_letters = None;
     if !orphans.is_empty() {
-        let path = options.dead_letter_dir.join(format!("{}.dlq.ndjson", spec.name));
+        let path = options
+            .dead_letter_dir
+            .join(format!("{}.dlq.ndjson", spec.name));
         let factory = Arc::new(FileSinkFactory::dead_letters(path.clone()));
         graph
             .add_sink("_dead_letters", factory, 1, &orphans)
@@ -254,7 +332,12 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
 /// Transforms in an order where inputs come first; reports cycles.
 fn topological(p: &mut Planner) -> Vec<usize> {
     let spec = p.spec;
-    let index: HashMap<&str, usize> = spec.transforms.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = spec
+        .transforms
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
     let deps: Vec<Vec<usize>> = spec
         .transforms
         .iter()
@@ -269,7 +352,13 @@ fn topological(p: &mut Planner) -> Vec<usize> {
     let mut state = vec![0u8; deps.len()];
     let mut order = Vec::new();
     let mut cyclic = Vec::new();
-    fn visit(i: usize, deps: &[Vec<usize>], state: &mut [u8], order: &mut Vec<usize>, cyclic: &mut Vec<usize>) {
+    fn visit(
+        i: usize,
+        deps: &[Vec<usize>],
+        state: &mut [u8],
+        order: &mut Vec<usize>,
+        cyclic: &mut Vec<usize>,
+    ) {
         match state[i] {
             2 => return,
             1 => {
@@ -290,7 +379,11 @@ fn topological(p: &mut Planner) -> Vec<usize> {
     }
     for i in cyclic {
         let t = &spec.transforms[i];
-        p.at(&format!("{}.input", t.path), format!("transform {:?} is part of a cycle", t.name), Some("inputs must not lead back to the transform itself".into()));
+        p.at(
+            &format!("{}.input", t.path),
+            format!("transform {:?} is part of a cycle", t.name),
+            Some("inputs must not lead back to the transform itself".into()),
+        );
     }
     order
 }
@@ -306,12 +399,20 @@ fn resolve(
     let mut out = Vec::new();
     let mut ok = true;
     for (i, input) in inputs.iter().enumerate() {
-        let field = if inputs.len() == 1 { format!("{path}.input") } else { format!("{path}.input[{i}]") };
+        let field = if inputs.len() == 1 {
+            format!("{path}.input")
+        } else {
+            format!("{path}.input[{i}]")
+        };
         let (name, port) = match input.split_once('.') {
             Some((n, port_name)) => match port_of(port_name) {
                 Some(port) => (n, port),
                 None => {
-                    p.at(&field, format!("unknown output {port_name:?} of {n:?}"), Some("side outputs are dead_letter (sources) and late (windows)".into()));
+                    p.at(
+                        &field,
+                        format!("unknown output {port_name:?} of {n:?}"),
+                        Some("side outputs are dead_letter (sources) and late (windows)".into()),
+                    );
                     ok = false;
                     continue;
                 }
@@ -330,7 +431,16 @@ fn resolve(
             None if names.contains(&name) => ok = false, // failed earlier, already reported
             None => {
                 let hint = did_you_mean(name, names.iter().copied());
-                p.at(&field, format!("unknown input {name:?}"), hint.or_else(|| Some(format!("inputs are sources or transforms: {}", names.join(", ")))));
+                p.at(
+                    &field,
+                    format!("unknown input {name:?}"),
+                    hint.or_else(|| {
+                        Some(format!(
+                            "inputs are sources or transforms: {}",
+                            names.join(", ")
+                        ))
+                    }),
+                );
                 ok = false;
             }
         }
@@ -338,11 +448,23 @@ fn resolve(
     (ok && !out.is_empty()).then_some(out)
 }
 
-fn common_schema(p: &mut Planner, graph: &Graph, path: &str, inputs: &[(NodeId, Port)]) -> Option<SchemaRef> {
-    let schemas: Vec<SchemaRef> = inputs.iter().filter_map(|(id, port)| graph.nodes()[*id].output_schema(*port)).collect();
+fn common_schema(
+    p: &mut Planner,
+    graph: &Graph,
+    path: &str,
+    inputs: &[(NodeId, Port)],
+) -> Option<SchemaRef> {
+    let schemas: Vec<SchemaRef> = inputs
+        .iter()
+        .filter_map(|(id, port)| graph.nodes()[*id].output_schema(*port))
+        .collect();
     let first = schemas.first()?.clone();
     if schemas.iter().any(|s| s.fields() != first.fields()) {
-        p.at(&format!("{path}.input"), "inputs have different schemas", Some("a transform with several inputs needs them to have the same columns".into()));
+        p.at(
+            &format!("{path}.input"),
+            "inputs have different schemas",
+            Some("a transform with several inputs needs them to have the same columns".into()),
+        );
         return None;
     }
     Some(first)

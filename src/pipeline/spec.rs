@@ -46,7 +46,14 @@ pub const TRANSFORM_TYPES: &[&str] = &["filter", "project", "threshold"];
 /// Sink types.
 pub const SINK_TYPES: &[&str] = &["stdout", "file", "null"];
 
-const TOP_KEYS: &[&str] = &["name", "description", "parallelism", "sources", "transforms", "sinks"];
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "parallelism",
+    "sources",
+    "transforms",
+    "sinks",
+];
 
 /// Event-time settings of a source.
 #[derive(Debug, Clone, Deserialize)]
@@ -147,8 +154,14 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&mut self, location: Option<Location>, message: impl Into<String>, hint: Option<String>) {
-        self.errors.push(Diagnostic::new(self.file, location, message).hint(hint));
+    fn err(
+        &mut self,
+        location: Option<Location>,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        self.errors
+            .push(Diagnostic::new(self.file, location, message).hint(hint));
     }
 }
 
@@ -156,7 +169,11 @@ fn scalar_usize(ctx: &mut Ctx, node: &Node, what: &str) -> Option<usize> {
     match node.as_scalar().map(|s| s.as_str().trim().parse::<usize>()) {
         Some(Ok(n)) if n >= 1 => Some(n),
         _ => {
-            ctx.err(loc(node.span()), format!("{what} must be a whole number of at least 1"), None);
+            ctx.err(
+                loc(node.span()),
+                format!("{what} must be a whole number of at least 1"),
+                None,
+            );
             None
         }
     }
@@ -167,14 +184,26 @@ impl PipelineSpec {
     pub fn parse(file: &str, text: &str, env: &Env) -> Result<Self, Diagnostics> {
         let text = substitute(file, text, env)?;
         let root = yaml::parse(file, &text)?;
-        let mut ctx = Ctx { file, errors: Vec::new() };
+        let mut ctx = Ctx {
+            file,
+            errors: Vec::new(),
+        };
         let Some(top) = root.as_mapping() else {
-            return Err(Diagnostic::new(file, loc(root.span()), "a pipeline file must be a mapping").into());
+            return Err(Diagnostic::new(
+                file,
+                loc(root.span()),
+                "a pipeline file must be a mapping",
+            )
+            .into());
         };
         for (k, _) in top.iter() {
             if !TOP_KEYS.contains(&k.as_str()) {
                 let hint = did_you_mean(k.as_str(), TOP_KEYS.iter().copied());
-                ctx.err(loc(k.span()), format!("unknown top-level key {:?}", k.as_str()), hint);
+                ctx.err(
+                    loc(k.span()),
+                    format!("unknown top-level key {:?}", k.as_str()),
+                    hint,
+                );
             }
         }
         let name = match top.get_scalar("name") {
@@ -184,13 +213,36 @@ impl PipelineSpec {
                 String::new()
             }
             None => {
-                ctx.err(loc(root.span()), "missing key \"name\"", Some("every pipeline has a name: name: my-pipeline".into()));
+                ctx.err(
+                    loc(root.span()),
+                    "missing key \"name\"",
+                    Some("every pipeline has a name: name: my-pipeline".into()),
+                );
                 String::new()
             }
         };
-        let parallelism = top.get_node("parallelism").and_then(|n| scalar_usize(&mut ctx, n, "parallelism")).unwrap_or(1);
-        let sources = section(&mut ctx, top, &root, "sources", true, SOURCE_TYPES, parse_source);
-        let transforms = section(&mut ctx, top, &root, "transforms", false, TRANSFORM_TYPES, parse_transform);
+        let parallelism = top
+            .get_node("parallelism")
+            .and_then(|n| scalar_usize(&mut ctx, n, "parallelism"))
+            .unwrap_or(1);
+        let sources = section(
+            &mut ctx,
+            top,
+            &root,
+            "sources",
+            true,
+            SOURCE_TYPES,
+            parse_source,
+        );
+        let transforms = section(
+            &mut ctx,
+            top,
+            &root,
+            "transforms",
+            false,
+            TRANSFORM_TYPES,
+            parse_transform,
+        );
         let sinks = section(&mut ctx, top, &root, "sinks", true, SINK_TYPES, parse_sink);
         if !ctx.errors.is_empty() {
             return Err(Diagnostics(ctx.errors));
@@ -226,23 +278,42 @@ fn section<K>(
     let singular = key.trim_end_matches('s');
     let Some(node) = top.get_node(key) else {
         if required {
-            ctx.err(loc(root.span()), format!("missing section {key:?}"), Some(format!("a pipeline needs at least one {singular}")));
+            ctx.err(
+                loc(root.span()),
+                format!("missing section {key:?}"),
+                Some(format!("a pipeline needs at least one {singular}")),
+            );
         }
         return Vec::new();
     };
     let Some(map) = node.as_mapping() else {
-        ctx.err(loc(node.span()), format!("{key} must be a mapping of names to {key}"), None);
+        ctx.err(
+            loc(node.span()),
+            format!("{key} must be a mapping of names to {key}"),
+            None,
+        );
         return Vec::new();
     };
     if required && map.is_empty() {
-        ctx.err(loc(node.span()), format!("{key} is empty"), Some(format!("a pipeline needs at least one {singular}")));
+        ctx.err(
+            loc(node.span()),
+            format!("{key} is empty"),
+            Some(format!("a pipeline needs at least one {singular}")),
+        );
     }
     let mut out = Vec::new();
     for (name_node, body) in map.iter() {
         let name = name_node.as_str().to_string();
         let what = format!("{singular} {name:?}");
-        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            ctx.err(loc(name_node.span()), format!("invalid name {name:?}"), Some("names use letters, digits, _ and -".into()));
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            ctx.err(
+                loc(name_node.span()),
+                format!("invalid name {name:?}"),
+                Some("names use letters, digits, _ and -".into()),
+            );
             continue;
         }
         let Some(body_map) = body.as_mapping() else {
@@ -250,13 +321,22 @@ fn section<K>(
             continue;
         };
         let Some(type_node) = body_map.get_scalar("type") else {
-            ctx.err(loc(name_node.span()), format!("missing key \"type\" in {what}"), Some(format!("types are: {}", types.join(", "))));
+            ctx.err(
+                loc(name_node.span()),
+                format!("missing key \"type\" in {what}"),
+                Some(format!("types are: {}", types.join(", "))),
+            );
             continue;
         };
         let ty = type_node.as_str();
         if !types.contains(&ty) {
-            let hint = did_you_mean(ty, types.iter().copied()).or_else(|| Some(format!("{singular} types are: {}", types.join(", "))));
-            ctx.err(loc(type_node.span()), format!("unknown {singular} type {ty:?} in {what}"), hint);
+            let hint = did_you_mean(ty, types.iter().copied())
+                .or_else(|| Some(format!("{singular} types are: {}", types.join(", "))));
+            ctx.err(
+                loc(type_node.span()),
+                format!("unknown {singular} type {ty:?} in {what}"),
+                hint,
+            );
             continue;
         }
         let mut rest = body_map.clone();
@@ -269,7 +349,11 @@ fn section<K>(
         let get = |k: &str| common.iter().find(|(n, _)| n == k).map(|(_, v)| v);
         let inputs: Vec<String> = match (get("input"), key) {
             (Some(v), "sources") => {
-                ctx.err(loc(v.span()), format!("unknown field \"input\" in {what}"), Some("sources have no input".into()));
+                ctx.err(
+                    loc(v.span()),
+                    format!("unknown field \"input\" in {what}"),
+                    Some("sources have no input".into()),
+                );
                 Vec::new()
             }
             (Some(Node::Scalar(s)), _) => vec![s.as_str().to_string()],
@@ -278,24 +362,41 @@ fn section<K>(
                 .filter_map(|i| match i.as_scalar() {
                     Some(s) => Some(s.as_str().to_string()),
                     None => {
-                        ctx.err(loc(i.span()), format!("inputs of {what} must be names"), None);
+                        ctx.err(
+                            loc(i.span()),
+                            format!("inputs of {what} must be names"),
+                            None,
+                        );
                         None
                     }
                 })
                 .collect(),
             (Some(v), _) => {
-                ctx.err(loc(v.span()), format!("input of {what} must be a name or a list of names"), None);
+                ctx.err(
+                    loc(v.span()),
+                    format!("input of {what} must be a name or a list of names"),
+                    None,
+                );
                 Vec::new()
             }
             (None, "sources") => Vec::new(),
             (None, _) => {
-                ctx.err(loc(name_node.span()), format!("missing key \"input\" in {what}"), None);
+                ctx.err(
+                    loc(name_node.span()),
+                    format!("missing key \"input\" in {what}"),
+                    None,
+                );
                 Vec::new()
             }
         };
-        let parallelism = get("parallelism").and_then(|v| scalar_usize(ctx, v, &format!("parallelism of {what}")));
+        let parallelism = get("parallelism")
+            .and_then(|v| scalar_usize(ctx, v, &format!("parallelism of {what}")));
         let watermark = match get("watermark") {
-            Some(v) if key == "sources" => match yaml::from_node::<WatermarkConfig>(ctx.file, v, &format!("watermark of {what}")) {
+            Some(v) if key == "sources" => match yaml::from_node::<WatermarkConfig>(
+                ctx.file,
+                v,
+                &format!("watermark of {what}"),
+            ) {
                 Ok(w) => w,
                 Err(d) => {
                     ctx.errors.push(d);
@@ -303,13 +404,19 @@ fn section<K>(
                 }
             },
             Some(v) => {
-                ctx.err(loc(v.span()), format!("unknown field \"watermark\" in {what}"), Some("watermarks are set on sources".into()));
+                ctx.err(
+                    loc(v.span()),
+                    format!("unknown field \"watermark\" in {what}"),
+                    Some("watermarks are set on sources".into()),
+                );
                 WatermarkConfig::default()
             }
             None => WatermarkConfig::default(),
         };
         let rest_node = Node::from(rest);
-        let Some(kind) = parse(ctx, ty, &what, &rest_node) else { continue };
+        let Some(kind) = parse(ctx, ty, &what, &rest_node) else {
+            continue;
+        };
         out.push(NodeSpec {
             name: name.clone(),
             path: format!("{key}.{name}"),

@@ -18,10 +18,17 @@ pub fn parse(file: &str, text: &str) -> Result<Node, Diagnostics> {
     let options = LoaderOptions::default().error_on_duplicate_keys(true);
     marked_yaml::parse_yaml_with_options(0, text, options).map_err(|e| {
         let (location, message) = match &e {
-            LoadError::TopLevelMustBeMapping(m) => (Some(*m), "a pipeline file must be a mapping".to_string()),
+            LoadError::TopLevelMustBeMapping(m) => {
+                (Some(*m), "a pipeline file must be a mapping".to_string())
+            }
             LoadError::TopLevelMustBeSequence(m) => (Some(*m), "expected a sequence".to_string()),
-            LoadError::UnexpectedAnchor(m) => (Some(*m), "YAML anchors and aliases are not supported".to_string()),
-            LoadError::MappingKeyMustBeScalar(m) => (Some(*m), "mapping keys must be plain strings".to_string()),
+            LoadError::UnexpectedAnchor(m) => (
+                Some(*m),
+                "YAML anchors and aliases are not supported".to_string(),
+            ),
+            LoadError::MappingKeyMustBeScalar(m) => {
+                (Some(*m), "mapping keys must be plain strings".to_string())
+            }
             LoadError::UnexpectedTag(m) => (Some(*m), "YAML tags are not supported".to_string()),
             LoadError::ScanError(m, s) => (Some(*m), format!("invalid YAML: {}", s.info())),
             LoadError::DuplicateKey(d) => (
@@ -38,7 +45,11 @@ pub fn parse(file: &str, text: &str) -> Result<Node, Diagnostics> {
 }
 
 /// Deserialises a node; `what` names it in messages ("transform \"x\"").
-pub fn from_node<T: DeserializeOwned>(file: &str, node: &Node, what: &str) -> Result<T, Diagnostic> {
+pub fn from_node<T: DeserializeOwned>(
+    file: &str,
+    node: &Node,
+    what: &str,
+) -> Result<T, Diagnostic> {
     marked_yaml::from_node::<T>(node).map_err(|e| {
         let location = e.start_mark().map(|m| Location {
             line: m.line(),
@@ -51,8 +62,15 @@ pub fn from_node<T: DeserializeOwned>(file: &str, node: &Node, what: &str) -> Re
                 find_key(node, name).or(location),
                 format!("unknown field {name:?} in {what}"),
             )
-            .hint(did_you_mean(name, expected.iter().copied()).or_else(|| Some(format!("fields are: {}", expected.join(", "))))),
-            other => Diagnostic::new(file, location, format!("{what}: {}", lower_first(&other.to_string()))),
+            .hint(
+                did_you_mean(name, expected.iter().copied())
+                    .or_else(|| Some(format!("fields are: {}", expected.join(", ")))),
+            ),
+            other => Diagnostic::new(
+                file,
+                location,
+                format!("{what}: {}", lower_first(&other.to_string())),
+            ),
         }
     })
 }
@@ -91,8 +109,12 @@ pub fn locate(node: &Node, path: &str) -> Option<Location> {
             None => (seg, ""),
         };
         if !name.is_empty() {
-            let Some(map) = here.as_mapping() else { return found };
-            let Some((k, v)) = map.iter().find(|(k, _)| k.as_str() == name) else { return found };
+            let Some(map) = here.as_mapping() else {
+                return found;
+            };
+            let Some((k, v)) = map.iter().find(|(k, _)| k.as_str() == name) else {
+                return found;
+            };
             found = loc(k.span()).or(found);
             here = v;
             if matches!(v, Node::Scalar(_)) {
@@ -100,8 +122,12 @@ pub fn locate(node: &Node, path: &str) -> Option<Location> {
             }
         }
         for idx in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
-            let Ok(i) = idx.parse::<usize>() else { return found };
-            let Some(item) = here.as_sequence().and_then(|s| s.get(i)) else { return found };
+            let Ok(i) = idx.parse::<usize>() else {
+                return found;
+            };
+            let Some(item) = here.as_sequence().and_then(|s| s.get(i)) else {
+                return found;
+            };
             found = loc(item.span()).or(found);
             here = item;
         }

@@ -28,7 +28,11 @@ struct GatedSink {
 }
 
 impl SinkFactory for GatedSinkFactory {
-    fn create(&self, _ctx: &TaskContext, _schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+    fn create(
+        &self,
+        _ctx: &TaskContext,
+        _schema: SchemaRef,
+    ) -> vigil_engine::Result<Box<dyn Sink>> {
         Ok(Box::new(GatedSink {
             open: self.open.clone(),
             ids: self.ids.clone(),
@@ -48,8 +52,16 @@ impl Sink for GatedSink {
                 break;
             }
         }
-        self.ids.lock().extend(batch.column(0).as_primitive::<UInt64Type>().values().iter().copied());
-        self.written.fetch_add(batch.num_rows() as u64, Ordering::SeqCst);
+        self.ids.lock().extend(
+            batch
+                .column(0)
+                .as_primitive::<UInt64Type>()
+                .values()
+                .iter()
+                .copied(),
+        );
+        self.written
+            .fetch_add(batch.num_rows() as u64, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -65,32 +77,62 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
     let source = Arc::new(GeneratorSourceFactory::new(cfg, 0, 2000, 30_000).expect("generator"));
     let mut g = Graph::new();
     let src = g.add_source("flows", source.clone(), 2).expect("source");
-    let filter = FilterFactory::new(&FilterConfig { condition: "bytes >= 0".into() }, source_schema(&g, src)).expect("filter");
-    let f = g.add_operator("all", Arc::new(filter), 2, &[(src, Port::Main)]).expect("filter");
+    let filter = FilterFactory::new(
+        &FilterConfig {
+            condition: "bytes >= 0".into(),
+        },
+        source_schema(&g, src),
+    )
+    .expect("filter");
+    let f = g
+        .add_operator("all", Arc::new(filter), 2, &[(src, Port::Main)])
+        .expect("filter");
     let (gate, open) = watch::channel(false);
     let ids = Arc::new(Mutex::new(Vec::new()));
     let written = Arc::new(AtomicU64::new(0));
-    let sink = GatedSinkFactory { open, ids: ids.clone(), written: written.clone() };
-    g.add_sink("stuck", Arc::new(sink), 1, &[(f, Port::Main)]).expect("sink");
+    let sink = GatedSinkFactory {
+        open,
+        ids: ids.clone(),
+        written: written.clone(),
+    };
+    g.add_sink("stuck", Arc::new(sink), 1, &[(f, Port::Main)])
+        .expect("sink");
 
     let capacity = 4;
-    let running = start(&g, RuntimeOptions { channel_capacity: capacity, ..RuntimeOptions::default() }).expect("start");
+    let running = start(
+        &g,
+        RuntimeOptions {
+            channel_capacity: capacity,
+            ..RuntimeOptions::default()
+        },
+    )
+    .expect("start");
     let metrics = running.metrics();
     let read = || metrics.totals(NodeRole::Source).records_in;
 
     tokio::time::sleep(Duration::from_millis(700)).await;
     let stalled_at = read();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(read(), stalled_at, "sources stop reading while the sink is stuck");
+    assert_eq!(
+        read(),
+        stalled_at,
+        "sources stop reading while the sink is stuck"
+    );
     assert_eq!(written.load(Ordering::SeqCst), 0);
     // In flight: 2 source→filter channels, 2 filter→sink channels, each
     // `capacity` batches, plus one batch held by each of the 5 tasks.
     let bound = ((4 * capacity + 5) * BATCH) as u64;
-    assert!(stalled_at <= bound, "{stalled_at} records in flight, bound {bound}");
+    assert!(
+        stalled_at <= bound,
+        "{stalled_at} records in flight, bound {bound}"
+    );
     assert!(stalled_at < EVENTS / 10);
 
     gate.send(true).expect("open the gate");
-    tokio::time::timeout(Duration::from_secs(240), running.wait()).await.expect("drains").expect("runs");
+    tokio::time::timeout(Duration::from_secs(240), running.wait())
+        .await
+        .expect("drains")
+        .expect("runs");
     let mut seen = ids.lock().clone();
     assert_eq!(seen.len() as u64, EVENTS, "every record arrived");
     seen.sort_unstable();

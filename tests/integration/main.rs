@@ -14,7 +14,10 @@ use vigil::pipeline::PlanOptions;
 
 /// Plan options with a fixed environment instead of the process's.
 pub fn options_with(env: &[(&str, &str)]) -> PlanOptions {
-    let map: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let map: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     PlanOptions {
         env: Arc::new(move |k: &str| map.get(k).cloned()),
         dead_letter_dir: std::env::temp_dir(),

@@ -79,9 +79,17 @@ fn a_column_the_input_lacks() {
 
 #[test]
 fn an_expression_that_does_not_type_check() {
-    let text = GOOD.replace("where: \"outcome = 'failure'\"", "where: \"outcom = 'failure'\"");
+    let text = GOOD.replace(
+        "where: \"outcome = 'failure'\"",
+        "where: \"outcom = 'failure'\"",
+    );
     let e = error_of(&text);
-    assert!(e.starts_with("p.yaml:11:12: transform \"failed\": invalid expression \"outcom = 'failure'\""), "{e}");
+    assert!(
+        e.starts_with(
+            "p.yaml:11:12: transform \"failed\": invalid expression \"outcom = 'failure'\""
+        ),
+        "{e}"
+    );
     assert!(e.contains("outcom"), "{e}");
 }
 
@@ -89,7 +97,10 @@ fn an_expression_that_does_not_type_check() {
 fn a_condition_that_is_not_boolean() {
     let text = GOOD.replace("where: \"outcome = 'failure'\"", "where: \"user\"");
     let e = error_of(&text);
-    assert!(e.starts_with("p.yaml:11:12: transform \"failed\": condition \"user\" is of type"), "{e}");
+    assert!(
+        e.starts_with("p.yaml:11:12: transform \"failed\": condition \"user\" is of type"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -120,16 +131,26 @@ fn a_cycle() {
 #[test]
 fn a_duplicate_key_and_broken_yaml() {
     let text = GOOD.replace("    count: 10\n", "    count: 10\n    count: 20\n");
-    assert_eq!(error_of(&text), "p.yaml:7:5: key \"count\" appears twice in the same mapping");
+    assert_eq!(
+        error_of(&text),
+        "p.yaml:7:5: key \"count\" appears twice in the same mapping"
+    );
     let text = GOOD.replace("    key: [tenant_id, user]", "    key: [tenant_id, user");
-    assert!(error_of(&text).starts_with("p.yaml:"), "{}", error_of(&text));
+    assert!(
+        error_of(&text).starts_with("p.yaml:"),
+        "{}",
+        error_of(&text)
+    );
 }
 
 #[test]
 fn a_missing_section_and_an_unknown_top_level_key() {
     let text = GOOD.replace("sinks:", "sink:");
     let e = error_of(&text);
-    assert!(e.contains("p.yaml:18:1: unknown top-level key \"sink\"\n  hint: did you mean \"sinks\"?"), "{e}");
+    assert!(
+        e.contains("p.yaml:18:1: unknown top-level key \"sink\"\n  hint: did you mean \"sinks\"?"),
+        "{e}"
+    );
     assert!(e.contains("missing section \"sinks\""), "{e}");
 }
 
@@ -148,7 +169,10 @@ sinks:
   out: { type: stdout, input: zeek }
 ";
     let e = error_of(text);
-    assert!(e.starts_with("p.yaml:5:11: source \"zeek\": cannot read /nonexistent/conn.log"), "{e}");
+    assert!(
+        e.starts_with("p.yaml:5:11: source \"zeek\": cannot read /nonexistent/conn.log"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -162,6 +186,9 @@ fn the_cli_exits_non_zero_and_names_the_location() {
         .expect("run vigil");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.yaml:16:5: unknown field \"widow\""), "{stderr}");
+    assert!(
+        stderr.contains("bad.yaml:16:5: unknown field \"widow\""),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty(), "nothing ran");
 }

@@ -50,7 +50,11 @@ sinks:
 
 fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
     let table = pretty_format_batches(batches).expect("format").to_string();
-    let mut rows: Vec<String> = table.lines().filter(|l| l.starts_with("| ") && !l.contains("rule")).map(String::from).collect();
+    let mut rows: Vec<String> = table
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.contains("rule"))
+        .map(String::from)
+        .collect();
     rows.sort();
     rows
 }
@@ -67,7 +71,11 @@ async fn run_at(parallelism: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_results_do_not_depend_on_parallelism() {
     let one = run_at(1).await;
-    assert!(one.len() > 50, "the workload produces alerts: {}", one.len());
+    assert!(
+        one.len() > 50,
+        "the workload produces alerts: {}",
+        one.len()
+    );
     assert_eq!(one, run_at(3).await);
     assert_eq!(one, run_at(2).await);
 }
@@ -75,7 +83,10 @@ async fn keyed_results_do_not_depend_on_parallelism() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_is_acknowledged_by_every_subtask_and_restores_to_the_same_output() {
     // Slow the source so the checkpoint lands mid-stream.
-    let text = pipeline(2).replace("    batch_size: 512\n", "    batch_size: 512\n    rate: 100000\n");
+    let text = pipeline(2).replace(
+        "    batch_size: 512\n",
+        "    batch_size: 512\n    rate: 100000\n",
+    );
     let mut plan = load_str("par.yaml", &text, &options_with(&[])).expect("valid");
     let out = plan.capture("out").expect("sink");
     let running = start(&plan.graph, RuntimeOptions::default()).expect("start");
@@ -109,5 +120,8 @@ async fn a_checkpoint_is_acknowledged_by_every_subtask_and_restores_to_the_same_
     let after: BTreeSet<String> = sorted_rows(&out2.lock().clone()).into_iter().collect();
     let whole: BTreeSet<String> = before_cut.iter().cloned().collect();
     assert!(!after.is_empty());
-    assert!(after.is_subset(&whole), "a restored run reproduces the alerts after the cut");
+    assert!(
+        after.is_subset(&whole),
+        "a restored run reproduces the alerts after the cut"
+    );
 }

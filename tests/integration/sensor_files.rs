@@ -17,7 +17,11 @@ fn require(path: &std::path::Path) -> bool {
     if path.exists() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI", path.display());
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing in CI",
+        path.display()
+    );
     eprintln!("skipping: {} not present", path.display());
     false
 }
@@ -69,19 +73,42 @@ sinks:
     );
     let mut plan = load_str("sensors.yaml", &text, &options_with(&[])).expect("valid");
     let severe = plan.capture("severe_out").expect("sink");
-    let summary = run(&plan, RunOptions { progress: Progress::Off, ..RunOptions::default() }).await.expect("runs");
-    assert_eq!(summary.dead_letters, 0, "every record of real sensor output decodes");
+    let summary = run(
+        &plan,
+        RunOptions {
+            progress: Progress::Off,
+            ..RunOptions::default()
+        },
+    )
+    .await
+    .expect("runs");
+    assert_eq!(
+        summary.dead_letters, 0,
+        "every record of real sensor output decodes"
+    );
     let rdp_lines = {
         use std::io::BufRead;
         let f = std::fs::File::open(&zeek).expect("open");
-        std::io::BufReader::new(flate2::read::GzDecoder::new(f)).lines().count() as u64
+        std::io::BufReader::new(flate2::read::GzDecoder::new(f))
+            .lines()
+            .count() as u64
     };
-    let alerts: serde_json::Value = serde_json::from_slice(&std::fs::read(&suricata).expect("read")).expect("json");
+    let alerts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&suricata).expect("read")).expect("json");
     let alerts = alerts.as_array().expect("array");
     assert_eq!(summary.events_in, rdp_lines + alerts.len() as u64);
-    let expected_severe = alerts.iter().filter(|a| a["alert"]["severity"].as_i64().is_some_and(|s| s <= 2)).count();
+    let expected_severe = alerts
+        .iter()
+        .filter(|a| a["alert"]["severity"].as_i64().is_some_and(|s| s <= 2))
+        .count();
     let got: usize = severe.lock().iter().map(|b| b.num_rows()).sum();
     assert_eq!(got, expected_severe);
-    let sig = severe.lock()[0].column(2).as_struct().column(0).as_string::<i32>().value(0).to_string();
+    let sig = severe.lock()[0]
+        .column(2)
+        .as_struct()
+        .column(0)
+        .as_string::<i32>()
+        .value(0)
+        .to_string();
     assert!(!sig.is_empty());
 }

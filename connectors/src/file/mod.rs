@@ -4,7 +4,9 @@ mod config;
 mod sink;
 mod source;
 
-pub use config::{EventTimeConfig, FileFormat, FileSinkConfig, FileSourceConfig, PathList, SchemaConfig};
+pub use config::{
+    EventTimeConfig, FileFormat, FileSinkConfig, FileSourceConfig, PathList, SchemaConfig,
+};
 pub use sink::FileSinkFactory;
 pub use source::FileSourceFactory;
 

@@ -44,7 +44,8 @@ impl FileSinkFactory {
 
     fn open(&self) -> vigil_engine::Result<LineDelimitedWriter<BufWriter<File>>> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| EngineError::io(format!("cannot create {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| EngineError::io(format!("cannot create {}", dir.display()), e))?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -53,12 +54,19 @@ impl FileSinkFactory {
             .truncate(!self.append)
             .open(&self.path)
             .map_err(|e| EngineError::io(format!("cannot open {}", self.path.display()), e))?;
-        Ok(LineDelimitedWriter::new(BufWriter::with_capacity(1 << 20, file)))
+        Ok(LineDelimitedWriter::new(BufWriter::with_capacity(
+            1 << 20,
+            file,
+        )))
     }
 }
 
 impl SinkFactory for FileSinkFactory {
-    fn create(&self, _ctx: &TaskContext, _schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+    fn create(
+        &self,
+        _ctx: &TaskContext,
+        _schema: SchemaRef,
+    ) -> vigil_engine::Result<Box<dyn Sink>> {
         let writer = if self.lazy { None } else { Some(self.open()?) };
         Ok(Box::new(FileSink {
             factory: FileSinkFactory {
@@ -95,10 +103,12 @@ impl Sink for FileSink {
 
     async fn flush(&mut self) -> vigil_engine::Result<()> {
         use std::io::Write;
-        let Some(w) = &mut self.writer else { return Ok(()) };
+        let Some(w) = &mut self.writer else {
+            return Ok(());
+        };
         w.finish()?;
-        w.get_mut()
-            .flush()
-            .map_err(|e| EngineError::io(format!("cannot write {}", self.factory.path.display()), e))
+        w.get_mut().flush().map_err(|e| {
+            EngineError::io(format!("cannot write {}", self.factory.path.display()), e)
+        })
     }
 }

@@ -6,12 +6,15 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{RecordBatch, UInt64Array};
 use arrow::array::AsArray;
+use arrow::array::{RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType, UInt64Type};
 use async_trait::async_trait;
 use flate2::read::MultiGzDecoder;
-use vigil_engine::{EngineError, OperatorState, SharedClock, Source, SourceEvent, SourceFactory, TaskContext, DEAD_LETTER};
+use vigil_engine::{
+    EngineError, OperatorState, SharedClock, Source, SourceEvent, SourceFactory, TaskContext,
+    DEAD_LETTER,
+};
 
 use super::config::{FileFormat, FileSourceConfig, PathList};
 use crate::dead_letter::{self, DeadLetters};
@@ -35,7 +38,12 @@ pub struct FileSourceFactory {
 
 impl FileSourceFactory {
     /// Validates `config` (files exist, schema is sound) for source `name`.
-    pub fn new(name: &str, config: &FileSourceConfig, out_of_orderness_ms: i64, idle_timeout_ms: i64) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        config: &FileSourceConfig,
+        out_of_orderness_ms: i64,
+        idle_timeout_ms: i64,
+    ) -> Result<Self> {
         let schema = arrow_schema(&config.schema.fields, "schema.fields")?;
         let et_name = &config.schema.event_time.field;
         let event_time = schema.index_of(et_name).map_err(|_| {
@@ -49,18 +57,27 @@ impl FileSourceFactory {
                 None => e.with_hint("declare it under schema.fields with type: timestamp"),
             }
         })?;
-        if !matches!(schema.field(event_time).data_type(), DataType::Timestamp(_, _)) {
+        if !matches!(
+            schema.field(event_time).data_type(),
+            DataType::Timestamp(_, _)
+        ) {
             return Err(ConnectorError::config(
                 "schema.event_time.field",
                 format!("event-time field {et_name:?} must be declared with type: timestamp"),
             ));
         }
         if config.batch_size == 0 {
-            return Err(ConnectorError::config("batch_size", "batch_size must be at least 1"));
+            return Err(ConnectorError::config(
+                "batch_size",
+                "batch_size must be at least 1",
+            ));
         }
         if let Some(s) = config.replay_speed {
             if !(s.is_finite() && s > 0.0) {
-                return Err(ConnectorError::config("replay_speed", "replay_speed must be a positive number"));
+                return Err(ConnectorError::config(
+                    "replay_speed",
+                    "replay_speed must be a positive number",
+                ));
             }
         }
         let decoder = JsonDecoder::new(schema, event_time, config.schema.event_time.format)?;
@@ -90,7 +107,9 @@ fn expand(paths: &PathList) -> Result<Vec<PathBuf>> {
         })?;
         if meta.is_dir() {
             let mut inside: Vec<PathBuf> = std::fs::read_dir(&p)
-                .map_err(|e| ConnectorError::config("path", format!("cannot list {}: {e}", p.display())))?
+                .map_err(|e| {
+                    ConnectorError::config("path", format!("cannot list {}: {e}", p.display()))
+                })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_file())
                 .collect();
@@ -216,7 +235,11 @@ struct FileSource {
 fn open(path: &Path, format: FileFormat) -> std::io::Result<Reader> {
     let file = File::open(path)?;
     let gz = path.extension().is_some_and(|e| e == "gz");
-    let raw: Box<dyn Read + Send> = if gz { Box::new(MultiGzDecoder::new(file)) } else { Box::new(file) };
+    let raw: Box<dyn Read + Send> = if gz {
+        Box::new(MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
     let mut input: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(1 << 20, raw));
     let is_array = match format {
         FileFormat::Json => true,
@@ -294,7 +317,11 @@ fn read_chunk(reader: &mut Reader, max: usize) -> std::io::Result<Chunk> {
                             buf: buf.clone(),
                             spans: Vec::new(),
                             eof: true,
-                            broken: Some((e.line() as u64, format!("invalid JSON array: {e}"), head)),
+                            broken: Some((
+                                e.line() as u64,
+                                format!("invalid JSON array: {e}"),
+                                head,
+                            )),
                         });
                     }
                 }
@@ -316,8 +343,12 @@ impl FileSource {
     /// How long to hold `batch` back for replay pacing, in ms.
     fn replay_wait(&mut self, batch: &RecordBatch) -> i64 {
         let Some(r) = &mut self.replay else { return 0 };
-        let ts = batch.column(self.event_time).as_primitive::<TimestampMillisecondType>();
-        let Some(min) = arrow::compute::min(ts) else { return 0 };
+        let ts = batch
+            .column(self.event_time)
+            .as_primitive::<TimestampMillisecondType>();
+        let Some(min) = arrow::compute::min(ts) else {
+            return 0;
+        };
         let now = r.clock.now_ms();
         let (t0, w0) = *r.origin.get_or_insert((min, now));
         let due = w0 + ((min - t0) as f64 / r.speed) as i64;
@@ -341,7 +372,10 @@ impl Source for FileSource {
                 tokio::time::sleep(std::time::Duration::from_millis(wait.min(100) as u64)).await;
                 return Ok(SourceEvent::Pending);
             }
-            return Ok(SourceEvent::Data { partition: p, batch });
+            return Ok(SourceEvent::Data {
+                partition: p,
+                batch,
+            });
         }
         if let Some(p) = self.pending_end.take() {
             return Ok(SourceEvent::PartitionEnd(p));
@@ -375,7 +409,8 @@ impl Source for FileSource {
         })
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let chunk = chunk.map_err(|e| EngineError::io(format!("cannot read {}", path.display()), e))?;
+        let chunk =
+            chunk.map_err(|e| EngineError::io(format!("cannot read {}", path.display()), e))?;
         let location = path.display().to_string();
         let mut dead = DeadLetters::new(&self.name);
         if let Some((line, reason, raw)) = &chunk.broken {
@@ -385,7 +420,9 @@ impl Source for FileSource {
         let skip = self.skip[partition].min(chunk.spans.len() as u64) as usize;
         self.skip[partition] -= skip as u64;
         let spans = &chunk.spans[skip..];
-        let decoded = self.decoder.decode(&chunk.buf, spans, &location, &mut dead)?;
+        let decoded = self
+            .decoder
+            .decode(&chunk.buf, spans, &location, &mut dead)?;
         self.records_done[partition] += chunk.spans.len() as u64;
         if chunk.eof {
             self.pending_end = Some(partition);
@@ -402,18 +439,26 @@ impl Source for FileSource {
     }
 
     fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {
-        let schema = Arc::new(Schema::new(vec![Field::new("records", DataType::UInt64, false)]));
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "records",
+            DataType::UInt64,
+            false,
+        )]));
         // A held batch has not reached the pipeline yet: it is not part of this checkpoint.
         let mut done = self.records_done.clone();
         if let Some((p, _, records)) = &self.held {
             done[*p] -= records;
         }
         let batch = RecordBatch::try_new(schema, vec![Arc::new(UInt64Array::from(done))])?;
-        Ok(OperatorState { batches: vec![batch] })
+        Ok(OperatorState {
+            batches: vec![batch],
+        })
     }
 
     fn restore(&mut self, state: OperatorState) -> vigil_engine::Result<()> {
-        let Some(b) = state.batches.first() else { return Ok(()) };
+        let Some(b) = state.batches.first() else {
+            return Ok(());
+        };
         let done = b.column(0).as_primitive::<UInt64Type>();
         if done.len() != self.files.len() {
             return Err(EngineError::Checkpoint(format!(

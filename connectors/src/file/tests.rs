@@ -2,7 +2,9 @@ use std::io::Write;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{TimestampMillisecondType, UInt64Type};
-use vigil_engine::{ManualClock, MetricsRegistry, NodeRole, SourceEvent, SourceFactory, TaskContext};
+use vigil_engine::{
+    ManualClock, MetricsRegistry, NodeRole, SourceEvent, SourceFactory, TaskContext,
+};
 
 use super::*;
 use crate::event_time::TimeFormat;
@@ -65,17 +67,31 @@ fn rows(b: &[RecordBatch]) -> usize {
 async fn gzipped_ndjson_with_bad_lines_keeps_the_good_and_reports_the_bad() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ssh.json.gz");
-    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&path).expect("create"), flate2::Compression::fast());
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&path).expect("create"),
+        flate2::Compression::fast(),
+    );
     writeln!(gz, "{{\"ts\":\"2018-03-24T17:16:39.739898Z\",\"id.orig_h\":\"10.0.0.227\",\"auth_success\":true}}").expect("w");
     writeln!(gz, "{{\"ts\":1521911801.5,\"id.orig_h\":\"10.0.0.228\"}}").expect("w");
     writeln!(gz, "not json at all").expect("w");
     writeln!(gz).expect("w");
     writeln!(gz, "{{\"id.orig_h\":\"10.0.0.229\"}}").expect("w");
-    writeln!(gz, "{{\"ts\":\"2018-03-24T17:16:45Z\",\"id.orig_h\":\"10.0.0.230\",\"auth_success\":false}}").expect("w");
+    writeln!(
+        gz,
+        "{{\"ts\":\"2018-03-24T17:16:45Z\",\"id.orig_h\":\"10.0.0.230\",\"auth_success\":false}}"
+    )
+    .expect("w");
     gz.finish().expect("finish");
     let f = FileSourceFactory::new(
         "zeek",
-        &config(PathList::One(path.clone()), vec![field("ts", "timestamp"), field("id.orig_h", "string"), field("auth_success", "boolean")]),
+        &config(
+            PathList::One(path.clone()),
+            vec![
+                field("ts", "timestamp"),
+                field("id.orig_h", "string"),
+                field("auth_success", "boolean"),
+            ],
+        ),
         1000,
         10_000,
     )
@@ -83,10 +99,24 @@ async fn gzipped_ndjson_with_bad_lines_keeps_the_good_and_reports_the_bad() {
     let (data, dead) = read_all(&f).await;
     assert_eq!(rows(&data), 3);
     assert_eq!(rows(&dead), 2);
-    let lines: Vec<u64> = dead.iter().flat_map(|d| d.column(2).as_primitive::<UInt64Type>().values().to_vec()).collect();
+    let lines: Vec<u64> = dead
+        .iter()
+        .flat_map(|d| d.column(2).as_primitive::<UInt64Type>().values().to_vec())
+        .collect();
     assert_eq!(lines, [3, 5]);
-    let ts: Vec<i64> = data.iter().flat_map(|b| b.column(0).as_primitive::<TimestampMillisecondType>().values().to_vec()).collect();
-    assert_eq!(ts, [1_521_911_799_739, 1_521_911_801_500, 1_521_911_805_000]);
+    let ts: Vec<i64> = data
+        .iter()
+        .flat_map(|b| {
+            b.column(0)
+                .as_primitive::<TimestampMillisecondType>()
+                .values()
+                .to_vec()
+        })
+        .collect();
+    assert_eq!(
+        ts,
+        [1_521_911_799_739, 1_521_911_801_500, 1_521_911_805_000]
+    );
 }
 
 #[tokio::test]
@@ -111,7 +141,14 @@ async fn json_arrays_with_nested_objects_and_offsets_without_colons() {
     .expect("write");
     let mut alert = field("alert", "struct");
     alert.fields = vec![field("signature", "string"), field("severity", "int64")];
-    let mut cfg = config(PathList::One(path), vec![field("timestamp", "timestamp"), field("src_ip", "string"), alert]);
+    let mut cfg = config(
+        PathList::One(path),
+        vec![
+            field("timestamp", "timestamp"),
+            field("src_ip", "string"),
+            alert,
+        ],
+    );
     cfg.schema.event_time.field = "timestamp".into();
     let f = FileSourceFactory::new("suricata", &cfg, 1000, 10_000).expect("factory");
     let (data, dead) = read_all(&f).await;
@@ -119,7 +156,13 @@ async fn json_arrays_with_nested_objects_and_offsets_without_colons() {
     assert_eq!(rows(&data), 2);
     let ts = data[0].column(0).as_primitive::<TimestampMillisecondType>();
     assert_eq!(ts.value(0), 1_521_911_799_739);
-    let sig = data[0].column(2).as_struct().column(0).as_string::<i32>().value(0).to_string();
+    let sig = data[0]
+        .column(2)
+        .as_struct()
+        .column(0)
+        .as_string::<i32>()
+        .value(0)
+        .to_string();
     assert_eq!(sig, "ET SCAN Potential SSH Scan");
 }
 
@@ -128,11 +171,21 @@ async fn a_broken_json_array_becomes_one_dead_letter_with_its_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("broken.json");
     std::fs::write(&path, "[\n  {\"ts\": 1},\n  {\"ts\": \n").expect("write");
-    let f = FileSourceFactory::new("s", &config(PathList::One(path), vec![field("ts", "timestamp")]), 0, 1000).expect("factory");
+    let f = FileSourceFactory::new(
+        "s",
+        &config(PathList::One(path), vec![field("ts", "timestamp")]),
+        0,
+        1000,
+    )
+    .expect("factory");
     let (data, dead) = read_all(&f).await;
     assert!(data.is_empty());
     assert_eq!(rows(&dead), 1);
-    assert!(dead[0].column(3).as_string::<i32>().value(0).contains("invalid JSON array"));
+    assert!(dead[0]
+        .column(3)
+        .as_string::<i32>()
+        .value(0)
+        .contains("invalid JSON array"));
 }
 
 #[test]
@@ -140,7 +193,13 @@ fn configuration_errors_name_the_field() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("x.json");
     std::fs::write(&path, "").expect("write");
-    let e = FileSourceFactory::new("s", &config(PathList::One(path.clone()), vec![field("tss", "timestamp")]), 0, 0).expect_err("bad field");
+    let e = FileSourceFactory::new(
+        "s",
+        &config(PathList::One(path.clone()), vec![field("tss", "timestamp")]),
+        0,
+        0,
+    )
+    .expect_err("bad field");
     match e {
         crate::ConnectorError::Config { field, hint, .. } => {
             assert_eq!(field, "schema.event_time.field");
@@ -148,10 +207,24 @@ fn configuration_errors_name_the_field() {
         }
         other => panic!("{other}"),
     }
-    let e = FileSourceFactory::new("s", &config(PathList::One(path.clone()), vec![field("ts", "timestmp")]), 0, 0).expect_err("bad type");
+    let e = FileSourceFactory::new(
+        "s",
+        &config(PathList::One(path.clone()), vec![field("ts", "timestmp")]),
+        0,
+        0,
+    )
+    .expect_err("bad type");
     assert!(e.to_string().contains("unknown type"), "{e}");
-    let e = FileSourceFactory::new("s", &config(PathList::One(dir.path().join("missing.json")), vec![field("ts", "timestamp")]), 0, 0)
-        .expect_err("missing file");
+    let e = FileSourceFactory::new(
+        "s",
+        &config(
+            PathList::One(dir.path().join("missing.json")),
+            vec![field("ts", "timestamp")],
+        ),
+        0,
+        0,
+    )
+    .expect_err("missing file");
     assert!(e.to_string().contains("missing.json"), "{e}");
 }
 
@@ -169,7 +242,10 @@ async fn replay_paces_records_by_their_event_time() {
     let mut c = ctx();
     c.clock = clock.clone();
     let mut src = f.create(&c).expect("create");
-    assert!(next_data(&mut src).await.is_none(), "decoded, held for pacing");
+    assert!(
+        next_data(&mut src).await.is_none(),
+        "decoded, held for pacing"
+    );
     assert!(next_data(&mut src).await.is_some(), "first record: at once");
     // the second is 10 s of event time later: 5 s of wall time at speed 2
     for _ in 0..3 {

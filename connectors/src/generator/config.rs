@@ -193,8 +193,11 @@ impl GeneratorConfig {
             return Ok(now_ms);
         };
         let bad = || {
-            ConnectorError::config("start_time", format!("start_time {s:?} is neither an RFC 3339 time nor now-<duration>"))
-                .with_hint("write it like 2026-01-01T00:00:00Z or now-10m")
+            ConnectorError::config(
+                "start_time",
+                format!("start_time {s:?} is neither an RFC 3339 time nor now-<duration>"),
+            )
+            .with_hint("write it like 2026-01-01T00:00:00Z or now-10m")
         };
         if let Some(rel) = s.strip_prefix("now") {
             let rel = rel.trim();
@@ -217,29 +220,48 @@ impl GeneratorConfig {
         ];
         for (field, v) in positive {
             if v == 0 {
-                return Err(ConnectorError::config(field, format!("{field} must be at least 1")));
+                return Err(ConnectorError::config(
+                    field,
+                    format!("{field} must be at least 1"),
+                ));
             }
         }
         if self.users < self.tenants * 4 {
-            return Err(ConnectorError::config("users", "users must be at least 4 per tenant"));
+            return Err(ConnectorError::config(
+                "users",
+                "users must be at least 4 per tenant",
+            ));
         }
         if self.hosts < self.tenants * 16 {
-            return Err(ConnectorError::config("hosts", "hosts must be at least 16 per tenant"));
+            return Err(ConnectorError::config(
+                "hosts",
+                "hosts must be at least 16 per tenant",
+            ));
         }
         if !(0.0..=1.0).contains(&self.failure_rate) {
-            return Err(ConnectorError::config("failure_rate", "failure_rate must be between 0 and 1"));
+            return Err(ConnectorError::config(
+                "failure_rate",
+                "failure_rate must be between 0 and 1",
+            ));
         }
         if self.rate == Some(0) {
-            return Err(ConnectorError::config("rate", "rate must be at least 1").with_hint("omit rate to run flat out"));
+            return Err(ConnectorError::config("rate", "rate must be at least 1")
+                .with_hint("omit rate to run flat out"));
         }
         self.start_time_ms(0)?;
         for (i, a) in self.attacks.iter().enumerate() {
             if a.every.is_some_and(|e| e.is_zero()) {
-                return Err(ConnectorError::config(format!("attacks[{i}].every"), "every must be positive"));
+                return Err(ConnectorError::config(
+                    format!("attacks[{i}].every"),
+                    "every must be positive",
+                ));
             }
             let n = a.attempts.unwrap_or(a.kind.default_attempts());
             if n == 0 {
-                return Err(ConnectorError::config(format!("attacks[{i}].attempts"), "attempts must be at least 1"));
+                return Err(ConnectorError::config(
+                    format!("attacks[{i}].attempts"),
+                    "attempts must be at least 1",
+                ));
             }
             if a.kind == AttackKind::LateralMovement && n > self.hosts / self.tenants {
                 return Err(ConnectorError::config(

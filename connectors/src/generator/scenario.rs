@@ -77,7 +77,12 @@ pub(crate) fn mix(seed: u64, i: u64) -> u64 {
 }
 
 /// Every occurrence starting before `until_ms`, in (start, spec) order.
-pub(crate) fn plans(cfg: &GeneratorConfig, world: &World, start_ms: i64, until_ms: i64) -> Vec<Plan> {
+pub(crate) fn plans(
+    cfg: &GeneratorConfig,
+    world: &World,
+    start_ms: i64,
+    until_ms: i64,
+) -> Vec<Plan> {
     let mut occ: Vec<(i64, usize)> = Vec::new();
     for (s, a) in cfg.attacks.iter().enumerate() {
         let mut t = start_ms + a.at.as_millis() as i64;
@@ -106,8 +111,18 @@ fn plan(cfg: &GeneratorConfig, world: &World, ordinal: usize, start_ms: i64, spe
     let user = world.tenant_user(tenant, (h % per_tenant_users as u64) as usize);
     let base = (h >> 20) as usize;
     let (users, hosts) = match a.kind {
-        AttackKind::PasswordSpray => ((0..n).map(|k| world.tenant_user(tenant, base + k)).collect(), Vec::new()),
-        AttackKind::LateralMovement => (Vec::new(), (0..n).map(|k| world.tenant_host(tenant, base + k)).collect()),
+        AttackKind::PasswordSpray => (
+            (0..n)
+                .map(|k| world.tenant_user(tenant, base + k))
+                .collect(),
+            Vec::new(),
+        ),
+        AttackKind::LateralMovement => (
+            Vec::new(),
+            (0..n)
+                .map(|k| world.tenant_host(tenant, base + k))
+                .collect(),
+        ),
         AttackKind::BruteForce => (Vec::new(), Vec::new()),
     };
     let source_host = world.own_host(user, 0);
@@ -139,8 +154,16 @@ impl Plan {
             tenant: world.tenant(self.tenant).to_string(),
             src_ip: world.ip(self.src_ip).to_string(),
             user: (!is_spray).then(|| world.user(self.user).to_string()),
-            users: self.users.iter().map(|&u| world.user(u).to_string()).collect(),
-            hosts: self.hosts.iter().map(|&h| world.host(h).to_string()).collect(),
+            users: self
+                .users
+                .iter()
+                .map(|&u| world.user(u).to_string())
+                .collect(),
+            hosts: self
+                .hosts
+                .iter()
+                .map(|&h| world.host(h).to_string())
+                .collect(),
             start_ms: self.start_ms,
             end_ms: self.end_ms,
         }

@@ -10,12 +10,14 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, AsArray, DictionaryArray, Int32Array, RecordBatch, TimestampMillisecondArray, UInt16Array,
-    UInt32Array, UInt64Array,
+    ArrayRef, AsArray, DictionaryArray, Int32Array, RecordBatch, TimestampMillisecondArray,
+    UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, UInt64Type};
 use async_trait::async_trait;
-use vigil_engine::{EngineError, OperatorState, SharedClock, Source, SourceEvent, SourceFactory, TaskContext};
+use vigil_engine::{
+    EngineError, OperatorState, SharedClock, Source, SourceEvent, SourceFactory, TaskContext,
+};
 
 use super::config::{GeneratorConfig, Stream};
 use super::scenario::{mix, plans, InjectedAttack, Plan, Row};
@@ -30,7 +32,11 @@ fn dict_type() -> DataType {
 /// The schema of a generated stream.
 pub fn stream_schema(stream: Stream) -> SchemaRef {
     let f = |name: &str, t: DataType| Field::new(name, t, false);
-    let mut fields = vec![f("event_id", DataType::UInt64), f("ts", timestamp_type()), f("tenant_id", dict_type())];
+    let mut fields = vec![
+        f("event_id", DataType::UInt64),
+        f("ts", timestamp_type()),
+        f("tenant_id", dict_type()),
+    ];
     match stream {
         Stream::Auth => fields.extend([
             f("user", dict_type()),
@@ -98,7 +104,12 @@ impl Shared {
 
 impl GeneratorSourceFactory {
     /// Validates `cfg`; `now_ms` resolves a relative or absent start time.
-    pub fn new(cfg: GeneratorConfig, now_ms: i64, out_of_orderness_ms: i64, idle_timeout_ms: i64) -> Result<Self> {
+    pub fn new(
+        cfg: GeneratorConfig,
+        now_ms: i64,
+        out_of_orderness_ms: i64,
+        idle_timeout_ms: i64,
+    ) -> Result<Self> {
         cfg.validate()?;
         let start_ms = cfg.start_time_ms(now_ms)?;
         let world = World::new(cfg.tenants, cfg.users, cfg.hosts);
@@ -187,7 +198,8 @@ impl SourceFactory for GeneratorSourceFactory {
             "generator {:?} ({} partitions, {}, {} attack spec(s))",
             c.stream,
             c.partitions,
-            c.rate.map_or("flat out".to_string(), |r| format!("{r} events/s")),
+            c.rate
+                .map_or("flat out".to_string(), |r| format!("{r} events/s")),
             c.attacks.len()
         )
         .to_lowercase()
@@ -285,7 +297,11 @@ impl Shared {
             match self.cfg.stream {
                 Stream::Auth => {
                     let roams = (r1 >> 48) & 0x3FF < 10;
-                    let ip = if roams { w.roaming_ip(scale(r2 >> 32, roaming) as usize) } else { w.home_ip(u) };
+                    let ip = if roams {
+                        w.roaming_ip(scale(r2 >> 32, roaming) as usize)
+                    } else {
+                        w.home_ip(u)
+                    };
                     let failed = (r1 >> 32) & 0xFFFF < self.failure_threshold;
                     cols.c[1].push(u as i32);
                     cols.c[2].push(ip as i32);
@@ -294,11 +310,13 @@ impl Shared {
                     cols.c[5].push(if failed { FAILURE } else { 0 });
                 }
                 Stream::Network => {
-                    let server = w.tenant_host(tenant as usize, scale(r2 >> 16, per_tenant_hosts) as usize);
+                    let server =
+                        w.tenant_host(tenant as usize, scale(r2 >> 16, per_tenant_hosts) as usize);
                     let bytes = 200 + scale(r2 >> 40, 2_000_000);
                     cols.c[1].push(w.home_ip(u) as i32);
                     cols.c[2].push(w.host_ip(server) as i32);
-                    cols.port.push(BACKGROUND_PORTS[((r1 >> 32) as usize) % BACKGROUND_PORTS.len()]);
+                    cols.port
+                        .push(BACKGROUND_PORTS[((r1 >> 32) as usize) % BACKGROUND_PORTS.len()]);
                     cols.c[3].push(((r1 >> 40) & 1) as i32);
                     cols.bytes.push(bytes);
                     cols.packets.push((bytes / 1200 + 1) as u32);
@@ -307,7 +325,11 @@ impl Shared {
                     cols.c[1].push(w.user_hosts[u][(r2 & 1) as usize]);
                     cols.c[2].push(u as i32);
                     cols.c[3].push(scale(r1 >> 32, BACKGROUND_PROCESSES as u64) as i32);
-                    cols.c[4].push(if (r1 >> 48) & 7 == 0 { SERVICES } else { EXPLORER });
+                    cols.c[4].push(if (r1 >> 48) & 7 == 0 {
+                        SERVICES
+                    } else {
+                        EXPLORER
+                    });
                 }
             }
         }
@@ -345,8 +367,13 @@ impl Shared {
     fn batch(&self, cols: Columns) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
         let w = &self.world;
         let [c0, c1, c2, c3, c4, c5] = cols.c;
-        let d = |keys: Vec<i32>, values: &ArrayRef| -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
-            Ok(Arc::new(DictionaryArray::<Int32Type>::try_new(Int32Array::from(keys), values.clone())?))
+        let d = |keys: Vec<i32>,
+                 values: &ArrayRef|
+         -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
+            Ok(Arc::new(DictionaryArray::<Int32Type>::try_new(
+                Int32Array::from(keys),
+                values.clone(),
+            )?))
         };
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(UInt64Array::from(cols.id)),
@@ -382,7 +409,10 @@ impl Shared {
 
 impl GeneratorSource {
     /// Builds the next batch of partition slot `k`; None when it has ended.
-    fn generate(&mut self, k: usize) -> std::result::Result<Option<RecordBatch>, arrow::error::ArrowError> {
+    fn generate(
+        &mut self,
+        k: usize,
+    ) -> std::result::Result<Option<RecordBatch>, arrow::error::ArrowError> {
         let s = self.shared.clone();
         let part = &mut self.parts[k];
         let p = part.p;
@@ -391,7 +421,11 @@ impl GeneratorSource {
         let i1 = len.map_or(i0 + self.batch as u64, |l| l.min(i0 + self.batch as u64));
         let last = len.is_some_and(|l| i1 >= l);
         // Attack events due before the next background event (or all, at the end).
-        let horizon = if last { s.end_ms().unwrap_or(i64::MAX) } else { s.nominal(p, i1) };
+        let horizon = if last {
+            s.end_ms().unwrap_or(i64::MAX)
+        } else {
+            s.nominal(p, i1)
+        };
         let floor = s.nominal(p, i0);
         let parts = s.cfg.partitions;
         let plan_list: Vec<Plan> = if s.cfg.attacks.is_empty() {
@@ -462,7 +496,10 @@ impl Source for GeneratorSource {
             return match self.generate(k)? {
                 Some(batch) => {
                     self.emitted += batch.num_rows() as u64;
-                    Ok(SourceEvent::Data { partition: k, batch })
+                    Ok(SourceEvent::Data {
+                        partition: k,
+                        batch,
+                    })
                 }
                 None => {
                     self.parts[k].ended = true;
@@ -482,15 +519,23 @@ impl Source for GeneratorSource {
         let batch = RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(UInt64Array::from_iter_values(self.parts.iter().map(|p| p.p as u64))),
-                Arc::new(UInt64Array::from_iter_values(self.parts.iter().map(|p| p.next))),
+                Arc::new(UInt64Array::from_iter_values(
+                    self.parts.iter().map(|p| p.p as u64),
+                )),
+                Arc::new(UInt64Array::from_iter_values(
+                    self.parts.iter().map(|p| p.next),
+                )),
             ],
         )?;
-        Ok(OperatorState { batches: vec![batch] })
+        Ok(OperatorState {
+            batches: vec![batch],
+        })
     }
 
     fn restore(&mut self, state: OperatorState) -> vigil_engine::Result<()> {
-        let Some(b) = state.batches.first() else { return Ok(()) };
+        let Some(b) = state.batches.first() else {
+            return Ok(());
+        };
         let parts = b.column(0).as_primitive::<UInt64Type>();
         let next = b.column(1).as_primitive::<UInt64Type>();
         for (p, n) in parts.values().iter().zip(next.values()) {
@@ -498,7 +543,11 @@ impl Source for GeneratorSource {
                 .parts
                 .iter_mut()
                 .find(|g| g.p as u64 == *p)
-                .ok_or_else(|| EngineError::Checkpoint(format!("generator partition {p} is not read by this subtask")))?;
+                .ok_or_else(|| {
+                    EngineError::Checkpoint(format!(
+                        "generator partition {p} is not read by this subtask"
+                    ))
+                })?;
             slot.next = *n;
         }
         Ok(())

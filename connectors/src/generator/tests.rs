@@ -2,7 +2,9 @@ use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Int32Type, TimestampMillisecondType};
-use vigil_engine::{ManualClock, MetricsRegistry, NodeRole, SourceEvent, SourceFactory, TaskContext};
+use vigil_engine::{
+    ManualClock, MetricsRegistry, NodeRole, SourceEvent, SourceFactory, TaskContext,
+};
 
 use super::*;
 
@@ -15,8 +17,20 @@ fn config(stream: Stream) -> GeneratorConfig {
     c.batch_size = 1000;
     c.start_time = Some("2026-01-01T00:00:00Z".into());
     c.attacks = vec![
-        AttackConfig { kind: AttackKind::BruteForce, at: std::time::Duration::from_secs(10), every: Some(std::time::Duration::from_secs(60)), attempts: None, over: None },
-        AttackConfig { kind: AttackKind::LateralMovement, at: std::time::Duration::from_secs(30), every: None, attempts: None, over: None },
+        AttackConfig {
+            kind: AttackKind::BruteForce,
+            at: std::time::Duration::from_secs(10),
+            every: Some(std::time::Duration::from_secs(60)),
+            attempts: None,
+            over: None,
+        },
+        AttackConfig {
+            kind: AttackKind::LateralMovement,
+            at: std::time::Duration::from_secs(30),
+            every: None,
+            attempts: None,
+            over: None,
+        },
     ];
     c
 }
@@ -50,7 +64,12 @@ async fn drain(f: &GeneratorSourceFactory, parallelism: usize) -> Vec<RecordBatc
 fn ids(batches: &[RecordBatch]) -> Vec<u64> {
     let mut v: Vec<u64> = batches
         .iter()
-        .flat_map(|b| b.column(0).as_primitive::<arrow::datatypes::UInt64Type>().values().to_vec())
+        .flat_map(|b| {
+            b.column(0)
+                .as_primitive::<arrow::datatypes::UInt64Type>()
+                .values()
+                .to_vec()
+        })
         .collect();
     v.sort_unstable();
     v
@@ -68,7 +87,8 @@ async fn same_seed_same_events_whatever_the_parallelism() {
     assert_eq!(truth.len(), 4, "{truth:#?}");
     let attack_rows = 3 * 41 + 12;
     assert_eq!(a.len(), 20_000 + attack_rows);
-    a.windows(2).for_each(|w| assert!(w[0] < w[1], "ids are unique"));
+    a.windows(2)
+        .for_each(|w| assert!(w[0] < w[1], "ids are unique"));
 }
 
 #[tokio::test]
@@ -88,7 +108,10 @@ async fn injected_brute_force_is_in_the_stream_as_the_ground_truth_says() {
     let f = GeneratorSourceFactory::new(config(Stream::Auth), 0, 2000, 30_000).expect("factory");
     let batches = drain(&f, 2).await;
     let truth = f.ground_truth(i64::MAX);
-    let bf = truth.iter().find(|a| a.kind == AttackKind::BruteForce).expect("a brute force");
+    let bf = truth
+        .iter()
+        .find(|a| a.kind == AttackKind::BruteForce)
+        .expect("a brute force");
     let mut failures = 0;
     for b in &batches {
         let ip = b.column(4).as_dictionary::<Int32Type>();
@@ -138,7 +161,10 @@ fn bad_configs_are_rejected_with_the_field() {
     let mut c = config(Stream::Auth);
     c.partitions = 0;
     let e = GeneratorSourceFactory::new(c, 0, 0, 0).expect_err("zero partitions");
-    assert!(matches!(e, crate::ConnectorError::Config { ref field, .. } if field == "partitions"), "{e}");
+    assert!(
+        matches!(e, crate::ConnectorError::Config { ref field, .. } if field == "partitions"),
+        "{e}"
+    );
     let mut c = config(Stream::Auth);
     c.start_time = Some("yesterday".into());
     assert!(GeneratorSourceFactory::new(c, 0, 0, 0).is_err());

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, StringArray};
 
-const TENANT_NAMES: &[&str] = &["acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka"];
+const TENANT_NAMES: &[&str] = &[
+    "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka",
+];
 
 /// Authentication methods; the last is reserved for nothing in particular.
 pub const METHODS: &[&str] = &["password", "kerberos", "ntlm", "ssh_key", "saml"];
@@ -22,8 +24,16 @@ pub const FAILURE: i32 = 1;
 pub const NTLM: i32 = 2;
 /// Process names; background uses the first [`BACKGROUND_PROCESSES`].
 pub const PROCESSES: &[&str] = &[
-    "chrome.exe", "outlook.exe", "teams.exe", "excel.exe", "winword.exe", "powershell.exe", "cmd.exe",
-    "explorer.exe", "services.exe", "psexesvc.exe",
+    "chrome.exe",
+    "outlook.exe",
+    "teams.exe",
+    "excel.exe",
+    "winword.exe",
+    "powershell.exe",
+    "cmd.exe",
+    "explorer.exe",
+    "services.exe",
+    "psexesvc.exe",
 ];
 /// How many of [`PROCESSES`] background activity uses.
 pub const BACKGROUND_PROCESSES: usize = 7;
@@ -78,13 +88,21 @@ impl World {
     /// Builds the world for `tenants`, `users` and `hosts`.
     pub fn new(tenants: usize, users: usize, hosts: usize) -> Self {
         let tenant_strings: Vec<String> = (0..tenants)
-            .map(|t| TENANT_NAMES.get(t).map_or_else(|| format!("tenant-{t}"), |s| s.to_string()))
+            .map(|t| {
+                TENANT_NAMES
+                    .get(t)
+                    .map_or_else(|| format!("tenant-{t}"), |s| s.to_string())
+            })
             .collect();
         let user_strings: Vec<String> = (0..users).map(|u| format!("user{u:05}")).collect();
         let host_strings: Vec<String> = (0..hosts).map(|h| format!("ws-{h:04}")).collect();
         let mut ip_strings: Vec<String> = Vec::with_capacity(users + hosts + ROAMING + ATTACKERS);
-        ip_strings.extend((0..users).map(|u| format!("10.{}.{}.{}", 10 + u / 65536, (u / 256) % 256, u % 256)));
-        ip_strings.extend((0..hosts).map(|h| format!("172.{}.{}.{}", 16 + h / 65536, (h / 256) % 256, h % 256)));
+        ip_strings.extend(
+            (0..users).map(|u| format!("10.{}.{}.{}", 10 + u / 65536, (u / 256) % 256, u % 256)),
+        );
+        ip_strings.extend(
+            (0..hosts).map(|h| format!("172.{}.{}.{}", 16 + h / 65536, (h / 256) % 256, h % 256)),
+        );
         ip_strings.extend((0..ROAMING).map(|r| format!("192.168.{}.{}", r / 256, r % 256)));
         ip_strings.extend((0..ATTACKERS).map(|a| {
             if a < 254 {

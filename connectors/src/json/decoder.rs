@@ -144,7 +144,12 @@ impl JsonDecoder {
                     rows.push(i);
                 }
                 Ok(_) => dead.push(location, Some(span.line), "not a JSON object", bytes),
-                Err(e) => dead.push(location, Some(span.line), &format!("invalid JSON: {e}"), bytes),
+                Err(e) => dead.push(
+                    location,
+                    Some(span.line),
+                    &format!("invalid JSON: {e}"),
+                    bytes,
+                ),
             }
         }
         let batch = if good.is_empty() {
@@ -179,7 +184,10 @@ impl JsonDecoder {
                 let reason = if failed[row] {
                     Some(format!("cannot parse timestamp field {name:?}"))
                 } else if c == self.event_time && ts.is_null(row) {
-                    Some(format!("missing event time field {:?}", self.event_time_name))
+                    Some(format!(
+                        "missing event time field {:?}",
+                        self.event_time_name
+                    ))
                 } else {
                     None
                 };

@@ -43,7 +43,10 @@ fn run(text: &str, batch_sizes: &[usize]) -> (Vec<RecordBatch>, Option<RecordBat
         *at = (*at + n).min(all.len());
         Some(s..*at)
     }) {
-        if let Some(b) = d.decode(text.as_bytes(), &all[chunk], "auth.json", &mut dead).expect("decode") {
+        if let Some(b) = d
+            .decode(text.as_bytes(), &all[chunk], "auth.json", &mut dead)
+            .expect("decode")
+        {
             out.push(b);
         }
     }
@@ -69,9 +72,9 @@ fn bad_lines_are_isolated_with_line_numbers_at_every_batch_size() {
         "{\"ts\":\"2018-03-24T17:16:39Z\",\"user\":\"a\"}\n",
         "{\"ts\":\"2018-03-24T17:16:40Z\",\"user\":\n", // truncated
         "{\"ts\":\"2018-03-24T17:16:41Z\",\"user\":\"c\"}\n",
-        "{\"user\":\"d\"}\n",                             // no event time
-        "{\"ts\":\"last tuesday\",\"user\":\"e\"}\n",     // unparsable
-        "[1,2]\n",                                        // not an object
+        "{\"user\":\"d\"}\n",                         // no event time
+        "{\"ts\":\"last tuesday\",\"user\":\"e\"}\n", // unparsable
+        "[1,2]\n",                                    // not an object
         "{\"ts\":\"2018-03-24T17:16:42Z\",\"user\":\"g\",\"port\":\"x\"}\n", // wrong type
         "{\"ts\":\"2018-03-24T17:16:43Z\",\"user\":\"h\"}\n",
     );
@@ -79,14 +82,23 @@ fn bad_lines_are_isolated_with_line_numbers_at_every_batch_size() {
         let (out, dead) = run(text, &sizes);
         let users: Vec<String> = out
             .iter()
-            .flat_map(|b| b.column(1).as_string::<i32>().iter().map(|v| v.unwrap_or("").to_string()).collect::<Vec<_>>())
+            .flat_map(|b| {
+                b.column(1)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap_or("").to_string())
+                    .collect::<Vec<_>>()
+            })
             .collect();
         assert_eq!(users, ["a", "c", "h"], "batch sizes {sizes:?}");
         let dead = dead.expect("dead letters");
-        let lines = dead.column(2).as_primitive::<arrow::datatypes::UInt64Type>();
+        let lines = dead
+            .column(2)
+            .as_primitive::<arrow::datatypes::UInt64Type>();
         let reasons = dead.column(3).as_string::<i32>();
-        let mut by_line: Vec<(u64, String)> =
-            (0..dead.num_rows()).map(|i| (lines.value(i), reasons.value(i).to_string())).collect();
+        let mut by_line: Vec<(u64, String)> = (0..dead.num_rows())
+            .map(|i| (lines.value(i), reasons.value(i).to_string()))
+            .collect();
         by_line.sort();
         let numbers: Vec<u64> = by_line.iter().map(|(l, _)| *l).collect();
         assert_eq!(numbers, [2, 4, 5, 6, 7], "batch sizes {sizes:?}");

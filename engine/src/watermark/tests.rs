@@ -35,7 +35,11 @@ fn an_idle_partition_stops_holding_the_watermark_back() {
     // partition 0 keeps talking, partition 1 falls silent
     w.observe(0, 30_000, 9_999);
     assert_eq!(w.poll(9_999), None, "partition 1 not idle yet: still 5000");
-    assert_eq!(w.poll(10_000), Some(Watermark::EventTime(30_000)), "partition 1 idle");
+    assert_eq!(
+        w.poll(10_000),
+        Some(Watermark::EventTime(30_000)),
+        "partition 1 idle"
+    );
     // partition 1 comes back with old data: the watermark does not go back
     w.observe(1, 7_000, 10_500);
     assert_eq!(w.poll(10_500), None);
@@ -48,7 +52,11 @@ fn an_idle_partition_stops_holding_the_watermark_back() {
 fn a_partition_that_never_spoke_is_idle_after_the_timeout() {
     let mut w = PartitionWatermarks::new(2, 0, IDLE, 1_000);
     w.observe(0, 10_000, 1_000);
-    assert_eq!(w.poll(1_000), None, "partition 1 silent, not yet idle: nothing");
+    assert_eq!(
+        w.poll(1_000),
+        None,
+        "partition 1 silent, not yet idle: nothing"
+    );
     w.observe(0, 12_000, 10_500);
     assert_eq!(w.poll(10_999), None);
     assert_eq!(w.poll(11_000), Some(Watermark::EventTime(12_000)));
@@ -86,10 +94,24 @@ fn finished_partitions_are_excluded_and_all_finished_closes_everything() {
 fn operator_watermark_waits_for_every_input_then_takes_the_minimum() {
     let mut m = InputWatermarks::new(3);
     assert_eq!(m.update(0, Watermark::EventTime(100)), None);
-    assert_eq!(m.update(1, Watermark::EventTime(50)), None, "input 2 silent: nothing yet");
-    assert_eq!(m.update(2, Watermark::EventTime(70)), Some(Watermark::EventTime(50)));
-    assert_eq!(m.update(0, Watermark::EventTime(200)), None, "min unchanged");
-    assert_eq!(m.update(1, Watermark::EventTime(300)), Some(Watermark::EventTime(70)));
+    assert_eq!(
+        m.update(1, Watermark::EventTime(50)),
+        None,
+        "input 2 silent: nothing yet"
+    );
+    assert_eq!(
+        m.update(2, Watermark::EventTime(70)),
+        Some(Watermark::EventTime(50))
+    );
+    assert_eq!(
+        m.update(0, Watermark::EventTime(200)),
+        None,
+        "min unchanged"
+    );
+    assert_eq!(
+        m.update(1, Watermark::EventTime(300)),
+        Some(Watermark::EventTime(70))
+    );
     assert_eq!(m.current(), Some(70));
 }
 
@@ -97,12 +119,29 @@ fn operator_watermark_waits_for_every_input_then_takes_the_minimum() {
 fn operator_watermark_skips_idle_inputs_and_never_regresses() {
     let mut m = InputWatermarks::new(2);
     m.update(0, Watermark::EventTime(100));
-    assert_eq!(m.update(1, Watermark::EventTime(40)), Some(Watermark::EventTime(40)));
-    assert_eq!(m.update(1, Watermark::Idle), Some(Watermark::EventTime(100)));
+    assert_eq!(
+        m.update(1, Watermark::EventTime(40)),
+        Some(Watermark::EventTime(40))
+    );
+    assert_eq!(
+        m.update(1, Watermark::Idle),
+        Some(Watermark::EventTime(100))
+    );
     assert_eq!(m.update(0, Watermark::Idle), Some(Watermark::Idle));
-    assert_eq!(m.update(1, Watermark::EventTime(60)), Some(Watermark::EventTime(100)), "never back");
-    assert_eq!(m.update(0, Watermark::EventTime(150)), None, "min(150, 60) is behind 100");
-    assert_eq!(m.update(1, Watermark::EventTime(120)), Some(Watermark::EventTime(120)));
+    assert_eq!(
+        m.update(1, Watermark::EventTime(60)),
+        Some(Watermark::EventTime(100)),
+        "never back"
+    );
+    assert_eq!(
+        m.update(0, Watermark::EventTime(150)),
+        None,
+        "min(150, 60) is behind 100"
+    );
+    assert_eq!(
+        m.update(1, Watermark::EventTime(120)),
+        Some(Watermark::EventTime(120))
+    );
 }
 
 #[test]

@@ -11,7 +11,9 @@ use arrow::array::{
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimestampMillisecondType};
 use arrow::row::{RowConverter, SortField};
-use vigil_engine::{Collector, EventTime, Operator, OperatorFactory, OperatorState, TaskContext, TaskMetrics, LATE};
+use vigil_engine::{
+    Collector, EventTime, Operator, OperatorFactory, OperatorState, TaskContext, TaskMetrics, LATE,
+};
 
 use super::config::ThresholdConfig;
 use crate::error::{OperatorError, Result};
@@ -57,13 +59,26 @@ fn column(input: &Schema, name: &str, field: &str) -> Result<usize> {
 impl ThresholdFactory {
     /// Checks `config` against the input; `default_time` is the input's
     /// event-time column, used when `time` is not set.
-    pub fn new(name: &str, config: &ThresholdConfig, input: SchemaRef, default_time: Option<&str>) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        config: &ThresholdConfig,
+        input: SchemaRef,
+        default_time: Option<&str>,
+    ) -> Result<Self> {
         if config.key.is_empty() {
-            return Err(OperatorError::config("key", "a threshold needs at least one key column", Some("e.g. key: [tenant_id, user]".into())));
+            return Err(OperatorError::config(
+                "key",
+                "a threshold needs at least one key column",
+                Some("e.g. key: [tenant_id, user]".into()),
+            ));
         }
         let width_ms = config.window.as_millis() as i64;
         if width_ms <= 0 {
-            return Err(OperatorError::config("window", "window must be at least 1ms", None));
+            return Err(OperatorError::config(
+                "window",
+                "window must be at least 1ms",
+                None,
+            ));
         }
         let key_cols = config
             .key
@@ -72,22 +87,50 @@ impl ThresholdFactory {
             .map(|(i, k)| column(&input, k, &format!("key[{i}]")))
             .collect::<Result<Vec<_>>>()?;
         let time_name = config.time.as_deref().or(default_time).ok_or_else(|| {
-            OperatorError::config("time", "the input has no event-time column", Some("name one with time: <column>".into()))
+            OperatorError::config(
+                "time",
+                "the input has no event-time column",
+                Some("name one with time: <column>".into()),
+            )
         })?;
         let time_col = column(&input, time_name, "time")?;
-        if !matches!(input.field(time_col).data_type(), DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, _)) {
-            return Err(OperatorError::config("time", format!("column {time_name:?} is not a millisecond timestamp"), None));
+        if !matches!(
+            input.field(time_col).data_type(),
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, _)
+        ) {
+            return Err(OperatorError::config(
+                "time",
+                format!("column {time_name:?} is not a millisecond timestamp"),
+                None,
+            ));
         }
-        let distinct_col = config.distinct.as_deref().map(|d| column(&input, d, "distinct")).transpose()?;
-        let (min_count, min_distinct) = match (config.min_count, distinct_col, config.min_distinct) {
+        let distinct_col = config
+            .distinct
+            .as_deref()
+            .map(|d| column(&input, d, "distinct"))
+            .transpose()?;
+        let (min_count, min_distinct) = match (config.min_count, distinct_col, config.min_distinct)
+        {
             (_, Some(_), None) => {
-                return Err(OperatorError::config("min_distinct", "distinct needs min_distinct", Some("e.g. min_distinct: 10".into())))
+                return Err(OperatorError::config(
+                    "min_distinct",
+                    "distinct needs min_distinct",
+                    Some("e.g. min_distinct: 10".into()),
+                ))
             }
             (_, None, Some(_)) => {
-                return Err(OperatorError::config("distinct", "min_distinct needs a distinct column", Some("e.g. distinct: user".into())))
+                return Err(OperatorError::config(
+                    "distinct",
+                    "min_distinct needs a distinct column",
+                    Some("e.g. distinct: user".into()),
+                ))
             }
             (None, None, None) => {
-                return Err(OperatorError::config("min_count", "a threshold needs min_count or distinct with min_distinct", None))
+                return Err(OperatorError::config(
+                    "min_count",
+                    "a threshold needs min_count or distinct with min_distinct",
+                    None,
+                ))
             }
             (c, _, d) => (c.unwrap_or(1), d.unwrap_or(0)),
         };
@@ -98,7 +141,11 @@ impl ThresholdFactory {
         ];
         for &k in &key_cols {
             let f = input.field(k);
-            fields.push(Field::new(f.name(), value_type(f.data_type()), f.is_nullable()));
+            fields.push(Field::new(
+                f.name(),
+                value_type(f.data_type()),
+                f.is_nullable(),
+            ));
         }
         fields.push(Field::new("event_count", DataType::UInt64, false));
         if distinct_col.is_some() {
@@ -106,7 +153,10 @@ impl ThresholdFactory {
         }
         fields.push(Field::new("first_seen", ts_type(), false));
         fields.push(Field::new("last_seen", ts_type(), false));
-        let key_fields = key_cols.iter().map(|&k| SortField::new(input.field(k).data_type().clone())).collect();
+        let key_fields = key_cols
+            .iter()
+            .map(|&k| SortField::new(input.field(k).data_type().clone()))
+            .collect();
         Ok(Self {
             spec: Arc::new(Spec {
                 rule: config.rule.clone().unwrap_or_else(|| name.to_string()),
@@ -140,7 +190,11 @@ impl OperatorFactory for ThresholdFactory {
         let distinct = self
             .spec
             .distinct_col
-            .map(|c| RowConverter::new(vec![SortField::new(self.input.field(c).data_type().clone())]))
+            .map(|c| {
+                RowConverter::new(vec![SortField::new(
+                    self.input.field(c).data_type().clone(),
+                )])
+            })
             .transpose()?;
         Ok(Box::new(Threshold {
             spec: self.spec.clone(),
@@ -154,10 +208,18 @@ impl OperatorFactory for ThresholdFactory {
     fn describe(&self) -> String {
         let s = &self.spec;
         let cond = match s.distinct_col {
-            Some(c) => format!("distinct({}) >= {}", self.input.field(c).name(), s.min_distinct),
+            Some(c) => format!(
+                "distinct({}) >= {}",
+                self.input.field(c).name(),
+                s.min_distinct
+            ),
             None => format!("count >= {}", s.min_count),
         };
-        format!("threshold {cond} per ({}) in {}ms tumbling windows", s.key_names.join(", "), s.width_ms)
+        format!(
+            "threshold {cond} per ({}) in {}ms tumbling windows",
+            s.key_names.join(", "),
+            s.width_ms
+        )
     }
 }
 
@@ -197,14 +259,24 @@ impl Threshold {
     }
 
     /// Splits off rows whose window the watermark has already closed.
-    fn split_late(&self, batch: RecordBatch, out: &mut Collector) -> vigil_engine::Result<RecordBatch> {
-        let ts = batch.column(self.spec.time_col).as_primitive::<TimestampMillisecondType>();
+    fn split_late(
+        &self,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<RecordBatch> {
+        let ts = batch
+            .column(self.spec.time_col)
+            .as_primitive::<TimestampMillisecondType>();
         let wm = self.watermark;
         let on_time: BooleanArray = (0..ts.len())
             .map(|i| {
                 Some(
                     ts.is_valid(i)
-                        && wm.is_none_or(|w| self.window_start(ts.value(i)).saturating_add(self.spec.width_ms) > w),
+                        && wm.is_none_or(|w| {
+                            self.window_start(ts.value(i))
+                                .saturating_add(self.spec.width_ms)
+                                > w
+                        }),
                 )
             })
             .collect();
@@ -227,7 +299,10 @@ impl Threshold {
             let (start, window) = entry.remove_entry();
             let mut hits: Vec<(Box<[u8]>, Acc)> = window
                 .into_iter()
-                .filter(|(_, a)| a.count >= self.spec.min_count && a.distinct.len() as u64 >= self.spec.min_distinct)
+                .filter(|(_, a)| {
+                    a.count >= self.spec.min_count
+                        && a.distinct.len() as u64 >= self.spec.min_distinct
+                })
                 .collect();
             hits.sort_by(|a, b| a.0.cmp(&b.0));
             fired.extend(hits.into_iter().map(|(k, a)| (start, k, a)));
@@ -236,40 +311,74 @@ impl Threshold {
             return Ok(None);
         }
         let parser = self.keys.parser();
-        let key_arrays = self.keys.convert_rows(fired.iter().map(|(_, k, _)| parser.parse(k)))?;
+        let key_arrays = self
+            .keys
+            .convert_rows(fired.iter().map(|(_, k, _)| parser.parse(k)))?;
         let n = fired.len();
         let mut cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(vec![self.spec.rule.as_str(); n])),
-            Arc::new(TimestampMillisecondArray::from_iter_values(fired.iter().map(|f| f.0)).with_timezone("UTC")),
-            Arc::new(TimestampMillisecondArray::from_iter_values(fired.iter().map(|f| f.0 + width)).with_timezone("UTC")),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values(fired.iter().map(|f| f.0))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values(fired.iter().map(|f| f.0 + width))
+                    .with_timezone("UTC"),
+            ),
         ];
         for (i, a) in key_arrays.into_iter().enumerate() {
             let want = self.spec.output.field(3 + i).data_type();
-            cols.push(if a.data_type() == want { a } else { cast(&a, want)? });
+            cols.push(if a.data_type() == want {
+                a
+            } else {
+                cast(&a, want)?
+            });
         }
-        cols.push(Arc::new(UInt64Array::from_iter_values(fired.iter().map(|f| f.2.count))));
+        cols.push(Arc::new(UInt64Array::from_iter_values(
+            fired.iter().map(|f| f.2.count),
+        )));
         if self.distinct.is_some() {
-            cols.push(Arc::new(UInt64Array::from_iter_values(fired.iter().map(|f| f.2.distinct.len() as u64))));
+            cols.push(Arc::new(UInt64Array::from_iter_values(
+                fired.iter().map(|f| f.2.distinct.len() as u64),
+            )));
         }
-        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(fired.iter().map(|f| f.2.first)).with_timezone("UTC")));
-        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(fired.iter().map(|f| f.2.last)).with_timezone("UTC")));
+        cols.push(Arc::new(
+            TimestampMillisecondArray::from_iter_values(fired.iter().map(|f| f.2.first))
+                .with_timezone("UTC"),
+        ));
+        cols.push(Arc::new(
+            TimestampMillisecondArray::from_iter_values(fired.iter().map(|f| f.2.last))
+                .with_timezone("UTC"),
+        ));
         Ok(Some(RecordBatch::try_new(self.spec.output.clone(), cols)?))
     }
 }
 
 impl Operator for Threshold {
-    fn process_batch(&mut self, _input: usize, batch: RecordBatch, out: &mut Collector) -> vigil_engine::Result<()> {
+    fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<()> {
         let batch = self.split_late(batch, out)?;
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let key_arrays: Vec<ArrayRef> = self.spec.key_cols.iter().map(|&c| batch.column(c).clone()).collect();
+        let key_arrays: Vec<ArrayRef> = self
+            .spec
+            .key_cols
+            .iter()
+            .map(|&c| batch.column(c).clone())
+            .collect();
         let keys = self.keys.convert_columns(&key_arrays)?;
         let values = match (&self.distinct, self.spec.distinct_col) {
             (Some(conv), Some(c)) => Some(conv.convert_columns(&[batch.column(c).clone()])?),
             _ => None,
         };
-        let ts = batch.column(self.spec.time_col).as_primitive::<TimestampMillisecondType>();
+        let ts = batch
+            .column(self.spec.time_col)
+            .as_primitive::<TimestampMillisecondType>();
         let width = self.spec.width_ms;
         for (i, &t) in ts.values().iter().enumerate() {
             let start = t - t.rem_euclid(width);
@@ -277,7 +386,9 @@ impl Operator for Threshold {
             let key = keys.row(i);
             let acc = match window.get_mut(key.as_ref()) {
                 Some(a) => a,
-                None => window.entry(key.as_ref().into()).or_insert_with(|| Acc::new(t)),
+                None => window
+                    .entry(key.as_ref().into())
+                    .or_insert_with(|| Acc::new(t)),
             };
             acc.count += 1;
             acc.first = acc.first.min(t);
@@ -292,7 +403,11 @@ impl Operator for Threshold {
         Ok(())
     }
 
-    fn on_watermark(&mut self, watermark: EventTime, out: &mut Collector) -> vigil_engine::Result<()> {
+    fn on_watermark(
+        &mut self,
+        watermark: EventTime,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<()> {
         self.watermark = Some(watermark);
         if let Some(b) = self.close(watermark)? {
             out.emit(b);
@@ -304,7 +419,8 @@ impl Operator for Threshold {
         let mut starts = Vec::new();
         let mut keys: Vec<&[u8]> = Vec::new();
         let (mut counts, mut firsts, mut lasts) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut d_starts, mut d_keys, mut d_values): (Vec<i64>, Vec<&[u8]>, Vec<&[u8]>) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut d_starts, mut d_keys, mut d_values): (Vec<i64>, Vec<&[u8]>, Vec<&[u8]>) =
+            (Vec::new(), Vec::new(), Vec::new());
         for (start, window) in &self.windows {
             for (k, a) in window {
                 starts.push(*start);
@@ -349,8 +465,15 @@ impl Operator for Threshold {
                 Arc::new(BinaryArray::from(d_values)),
             ],
         )?;
-        let wm_schema = Arc::new(Schema::new(vec![Field::new("watermark", DataType::Int64, true)]));
-        let wm = RecordBatch::try_new(wm_schema, vec![Arc::new(Int64Array::from(vec![self.watermark]))])?;
+        let wm_schema = Arc::new(Schema::new(vec![Field::new(
+            "watermark",
+            DataType::Int64,
+            true,
+        )]));
+        let wm = RecordBatch::try_new(
+            wm_schema,
+            vec![Arc::new(Int64Array::from(vec![self.watermark]))],
+        )?;
         Ok(OperatorState {
             batches: vec![accs, distinct, wm],
         })
@@ -367,7 +490,9 @@ impl Operator for Threshold {
         self.windows.clear();
         let starts = accs.column(0).as_primitive::<Int64Type>();
         let keys = accs.column(1).as_binary::<i32>();
-        let counts = accs.column(2).as_primitive::<arrow::datatypes::UInt64Type>();
+        let counts = accs
+            .column(2)
+            .as_primitive::<arrow::datatypes::UInt64Type>();
         let firsts = accs.column(3).as_primitive::<Int64Type>();
         let lasts = accs.column(4).as_primitive::<Int64Type>();
         for i in 0..accs.num_rows() {
@@ -377,13 +502,20 @@ impl Operator for Threshold {
                 last: lasts.value(i),
                 distinct: HashSet::new(),
             };
-            self.windows.entry(starts.value(i)).or_default().insert(keys.value(i).into(), acc);
+            self.windows
+                .entry(starts.value(i))
+                .or_default()
+                .insert(keys.value(i).into(), acc);
         }
         let d_starts = distinct.column(0).as_primitive::<Int64Type>();
         let d_keys = distinct.column(1).as_binary::<i32>();
         let d_values = distinct.column(2).as_binary::<i32>();
         for i in 0..distinct.num_rows() {
-            if let Some(a) = self.windows.get_mut(&d_starts.value(i)).and_then(|w| w.get_mut(d_keys.value(i))) {
+            if let Some(a) = self
+                .windows
+                .get_mut(&d_starts.value(i))
+                .and_then(|w| w.get_mut(d_keys.value(i)))
+            {
                 a.distinct.insert(d_values.value(i).into());
             }
         }

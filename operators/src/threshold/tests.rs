@@ -4,13 +4,19 @@ use std::time::Duration;
 use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::util::pretty::pretty_format_batches;
-use vigil_engine::{Collector, ManualClock, MetricsRegistry, NodeRole, Operator, OperatorFactory, TaskContext, LATE};
+use vigil_engine::{
+    Collector, ManualClock, MetricsRegistry, NodeRole, Operator, OperatorFactory, TaskContext, LATE,
+};
 
 use super::*;
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
         Field::new("tenant_id", DataType::Utf8, false),
         Field::new("src_ip", DataType::Utf8, false),
         Field::new("user", DataType::Utf8, false),
@@ -19,10 +25,19 @@ fn schema() -> SchemaRef {
 
 fn rows(data: &[(i64, &str, &str, &str)]) -> RecordBatch {
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(TimestampMillisecondArray::from(data.iter().map(|r| r.0).collect::<Vec<_>>()).with_timezone("UTC")),
-        Arc::new(StringArray::from(data.iter().map(|r| r.1).collect::<Vec<_>>())),
-        Arc::new(StringArray::from(data.iter().map(|r| r.2).collect::<Vec<_>>())),
-        Arc::new(StringArray::from(data.iter().map(|r| r.3).collect::<Vec<_>>())),
+        Arc::new(
+            TimestampMillisecondArray::from(data.iter().map(|r| r.0).collect::<Vec<_>>())
+                .with_timezone("UTC"),
+        ),
+        Arc::new(StringArray::from(
+            data.iter().map(|r| r.1).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            data.iter().map(|r| r.2).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            data.iter().map(|r| r.3).collect::<Vec<_>>(),
+        )),
     ];
     RecordBatch::try_new(schema(), cols).expect("batch")
 }
@@ -69,7 +84,8 @@ fn feed(op: &mut dyn Operator, batch: RecordBatch, size: usize, out: &mut Collec
     let mut at = 0;
     while at < batch.num_rows() {
         let n = size.min(batch.num_rows() - at);
-        op.process_batch(0, batch.slice(at, n), out).expect("process");
+        op.process_batch(0, batch.slice(at, n), out)
+            .expect("process");
         at += n;
     }
 }
@@ -95,7 +111,10 @@ fn nothing_before_the_watermark_passes_the_window_then_exactly_the_alert() {
         let mut out = Collector::new();
         feed(op.as_mut(), rows(EVENTS), size, &mut out);
         op.on_watermark(59_999, &mut out).expect("watermark");
-        assert!(out.is_empty(), "window [0, 60s) still open at 59.999s (batch size {size})");
+        assert!(
+            out.is_empty(),
+            "window [0, 60s) still open at 59.999s (batch size {size})"
+        );
         op.on_watermark(60_000, &mut out).expect("watermark");
         let expected = [
             "+------+----------------------+----------------------+-----------+-------------+-------------+----------------------+--------------------------+",
@@ -107,7 +126,10 @@ fn nothing_before_the_watermark_passes_the_window_then_exactly_the_alert() {
         .join("\n");
         assert_eq!(table(out.take_main()), expected, "batch size {size}");
         op.on_watermark(i64::MAX, &mut out).expect("end");
-        assert!(out.is_empty(), "one event in the next window: below threshold");
+        assert!(
+            out.is_empty(),
+            "one event in the next window: below threshold"
+        );
     }
 }
 
@@ -125,7 +147,14 @@ fn distinct_counts_values_not_rows() {
     assert_eq!(b.num_rows(), 1);
     let distinct = b.column_by_name("distinct_count").expect("column");
     // alice, bob, erin: alice's second failure is not a new value
-    assert_eq!(distinct.as_any().downcast_ref::<arrow::array::UInt64Array>().expect("u64").value(0), 3);
+    assert_eq!(
+        distinct
+            .as_any()
+            .downcast_ref::<arrow::array::UInt64Array>()
+            .expect("u64")
+            .value(0),
+        3
+    );
 }
 
 #[test]
@@ -134,16 +163,26 @@ fn late_rows_go_to_the_late_output_and_are_counted() {
     let m = metrics.register("t", 0, NodeRole::Operator);
     let mut c = ctx();
     c.metrics = m.clone();
-    let mut op = ThresholdFactory::new("bf", &brute_force(), schema(), Some("ts")).expect("factory").create(&c).expect("op");
+    let mut op = ThresholdFactory::new("bf", &brute_force(), schema(), Some("ts"))
+        .expect("factory")
+        .create(&c)
+        .expect("op");
     let mut out = Collector::new();
     op.on_watermark(60_000, &mut out).expect("watermark");
     feed(op.as_mut(), rows(EVENTS), 16, &mut out);
     let side = out.take_side();
-    let late: usize = side.iter().filter(|(p, _)| *p == LATE).map(|(_, b)| b.num_rows()).sum();
+    let late: usize = side
+        .iter()
+        .filter(|(p, _)| *p == LATE)
+        .map(|(_, b)| b.num_rows())
+        .sum();
     assert_eq!(late, 6, "every event of window [0, 60s) is late");
     assert_eq!(m.late_records.load(std::sync::atomic::Ordering::Relaxed), 6);
     op.on_watermark(i64::MAX, &mut out).expect("end");
-    assert!(out.take_main().is_empty(), "the one on-time event is below threshold");
+    assert!(
+        out.take_main().is_empty(),
+        "the one on-time event is below threshold"
+    );
 }
 
 #[test]
