@@ -114,6 +114,21 @@ pub struct TaskContext {
     pub metrics: Arc<TaskMetrics>,
 }
 
+impl TaskContext {
+    /// A context for running a component outside a pipeline (tests,
+    /// embedding): subtask `subtask` of `parallelism`, a manual clock at
+    /// `now_ms`, and counters of its own.
+    pub fn detached(node: &str, subtask: usize, parallelism: usize, now_ms: i64) -> Self {
+        Self {
+            node: node.to_string(),
+            subtask,
+            parallelism,
+            clock: crate::clock::ManualClock::new(now_ms),
+            metrics: Arc::new(TaskMetrics::default()),
+        }
+    }
+}
+
 /// A transforming step: filter, projection, window, join, detection.
 pub trait Operator: Send {
     /// Processes one batch that arrived on logical input `input`.

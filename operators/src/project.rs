@@ -144,7 +144,6 @@ impl Operator for Project {
 mod tests {
     use arrow::array::{AsArray, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Int64Type};
-    use vigil_engine::{ManualClock, MetricsRegistry, NodeRole};
 
     use super::*;
 
@@ -165,13 +164,7 @@ mod tests {
 
     fn run(config: ProjectConfig) -> RecordBatch {
         let f = ProjectFactory::new(&config, input().schema()).expect("factory");
-        let ctx = TaskContext {
-            node: "p".into(),
-            subtask: 0,
-            parallelism: 1,
-            clock: ManualClock::new(0),
-            metrics: MetricsRegistry::default().register("p", 0, NodeRole::Operator),
-        };
+        let ctx = TaskContext::detached("p", 0, 1, 0);
         let mut op = f.create(&ctx).expect("op");
         let mut out = Collector::new();
         op.process_batch(0, input(), &mut out).expect("process");

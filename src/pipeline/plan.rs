@@ -90,6 +90,50 @@ fn port_of(name: &str) -> Option<Port> {
     }
 }
 
+/// A connector's or operator's build error: a field at fault, or something else.
+enum BuildError {
+    Field {
+        field: String,
+        message: String,
+        hint: Option<String>,
+    },
+    Other(String),
+}
+
+impl From<ConnectorError> for BuildError {
+    fn from(e: ConnectorError) -> Self {
+        match e {
+            ConnectorError::Config {
+                field,
+                message,
+                hint,
+            } => BuildError::Field {
+                field,
+                message,
+                hint,
+            },
+            other => BuildError::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<OperatorError> for BuildError {
+    fn from(e: OperatorError) -> Self {
+        match e {
+            OperatorError::Config {
+                field,
+                message,
+                hint,
+            } => BuildError::Field {
+                field,
+                message,
+                hint,
+            },
+            other => BuildError::Other(other.to_string()),
+        }
+    }
+}
+
 struct Planner<'a> {
     spec: &'a PipelineSpec,
     errors: Vec<Diagnostic>,
@@ -102,9 +146,10 @@ impl Planner<'_> {
             .push(Diagnostic::new(&self.spec.file, location, message).hint(hint));
     }
 
-    fn connector_error(&mut self, node_path: &str, what: &str, e: ConnectorError) {
-        match e {
-            ConnectorError::Config {
+    /// Reports a connector's or operator's build error, at the field it names.
+    fn build_error(&mut self, node_path: &str, what: &str, e: impl Into<BuildError>) {
+        match e.into() {
+            BuildError::Field {
                 field,
                 message,
                 hint,
@@ -113,22 +158,7 @@ impl Planner<'_> {
                 format!("{what}: {message}"),
                 hint,
             ),
-            other => self.at(node_path, format!("{what}: {other}"), None),
-        }
-    }
-
-    fn operator_error(&mut self, node_path: &str, what: &str, e: OperatorError) {
-        match e {
-            OperatorError::Config {
-                field,
-                message,
-                hint,
-            } => self.at(
-                &format!("{node_path}.{field}"),
-                format!("{what}: {message}"),
-                hint,
-            ),
-            other => self.at(node_path, format!("{what}: {other}"), None),
+            BuildError::Other(message) => self.at(node_path, format!("{what}: {message}"), None),
         }
     }
 }
@@ -214,7 +244,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                 );
             }
             Ok(Err(e)) => p.at(&s.path, format!("{what}: {e}"), None),
-            Err(e) => p.connector_error(&s.path, &what, e),
+            Err(e) => p.build_error(&s.path, &what, e),
         }
     }
 
@@ -266,7 +296,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                     Err(e) => p.at(&t.path, format!("{what}: {e}"), None),
                 }
             }
-            Err(e) => p.operator_error(&t.path, &what, e),
+            Err(e) => p.build_error(&t.path, &what, e),
         }
     }
 

@@ -112,3 +112,73 @@ sinks:
         .to_string();
     assert!(!sig.is_empty());
 }
+
+#[test]
+fn every_shipped_pipeline_is_valid() {
+    if !require(&shared_data()) {
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("pipelines/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            if let Err(d) = vigil::pipeline::load(&path, &vigil::pipeline::PlanOptions::default()) {
+                panic!("{d}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_zeek_pipeline_finds_the_rdp_fanout_in_real_logs() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/zeek-rdp-fanout.yaml");
+    if !require(&shared_data()) {
+        return;
+    }
+    let mut plan =
+        vigil::pipeline::load(&path, &vigil::pipeline::PlanOptions::default()).expect("valid");
+    let alerts = plan.capture("alerts").expect("alerts");
+    let late = plan.capture("late").expect("late");
+    let summary = run(
+        &plan,
+        RunOptions {
+            progress: Progress::Off,
+            ..RunOptions::default()
+        },
+    )
+    .await
+    .expect("runs");
+    assert_eq!(summary.dead_letters, 0);
+    assert!(
+        late.lock().is_empty(),
+        "15 minutes of allowed disorder covers Zeek's"
+    );
+    let hits: Vec<(String, u64)> = alerts
+        .lock()
+        .iter()
+        .flat_map(|b| {
+            let ip = b
+                .column_by_name("id.orig_h")
+                .expect("column")
+                .as_string::<i32>()
+                .clone();
+            let n = b
+                .column_by_name("distinct_count")
+                .expect("column")
+                .as_primitive::<arrow::datatypes::UInt64Type>()
+                .clone();
+            (0..b.num_rows())
+                .map(move |r| (ip.value(r).to_string(), n.value(r)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    // In the WRCCDC 2018 capture, 10.164.94.120 reaches 17 RDP servers in five minutes.
+    assert!(
+        hits.contains(&("10.164.94.120".to_string(), 17)),
+        "{hits:?}"
+    );
+    assert!(hits.iter().all(|(_, n)| *n >= 5));
+}

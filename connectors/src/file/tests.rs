@@ -2,9 +2,7 @@ use std::io::Write;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{TimestampMillisecondType, UInt64Type};
-use vigil_engine::{
-    ManualClock, MetricsRegistry, NodeRole, SourceEvent, SourceFactory, TaskContext,
-};
+use vigil_engine::{ManualClock, SourceEvent, SourceFactory, TaskContext};
 
 use super::*;
 use crate::event_time::TimeFormat;
@@ -35,13 +33,7 @@ fn config(path: PathList, fields: Vec<FieldConfig>) -> FileSourceConfig {
 }
 
 fn ctx() -> TaskContext {
-    TaskContext {
-        node: "zeek".into(),
-        subtask: 0,
-        parallelism: 1,
-        clock: ManualClock::new(0),
-        metrics: MetricsRegistry::default().register("zeek", 0, NodeRole::Source),
-    }
+    TaskContext::detached("zeek", 0, 1, 0)
 }
 
 async fn read_all(f: &FileSourceFactory) -> (Vec<RecordBatch>, Vec<RecordBatch>) {

@@ -2,9 +2,7 @@ use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Int32Type, TimestampMillisecondType};
-use vigil_engine::{
-    ManualClock, MetricsRegistry, NodeRole, SourceEvent, SourceFactory, TaskContext,
-};
+use vigil_engine::{SourceEvent, SourceFactory, TaskContext};
 
 use super::*;
 
@@ -36,13 +34,7 @@ fn config(stream: Stream) -> GeneratorConfig {
 }
 
 fn ctx(subtask: usize, parallelism: usize) -> TaskContext {
-    TaskContext {
-        node: "gen".into(),
-        subtask,
-        parallelism,
-        clock: ManualClock::new(START),
-        metrics: MetricsRegistry::default().register("gen", subtask, NodeRole::Source),
-    }
+    TaskContext::detached("gen", subtask, parallelism, START)
 }
 
 async fn drain(f: &GeneratorSourceFactory, parallelism: usize) -> Vec<RecordBatch> {

@@ -4,9 +4,7 @@ use std::time::Duration;
 use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::util::pretty::pretty_format_batches;
-use vigil_engine::{
-    Collector, ManualClock, MetricsRegistry, NodeRole, Operator, OperatorFactory, TaskContext, LATE,
-};
+use vigil_engine::{Collector, Operator, OperatorFactory, TaskContext, LATE};
 
 use super::*;
 
@@ -43,13 +41,7 @@ fn rows(data: &[(i64, &str, &str, &str)]) -> RecordBatch {
 }
 
 fn ctx() -> TaskContext {
-    TaskContext {
-        node: "t".into(),
-        subtask: 0,
-        parallelism: 1,
-        clock: ManualClock::new(0),
-        metrics: MetricsRegistry::default().register("t", 0, NodeRole::Operator),
-    }
+    TaskContext::detached("t", 0, 1, 0)
 }
 
 fn brute_force() -> ThresholdConfig {
@@ -159,10 +151,8 @@ fn distinct_counts_values_not_rows() {
 
 #[test]
 fn late_rows_go_to_the_late_output_and_are_counted() {
-    let metrics = MetricsRegistry::default();
-    let m = metrics.register("t", 0, NodeRole::Operator);
-    let mut c = ctx();
-    c.metrics = m.clone();
+    let c = ctx();
+    let m = c.metrics.clone();
     let mut op = ThresholdFactory::new("bf", &brute_force(), schema(), Some("ts"))
         .expect("factory")
         .create(&c)
