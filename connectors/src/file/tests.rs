@@ -1,3 +1,5 @@
+//! Tests of the file source: gzip, JSON arrays, bad lines, replay pacing, config errors.
+
 use std::io::Write;
 
 use arrow::array::{AsArray, RecordBatch};

@@ -1,3 +1,5 @@
+//! Tests of the generator: determinism across parallelism, ground truth, restore.
+
 use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};

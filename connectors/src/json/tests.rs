@@ -1,3 +1,5 @@
+//! Tests of JSON decoding: the fast path, and isolation of bad records at every batch size.
+
 use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};

@@ -1,3 +1,5 @@
+//! Watermark tests in the form "nothing yet, then exactly this".
+
 use super::*;
 
 const IDLE: i64 = 10_000;

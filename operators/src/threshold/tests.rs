@@ -1,3 +1,5 @@
+//! Tests of the threshold operator: window closing, distinct counts, late rows, snapshots.
+
 use std::sync::Arc;
 use std::time::Duration;
 
