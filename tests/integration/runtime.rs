@@ -125,3 +125,142 @@ async fn a_checkpoint_is_acknowledged_by_every_subtask_and_restores_to_the_same_
         "a restored run reproduces the alerts after the cut"
     );
 }
+
+mod idleness {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+    use async_trait::async_trait;
+    use vigil_connectors::memory::MemorySinkFactory;
+    use vigil_engine::{
+        start, Graph, ManualClock, Port, RuntimeOptions, Source, SourceEvent, SourceFactory,
+        TaskContext,
+    };
+    use vigil_operators::threshold::{ThresholdConfig, ThresholdFactory};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("k", DataType::Utf8, false),
+        ]))
+    }
+
+    /// Two partitions: partition 0 sends one event a second of event time on
+    /// every poll; partition 1 never sends anything, like a quiet Kafka
+    /// partition.
+    struct OneQuietPartition;
+
+    struct Talker {
+        next_ts: i64,
+    }
+
+    impl SourceFactory for OneQuietPartition {
+        fn output_schema(&self) -> SchemaRef {
+            schema()
+        }
+        fn event_time_column(&self) -> usize {
+            0
+        }
+        fn out_of_orderness_ms(&self) -> i64 {
+            0
+        }
+        fn idle_timeout_ms(&self) -> i64 {
+            5_000
+        }
+        fn create(&self, _ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
+            Ok(Box::new(Talker { next_ts: 0 }))
+        }
+        fn describe(&self) -> String {
+            "one quiet partition".into()
+        }
+    }
+
+    #[async_trait]
+    impl Source for Talker {
+        fn partitions(&self) -> usize {
+            2
+        }
+        async fn next(&mut self) -> vigil_engine::Result<SourceEvent> {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let ts = self.next_ts;
+            self.next_ts += 1_000;
+            let cols: Vec<ArrayRef> = vec![
+                Arc::new(TimestampMillisecondArray::from(vec![ts]).with_timezone("UTC")),
+                Arc::new(StringArray::from(vec!["k"])),
+            ];
+            Ok(SourceEvent::Data {
+                partition: 0,
+                batch: RecordBatch::try_new(schema(), cols)?,
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_partition_holds_windows_until_its_idle_timeout_then_not() {
+        let clock = ManualClock::new(1_000_000);
+        let mut g = Graph::new();
+        let src = g
+            .add_source("talker", Arc::new(OneQuietPartition), 1)
+            .expect("source");
+        let cfg = ThresholdConfig {
+            key: vec!["k".into()],
+            window: Duration::from_secs(10),
+            min_count: Some(1),
+            distinct: None,
+            min_distinct: None,
+            time: None,
+            rule: None,
+        };
+        let t = ThresholdFactory::new("w", &cfg, schema(), Some("ts")).expect("threshold");
+        let w = g
+            .add_operator("w", Arc::new(t), 1, &[(src, Port::Main)])
+            .expect("operator");
+        let (sink, out) = MemorySinkFactory::new();
+        g.add_sink("out", Arc::new(sink), 1, &[(w, Port::Main)])
+            .expect("sink");
+        let running = start(
+            &g,
+            RuntimeOptions {
+                clock: clock.clone(),
+                ..RuntimeOptions::default()
+            },
+        )
+        .expect("start");
+        let stop = running.stop_handle();
+        let metrics = running.metrics();
+        let mut run = tokio::task::JoinSet::new();
+        run.spawn(running.wait());
+
+        while metrics.node_totals("talker").records_in < 50 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            out.lock().is_empty(),
+            "partition 1 has not spoken and is not idle yet: nothing"
+        );
+
+        clock.advance(5_000); // partition 0 keeps talking; partition 1 is now idle
+        let mut waited = 0;
+        while out.lock().is_empty() && waited < 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        let closed: usize = out.lock().iter().map(|b| b.num_rows()).sum();
+        assert!(
+            closed >= 5,
+            "windows closed on partition 0's watermark alone: {closed}"
+        );
+        stop.stop();
+        run.join_next()
+            .await
+            .expect("the pipeline task")
+            .expect("join")
+            .expect("stopped cleanly");
+    }
+}
