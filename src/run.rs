@@ -161,7 +161,7 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
     let runtime = RuntimeOptions {
         channel_capacity: options.channel_capacity,
         clock: options.clock.clone(),
-        restore: None,
+        ..RuntimeOptions::default()
     };
     let running = start(&plan.graph, runtime)?;
     let metrics = running.metrics();

@@ -5,9 +5,11 @@
 //! snapshots its state once the barrier has arrived on all of its inputs
 //! (aligned barriers, Chandy–Lamport style) and acknowledges it here with the
 //! state. The checkpoint is complete when every subtask has acknowledged it;
-//! only then is it visible through [`CheckpointHandle::latest`]. Completed
-//! checkpoints live in memory in this version; durable storage is layered on
-//! the same acknowledgements.
+//! only then is it visible through [`CheckpointHandle::latest`], and only
+//! then are sources told ([`Source::on_checkpoint_complete`](crate::Source::on_checkpoint_complete)),
+//! which is when a Kafka source may commit its offsets. Completed checkpoints
+//! live in memory in this version; durable storage is layered on the same
+//! acknowledgements.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,11 +41,20 @@ impl CompletedCheckpoint {
     }
 }
 
+/// What the coordinator tells a source subtask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// Inject a barrier for this checkpoint.
+    Barrier(CheckpointId),
+    /// This checkpoint completed everywhere.
+    Complete(CheckpointId),
+}
+
 #[derive(Debug)]
 pub(crate) struct Coordinator {
     expected: usize,
     next_id: AtomicU64,
-    sources: Vec<mpsc::Sender<CheckpointId>>,
+    sources: Vec<mpsc::Sender<Control>>,
     pending: Mutex<HashMap<CheckpointId, HashMap<TaskKey, OperatorState>>>,
     completed: Mutex<Vec<Arc<CompletedCheckpoint>>>,
     notify: Notify,
@@ -52,7 +63,7 @@ pub(crate) struct Coordinator {
 impl Coordinator {
     pub(crate) fn new(
         expected: usize,
-        sources: Vec<mpsc::Sender<CheckpointId>>,
+        sources: Vec<mpsc::Sender<Control>>,
         first_id: CheckpointId,
     ) -> Self {
         Self {
@@ -81,6 +92,11 @@ impl Coordinator {
                 .lock()
                 .push(Arc::new(CompletedCheckpoint { id, states }));
             tracing::debug!(checkpoint = id, "checkpoint complete");
+            for tx in &self.sources {
+                // A full control queue means a later completion is coming
+                // anyway; positions only move forward.
+                let _ = tx.try_send(Control::Complete(id));
+            }
             self.notify.notify_waiters();
         }
     }
@@ -100,7 +116,7 @@ impl CheckpointHandle {
     pub fn trigger(&self) -> Result<CheckpointId> {
         let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
         for tx in &self.inner.sources {
-            tx.try_send(id).map_err(|e| {
+            tx.try_send(Control::Barrier(id)).map_err(|e| {
                 EngineError::Checkpoint(format!("cannot inject barrier {id}: source {e}"))
             })?;
         }

@@ -36,7 +36,7 @@ use async_trait::async_trait;
 
 use crate::clock::SharedClock;
 use crate::error::Result;
-use crate::message::EventTime;
+use crate::message::{CheckpointId, EventTime};
 use crate::metrics::TaskMetrics;
 use std::sync::Arc;
 
@@ -192,23 +192,43 @@ pub enum SourceEvent {
     DeadLetters(RecordBatch),
     /// Nothing available right now; poll again.
     Pending,
-    /// Partition `partition` has ended.
+    /// Partition `partition` has ended (a file read to its end).
     PartitionEnd(usize),
+    /// This subtask now reads partition `partition` (a Kafka rebalance gave
+    /// it one); indices may grow past [`Source::partitions`].
+    PartitionAssigned(usize),
+    /// This subtask no longer reads partition `partition`; it stops holding
+    /// the watermark back, but the source has not ended.
+    PartitionRevoked(usize),
 }
 
 /// A source subtask: reads its share of a source's partitions.
 ///
 /// `next` must return within about 100 ms ([`SourceEvent::Pending`] when
 /// nothing is there) so the runtime can inject barriers and detect idleness.
+///
+/// # Checkpointing
+/// [`Source::snapshot`] is called when a barrier is injected, between two
+/// calls to `next`: the position returned covers exactly what `next` has
+/// handed out. [`Source::on_checkpoint_complete`] is called once every
+/// subtask of the pipeline has acknowledged that checkpoint, i.e. every
+/// record before the barrier has been processed and every sink has flushed;
+/// a source that commits positions upstream (Kafka offsets) does it there.
 #[async_trait]
 pub trait Source: Send {
-    /// Number of partitions this subtask reads.
+    /// Number of partitions this subtask reads when it starts (more may be
+    /// assigned later, see [`SourceEvent::PartitionAssigned`]).
     fn partitions(&self) -> usize;
     /// Next event; see [`SourceEvent`].
     async fn next(&mut self) -> Result<SourceEvent>;
-    /// Position of this subtask (offsets, generator progress) for a checkpoint.
-    fn snapshot(&mut self) -> Result<OperatorState> {
+    /// Position of this subtask (offsets, generator progress) for checkpoint
+    /// `checkpoint`.
+    fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<OperatorState> {
         Ok(OperatorState::default())
+    }
+    /// Checkpoint `checkpoint` is complete everywhere in the pipeline.
+    fn on_checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
+        Ok(())
     }
     /// Restores a position taken by [`Source::snapshot`].
     fn restore(&mut self, _state: OperatorState) -> Result<()> {

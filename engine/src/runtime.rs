@@ -35,11 +35,11 @@ use datafusion::physical_plan::repartition::BatchPartitioner;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::checkpoint::{CheckpointHandle, CompletedCheckpoint, Coordinator};
+use crate::checkpoint::{CheckpointHandle, CompletedCheckpoint, Control, Coordinator};
 use crate::clock::{SharedClock, SystemClock};
 use crate::error::{EngineError, Result};
 use crate::graph::{Graph, NodeKind, Partitioning, Port};
-use crate::message::{Barrier, CheckpointId, Message, Watermark};
+use crate::message::{Barrier, Message, Watermark};
 use crate::metrics::{MetricsRegistry, NodeRole, TaskMetrics};
 use crate::operator::{Collector, OperatorState, SourceEvent, TaskContext};
 use crate::watermark::{InputWatermarks, PartitionWatermarks};
@@ -53,6 +53,8 @@ pub struct RuntimeOptions {
     pub clock: SharedClock,
     /// Checkpoint to restore state from before any data flows.
     pub restore: Option<Arc<CompletedCheckpoint>>,
+    /// Take a checkpoint this often (none: only when triggered).
+    pub checkpoint_interval: Option<std::time::Duration>,
 }
 
 impl Default for RuntimeOptions {
@@ -61,6 +63,7 @@ impl Default for RuntimeOptions {
             channel_capacity: 4,
             clock: Arc::new(SystemClock),
             restore: None,
+            checkpoint_interval: None,
         }
     }
 }
@@ -85,6 +88,7 @@ pub struct RunningPipeline {
     checkpoints: CheckpointHandle,
     metrics: Arc<MetricsRegistry>,
     stop: StopHandle,
+    checkpoint_interval: Option<std::time::Duration>,
 }
 
 impl RunningPipeline {
@@ -110,8 +114,18 @@ impl RunningPipeline {
         let mut first: Option<EngineError> = None;
         let notify = self.stop.notify.clone();
         let mut stopped = false;
+        let period = self
+            .checkpoint_interval
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             let joined = tokio::select! {
+                _ = ticks.tick(), if self.checkpoint_interval.is_some() && !stopped => {
+                    if let Err(e) = self.checkpoints.trigger() {
+                        tracing::debug!(error = %e, "periodic checkpoint not taken");
+                    }
+                    continue;
+                }
                 j = self.tasks.join_next() => match j {
                     Some(j) => j,
                     None => break,
@@ -446,7 +460,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
     for n in nodes {
         if matches!(n.kind, NodeKind::Source(_)) {
             for _ in 0..n.parallelism {
-                let (tx, rx) = mpsc::channel::<CheckpointId>(16);
+                let (tx, rx) = mpsc::channel::<Control>(16);
                 source_controls.push(tx);
                 source_rx.push(rx);
             }
@@ -552,6 +566,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
         checkpoints: CheckpointHandle { inner: coordinator },
         metrics,
         stop: StopHandle::default(),
+        checkpoint_interval: opts.checkpoint_interval,
     })
 }
 
@@ -560,17 +575,22 @@ async fn run_source(
     mut source: Box<dyn crate::operator::Source>,
     event_time_column: usize,
     mut wm: PartitionWatermarks,
-    mut control: mpsc::Receiver<CheckpointId>,
+    mut control: mpsc::Receiver<Control>,
     mut outs: Outputs,
     coord: Arc<Coordinator>,
 ) -> Result<()> {
     let clock = ctx.clock.clone();
     loop {
-        while let Ok(id) = control.try_recv() {
-            let state = source.snapshot()?;
-            coord.ack(id, &ctx.node, ctx.subtask, state);
-            outs.broadcast(Message::Barrier(Barrier { checkpoint: id }))
-                .await?;
+        while let Ok(c) = control.try_recv() {
+            match c {
+                Control::Barrier(id) => {
+                    let state = source.snapshot(id)?;
+                    coord.ack(id, &ctx.node, ctx.subtask, state);
+                    outs.broadcast(Message::Barrier(Barrier { checkpoint: id }))
+                        .await?;
+                }
+                Control::Complete(id) => source.on_checkpoint_complete(id)?,
+            }
         }
         if wm.all_finished() {
             if let Some(w) = wm.poll(clock.now_ms()) {
@@ -601,6 +621,8 @@ async fn run_source(
             }
             SourceEvent::Pending => {}
             SourceEvent::PartitionEnd(p) => wm.finish(p),
+            SourceEvent::PartitionAssigned(p) => wm.assign(p, clock.now_ms()),
+            SourceEvent::PartitionRevoked(p) => wm.revoke(p),
         }
         if let Some(w) = wm.poll(clock.now_ms()) {
             outs.watermark(w).await?;

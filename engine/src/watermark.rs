@@ -56,6 +56,8 @@ impl BoundedOutOfOrderness {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PartitionState {
     Active,
+    /// Given to another reader: excluded, but the stream goes on.
+    Revoked,
     Finished,
 }
 
@@ -74,6 +76,7 @@ struct PartitionTrack {
 #[derive(Debug, Clone)]
 pub struct PartitionWatermarks {
     partitions: Vec<PartitionTrack>,
+    delay_ms: i64,
     idle_timeout_ms: i64,
     last_emitted: Option<Watermark>,
     last_event_time: Option<EventTime>,
@@ -84,6 +87,7 @@ impl PartitionWatermarks {
     /// delay, counting idleness from `now_ms`.
     pub fn new(partitions: usize, delay_ms: i64, idle_timeout_ms: i64, now_ms: i64) -> Self {
         Self {
+            delay_ms,
             partitions: (0..partitions)
                 .map(|_| PartitionTrack {
                     generator: BoundedOutOfOrderness::new(delay_ms),
@@ -122,6 +126,28 @@ impl PartitionWatermarks {
         }
     }
 
+    /// Partition `p` is read from now on (indices past the end grow the set).
+    pub fn assign(&mut self, p: usize, now_ms: i64) {
+        while self.partitions.len() <= p {
+            self.partitions.push(PartitionTrack {
+                generator: BoundedOutOfOrderness::new(self.delay_ms),
+                last_activity_ms: now_ms,
+                state: PartitionState::Revoked,
+            });
+        }
+        let t = &mut self.partitions[p];
+        t.state = PartitionState::Active;
+        t.last_activity_ms = now_ms;
+    }
+
+    /// Partition `p` is no longer read here: it stops holding the watermark
+    /// back, without ending the stream.
+    pub fn revoke(&mut self, p: usize) {
+        if let Some(t) = self.partitions.get_mut(p) {
+            t.state = PartitionState::Revoked;
+        }
+    }
+
     /// Partition `p` has ended (a file read to its end): it no longer holds
     /// the watermark back.
     pub fn finish(&mut self, p: usize) {
@@ -130,11 +156,14 @@ impl PartitionWatermarks {
         }
     }
 
-    /// True when every partition has ended.
+    /// True when every partition has ended (never for a subtask without
+    /// partitions: it may be assigned some).
     pub fn all_finished(&self) -> bool {
-        self.partitions
-            .iter()
-            .all(|t| t.state == PartitionState::Finished)
+        !self.partitions.is_empty()
+            && self
+                .partitions
+                .iter()
+                .all(|t| t.state == PartitionState::Finished)
     }
 
     /// The last event-time watermark handed out, if any.
@@ -156,6 +185,9 @@ impl PartitionWatermarks {
                 continue;
             }
             all_finished = false;
+            if t.state == PartitionState::Revoked {
+                continue;
+            }
             if now_ms.saturating_sub(t.last_activity_ms) >= self.idle_timeout_ms {
                 continue; // idle: excluded
             }
@@ -165,7 +197,7 @@ impl PartitionWatermarks {
                 None => blocked = true,
             }
         }
-        let next = if all_finished {
+        let next = if all_finished && !self.partitions.is_empty() {
             Watermark::EventTime(EventTime::MAX)
         } else if !any_active {
             Watermark::Idle

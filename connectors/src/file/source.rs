@@ -438,7 +438,10 @@ impl Source for FileSource {
         }
     }
 
-    fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {
+    fn snapshot(
+        &mut self,
+        _checkpoint: vigil_engine::CheckpointId,
+    ) -> vigil_engine::Result<OperatorState> {
         let schema = Arc::new(Schema::new(vec![Field::new(
             "records",
             DataType::UInt64,

@@ -47,7 +47,7 @@ async fn read_all(f: &FileSourceFactory) -> (Vec<RecordBatch>, Vec<RecordBatch>)
             SourceEvent::Data { batch, .. } => data.push(batch),
             SourceEvent::DeadLetters(b) => dead.push(b),
             SourceEvent::PartitionEnd(_) => ended += 1,
-            SourceEvent::Pending => {}
+            other => assert!(matches!(other, SourceEvent::Pending), "{other:?}"),
         }
     }
     (data, dead)

@@ -511,7 +511,10 @@ impl Source for GeneratorSource {
         Ok(SourceEvent::Pending)
     }
 
-    fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {
+    fn snapshot(
+        &mut self,
+        _checkpoint: vigil_engine::CheckpointId,
+    ) -> vigil_engine::Result<OperatorState> {
         let schema = Arc::new(Schema::new(vec![
             Field::new("partition", DataType::UInt64, false),
             Field::new("next", DataType::UInt64, false),

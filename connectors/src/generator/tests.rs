@@ -136,7 +136,7 @@ async fn restore_resumes_exactly_where_the_snapshot_was_taken() {
             before.push(batch);
         }
     }
-    let state = src.snapshot().expect("snapshot");
+    let state = src.snapshot(1).expect("snapshot");
     let mut resumed = f.create(&ctx(0, 1)).expect("create");
     resumed.restore(state).expect("restore");
     let mut ended = 0;

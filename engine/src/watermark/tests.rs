@@ -161,3 +161,42 @@ fn finished_inputs_release_the_watermark() {
     assert_eq!(m.finish(1), Some(Watermark::EventTime(10)));
     assert_eq!(m.finish(0), Some(Watermark::EventTime(i64::MAX)));
 }
+
+#[test]
+fn a_subtask_without_partitions_is_idle_not_finished() {
+    let mut w = PartitionWatermarks::new(0, 0, IDLE, 0);
+    assert!(!w.all_finished(), "partitions may still be assigned");
+    assert_eq!(w.poll(0), Some(Watermark::Idle));
+}
+
+#[test]
+fn assigned_partitions_join_and_revoked_ones_leave_the_minimum() {
+    let mut w = PartitionWatermarks::new(0, 0, IDLE, 0);
+    w.assign(1, 0); // Kafka partition 7, say, at local index 1
+    assert_eq!(w.poll(0), None, "assigned, nothing read yet: nothing");
+    w.observe(1, 5_000, 0);
+    assert_eq!(
+        w.poll(0),
+        Some(Watermark::EventTime(5_000)),
+        "index 0 was never assigned"
+    );
+    w.assign(0, 1);
+    w.observe(0, 3_000, 1);
+    assert_eq!(
+        w.poll(1),
+        None,
+        "3000 is behind 5000: the watermark does not go back"
+    );
+    w.observe(0, 9_000, 2);
+    w.observe(1, 8_000, 2);
+    assert_eq!(w.poll(2), Some(Watermark::EventTime(8_000)));
+    w.revoke(1);
+    assert_eq!(
+        w.poll(2),
+        Some(Watermark::EventTime(9_000)),
+        "revoked: no longer held back"
+    );
+    w.revoke(0);
+    assert_eq!(w.poll(2), Some(Watermark::Idle), "nothing assigned: idle");
+    assert!(!w.all_finished(), "revoked is not ended");
+}
