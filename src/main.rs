@@ -73,6 +73,9 @@ struct RunArgs {
     /// Directory for the default dead-letter file.
     #[arg(long, default_value = ".")]
     dead_letter_dir: PathBuf,
+    /// Take a checkpoint this often (Kafka offsets are committed when one completes).
+    #[arg(long, value_parser = humantime_duration, default_value = "10s")]
+    checkpoint_interval: Duration,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -145,6 +148,7 @@ fn run_plan(plan: Plan, args: &RunArgs) -> Result<(), Failure> {
     let options = RunOptions {
         progress,
         duration: args.duration,
+        checkpoint_interval: Some(args.checkpoint_interval),
         ..RunOptions::default()
     };
     tracing::info!(pipeline = %plan.name, "starting");

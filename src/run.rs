@@ -48,6 +48,9 @@ pub struct RunOptions {
     pub clock: SharedClock,
     /// Channel capacity in batches.
     pub channel_capacity: usize,
+    /// Take a checkpoint this often; completed checkpoints are when Kafka
+    /// offsets are committed.
+    pub checkpoint_interval: Option<Duration>,
 }
 
 impl Default for RunOptions {
@@ -57,6 +60,7 @@ impl Default for RunOptions {
             duration: None,
             clock: Arc::new(SystemClock),
             channel_capacity: RuntimeOptions::default().channel_capacity,
+            checkpoint_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -161,6 +165,7 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
     let runtime = RuntimeOptions {
         channel_capacity: options.channel_capacity,
         clock: options.clock.clone(),
+        checkpoint_interval: options.checkpoint_interval,
         ..RuntimeOptions::default()
     };
     let running = start(&plan.graph, runtime)?;

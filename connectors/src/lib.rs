@@ -11,6 +11,7 @@
 //! |-------------|--------|------|
 //! | `generator` | yes    |      |
 //! | `file`      | JSON, NDJSON, gzip | NDJSON |
+//! | `kafka`     | JSON, consumer groups | JSON, idempotent |
 //! | `stdout`    |        | table, JSON lines |
 //! | `null`      |        | yes  |
 //! | `memory`    |        | yes (tests, embedding) |
@@ -21,6 +22,7 @@ pub mod event_time;
 pub mod file;
 pub mod generator;
 pub mod json;
+pub mod kafka;
 pub mod memory;
 pub mod null;
 pub mod schema;

@@ -278,6 +278,11 @@ pub trait Sink: Send {
 
 /// Builds the subtasks of a sink node.
 pub trait SinkFactory: Send + Sync {
+    /// Checks that the sink can take records of `schema` (a key column
+    /// exists, ...), when the pipeline is planned.
+    fn check_input(&self, _schema: &SchemaRef) -> Result<()> {
+        Ok(())
+    }
     /// Builds subtask `ctx.subtask` for input records of `schema`.
     fn create(&self, ctx: &TaskContext, schema: SchemaRef) -> Result<Box<dyn Sink>>;
     /// Highest parallelism the sink supports (stdout: 1).

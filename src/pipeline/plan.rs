@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use vigil_connectors::file::{FileSinkFactory, FileSourceFactory};
 use vigil_connectors::generator::GeneratorSourceFactory;
+use vigil_connectors::kafka::{KafkaSinkFactory, KafkaSourceFactory};
 use vigil_connectors::memory::{Collected, MemorySinkFactory};
 use vigil_connectors::null::NullSinkFactory;
 use vigil_connectors::stdout::StdoutSinkFactory;
@@ -222,6 +223,17 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                         Err(e) => (Err(e), String::new()),
                     }
                 }
+                SourceKind::Kafka(cfg) => (
+                    KafkaSourceFactory::new(
+                        &spec.name,
+                        &s.name,
+                        cfg,
+                        disorder.unwrap_or(FILE_DISORDER_MS),
+                        idle,
+                    )
+                    .map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
+                    cfg.schema.event_time.field.clone(),
+                ),
                 SourceKind::File(cfg) => (
                     FileSourceFactory::new(
                         &s.name,
@@ -311,8 +323,26 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         let factory: Arc<dyn SinkFactory> = match &s.kind {
             SinkKind::Stdout(c) => Arc::new(StdoutSinkFactory::new(c)),
             SinkKind::File(c) => Arc::new(FileSinkFactory::new(c)),
+            SinkKind::Kafka(c) => Arc::new(KafkaSinkFactory::new(c)),
             SinkKind::Null => Arc::new(NullSinkFactory),
         };
+        let mut fits = true;
+        for (id, port) in &inputs {
+            if let Some(schema) = graph.nodes()[*id].output_schema(*port) {
+                if let Err(e) = factory.check_input(&schema) {
+                    let field = if matches!(s.kind, SinkKind::Kafka(_)) {
+                        "key"
+                    } else {
+                        "input"
+                    };
+                    p.at(&format!("{}.{field}", s.path), format!("{what}: {e}"), None);
+                    fits = false;
+                }
+            }
+        }
+        if !fits {
+            continue;
+        }
         match graph.add_sink(
             &s.name,
             factory,

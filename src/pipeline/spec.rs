@@ -5,7 +5,7 @@
 //! parallelism: 2              # default subtasks per transform
 //! sources:
 //!   auth:
-//!     type: generator         # or file
+//!     type: generator         # or file, kafka
 //!     stream: auth
 //!     watermark: { out_of_orderness: 2s, idle_timeout: 30s }
 //! transforms:
@@ -15,7 +15,7 @@
 //!     where: "outcome = 'failure'"
 //! sinks:
 //!   alerts:
-//!     type: stdout            # or file, null
+//!     type: stdout            # or file, kafka, null
 //!     input: [failed]
 //! ```
 //!
@@ -30,6 +30,7 @@ use marked_yaml::Node;
 use serde::Deserialize;
 use vigil_connectors::file::{FileSinkConfig, FileSourceConfig};
 use vigil_connectors::generator::GeneratorConfig;
+use vigil_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use vigil_connectors::stdout::StdoutSinkConfig;
 use vigil_operators::filter::FilterConfig;
 use vigil_operators::project::ProjectConfig;
@@ -40,11 +41,11 @@ use super::env::{substitute, Env};
 use super::yaml::{self, loc};
 
 /// Source types, in one explicit list.
-pub const SOURCE_TYPES: &[&str] = &["generator", "file"];
+pub const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka"];
 /// Transform types.
 pub const TRANSFORM_TYPES: &[&str] = &["filter", "project", "threshold"];
 /// Sink types.
-pub const SINK_TYPES: &[&str] = &["stdout", "file", "null"];
+pub const SINK_TYPES: &[&str] = &["stdout", "file", "kafka", "null"];
 
 const TOP_KEYS: &[&str] = &[
     "name",
@@ -88,6 +89,8 @@ pub enum SourceKind {
     Generator(Box<GeneratorConfig>),
     /// A JSON or NDJSON file.
     File(Box<FileSourceConfig>),
+    /// Kafka topics.
+    Kafka(Box<KafkaSourceConfig>),
 }
 
 /// A transform's own settings.
@@ -108,6 +111,8 @@ pub enum SinkKind {
     Stdout(StdoutSinkConfig),
     /// `file`.
     File(FileSinkConfig),
+    /// `kafka`.
+    Kafka(KafkaSinkConfig),
     /// `null`.
     Null,
 }
@@ -442,6 +447,7 @@ fn typed<T: serde::de::DeserializeOwned>(ctx: &mut Ctx, node: &Node, what: &str)
 fn parse_source(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<SourceKind> {
     Some(match ty {
         "generator" => SourceKind::Generator(Box::new(typed(ctx, node, what)?)),
+        "kafka" => SourceKind::Kafka(Box::new(typed(ctx, node, what)?)),
         _ => SourceKind::File(Box::new(typed(ctx, node, what)?)),
     })
 }
@@ -462,6 +468,7 @@ fn parse_sink(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<SinkKi
     Some(match ty {
         "stdout" => SinkKind::Stdout(typed(ctx, node, what)?),
         "file" => SinkKind::File(typed(ctx, node, what)?),
+        "kafka" => SinkKind::Kafka(typed(ctx, node, what)?),
         _ => {
             let _: NullSinkConfig = typed(ctx, node, what)?;
             SinkKind::Null

@@ -3,6 +3,7 @@
 
 mod backpressure;
 mod demo;
+mod kafka;
 mod pipeline_errors;
 mod runtime;
 mod sensor_files;

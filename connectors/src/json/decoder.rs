@@ -89,6 +89,21 @@ impl JsonDecoder {
         location: &str,
         dead: &mut DeadLetters,
     ) -> Result<Option<RecordBatch>> {
+        Ok(self
+            .decode_indexed(buf, spans, location, dead)?
+            .map(|(b, _)| b))
+    }
+
+    /// Like [`decode`](Self::decode), also returning, for each output row, the
+    /// index in `spans` of the record it came from (to attach per-record
+    /// metadata such as Kafka offsets).
+    pub fn decode_indexed(
+        &self,
+        buf: &[u8],
+        spans: &[RecordSpan],
+        location: &str,
+        dead: &mut DeadLetters,
+    ) -> Result<Option<(RecordBatch, Vec<usize>)>> {
         if spans.is_empty() {
             return Ok(None);
         }
@@ -170,7 +185,7 @@ impl JsonDecoder {
         spans: &[RecordSpan],
         location: &str,
         dead: &mut DeadLetters,
-    ) -> Result<Option<RecordBatch>> {
+    ) -> Result<Option<(RecordBatch, Vec<usize>)>> {
         let n = raw.num_rows();
         let mut columns: Vec<ArrayRef> = raw.columns().to_vec();
         let mut keep = vec![true; n];
@@ -201,11 +216,17 @@ impl JsonDecoder {
         }
         let batch = RecordBatch::try_new(self.output_schema.clone(), columns)?;
         if keep.iter().all(|k| *k) {
-            return Ok(Some(batch));
+            return Ok(Some((batch, rows.to_vec())));
         }
+        let kept_rows: Vec<usize> = rows
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| *r)
+            .collect();
         let mask = BooleanArray::from(keep);
         let kept = filter_record_batch(&batch, &mask)?;
-        Ok((kept.num_rows() > 0).then_some(kept))
+        Ok((kept.num_rows() > 0).then_some((kept, kept_rows)))
     }
 }
 

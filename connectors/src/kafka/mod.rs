@@ -1,0 +1,10 @@
+//! Kafka: a consumer-group source and an idempotent producer sink, JSON on
+//! the wire, records straight into and out of Arrow batches.
+
+mod config;
+mod sink;
+mod source;
+
+pub use config::{KafkaSinkConfig, KafkaSourceConfig, StartOffset};
+pub use sink::KafkaSinkFactory;
+pub use source::KafkaSourceFactory;

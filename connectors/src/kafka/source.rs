@@ -1,0 +1,481 @@
+//! The Kafka source: every subtask is a member of the pipeline's consumer
+//! group, so the group protocol spreads partitions over subtasks (and over
+//! processes running the same pipeline).
+//!
+//! # Partitions and watermarks
+//! A rebalance callback records assignments and revocations; the subtask
+//! maps each `(topic, partition)` to a local index and tells the runtime
+//! ([`SourceEvent::PartitionAssigned`] / [`SourceEvent::PartitionRevoked`]),
+//! which keeps one watermark per partition and excludes idle and revoked ones.
+//!
+//! # Offsets
+//! Offsets are never auto-committed. A checkpoint's snapshot records the next
+//! offset of every partition for what this subtask has handed out; when the
+//! checkpoint has completed everywhere (every record before its barrier has
+//! been processed and every sink has flushed), those offsets are committed.
+//! That makes delivery at-least-once for what leaves the pipeline; state held
+//! in windows becomes durable with persisted checkpoints. Offsets of revoked
+//! partitions are dropped, never committed over their new owner's.
+//!
+//! # Decoding
+//! Values are JSON, decoded in per-partition chunks by [`JsonDecoder`];
+//! undecodable values go to the dead letters with `topic/partition` as their
+//! location and the offset as their line. Each row also carries
+//! `kafka_topic`, `kafka_partition`, `kafka_offset`, `kafka_key` and
+//! `kafka_timestamp`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{
+    ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use vigil_engine::{
+    CheckpointId, EngineError, OperatorState, Source, SourceEvent, SourceFactory, TaskContext,
+    DEAD_LETTER,
+};
+
+use super::config::{KafkaSourceConfig, StartOffset};
+use crate::dead_letter::{self, DeadLetters};
+use crate::error::{ConnectorError, Result};
+use crate::json::{JsonDecoder, RecordSpan};
+use crate::schema::{arrow_schema, timestamp_type};
+
+/// Builds Kafka source subtasks.
+#[derive(Debug)]
+pub struct KafkaSourceFactory {
+    name: String,
+    config: KafkaSourceConfig,
+    group_id: String,
+    decoder: Arc<JsonDecoder>,
+    schema: SchemaRef,
+    event_time: usize,
+    out_of_orderness_ms: i64,
+    idle_timeout_ms: i64,
+}
+
+fn metadata_fields() -> Vec<Field> {
+    vec![
+        Field::new("kafka_topic", DataType::Utf8, false),
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("kafka_offset", DataType::Int64, false),
+        Field::new("kafka_key", DataType::Utf8, true),
+        Field::new("kafka_timestamp", timestamp_type(), true),
+    ]
+}
+
+impl KafkaSourceFactory {
+    /// Validates `config` for source `name` of pipeline `pipeline`.
+    pub fn new(
+        pipeline: &str,
+        name: &str,
+        config: &KafkaSourceConfig,
+        out_of_orderness_ms: i64,
+        idle_timeout_ms: i64,
+    ) -> Result<Self> {
+        if config.topics.is_empty() {
+            return Err(ConnectorError::config("topics", "no topics to read"));
+        }
+        if config.brokers.trim().is_empty() {
+            return Err(ConnectorError::config(
+                "brokers",
+                "brokers must not be empty",
+            ));
+        }
+        if config.batch_size == 0 {
+            return Err(ConnectorError::config(
+                "batch_size",
+                "batch_size must be at least 1",
+            ));
+        }
+        let payload = arrow_schema(&config.schema.fields, "schema.fields")?;
+        let et = &config.schema.event_time.field;
+        let event_time = payload.index_of(et).map_err(|_| {
+            ConnectorError::config(
+                "schema.event_time.field",
+                format!("event-time field {et:?} is not among the declared fields"),
+            )
+        })?;
+        let decoder =
+            JsonDecoder::new(payload.clone(), event_time, config.schema.event_time.format)?;
+        let mut fields: Vec<Field> = payload
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        for m in metadata_fields() {
+            if payload.index_of(m.name()).is_ok() {
+                return Err(ConnectorError::config(
+                    "schema.fields",
+                    format!("field {:?} clashes with a Kafka metadata column", m.name()),
+                ));
+            }
+            fields.push(m);
+        }
+        Ok(Self {
+            name: name.to_string(),
+            group_id: config
+                .group_id
+                .clone()
+                .unwrap_or_else(|| format!("vigil-{pipeline}")),
+            config: config.clone(),
+            decoder: Arc::new(decoder),
+            schema: Arc::new(Schema::new(fields)),
+            event_time,
+            out_of_orderness_ms,
+            idle_timeout_ms,
+        })
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("session.timeout.ms", "10000")
+            .set("isolation.level", "read_committed")
+            .set(
+                "auto.offset.reset",
+                match self.config.start_offset {
+                    StartOffset::Earliest => "earliest",
+                    StartOffset::Latest => "latest",
+                },
+            );
+        for (k, v) in &self.config.properties {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+impl SourceFactory for KafkaSourceFactory {
+    fn output_schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+    fn event_time_column(&self) -> usize {
+        self.event_time
+    }
+    fn out_of_orderness_ms(&self) -> i64 {
+        self.out_of_orderness_ms
+    }
+    fn idle_timeout_ms(&self) -> i64 {
+        self.idle_timeout_ms
+    }
+    fn side_outputs(&self) -> Vec<(&'static str, SchemaRef)> {
+        vec![(DEAD_LETTER, dead_letter::schema())]
+    }
+    fn create(&self, _ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let consumer: StreamConsumer<RebalanceRecorder> = self
+            .client_config()
+            .create_with_context(RebalanceRecorder {
+                events: events.clone(),
+            })
+            .map_err(|e| kafka_error("cannot create Kafka consumer", e))?;
+        let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| kafka_error("cannot subscribe", e))?;
+        Ok(Box::new(KafkaSource {
+            name: self.name.clone(),
+            consumer,
+            rebalances: events,
+            decoder: self.decoder.clone(),
+            schema: self.schema.clone(),
+            batch_size: self.config.batch_size,
+            index: HashMap::new(),
+            assigned: HashSet::new(),
+            next_offsets: HashMap::new(),
+            pending_commits: BTreeMap::new(),
+            queue: VecDeque::new(),
+        }))
+    }
+    fn describe(&self) -> String {
+        format!(
+            "kafka {} (group {})",
+            self.config.topics.join(", "),
+            self.group_id
+        )
+    }
+}
+
+fn kafka_error(context: &str, e: rdkafka::error::KafkaError) -> EngineError {
+    EngineError::io(context, std::io::Error::other(e))
+}
+
+#[derive(Debug)]
+enum RebalanceEvent {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+/// Records rebalances for the subtask to act on between polls.
+struct RebalanceRecorder {
+    events: Arc<Mutex<Vec<RebalanceEvent>>>,
+}
+
+impl ClientContext for RebalanceRecorder {}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<(String, i32)> {
+    list.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for RebalanceRecorder {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            self.events
+                .lock()
+                .push(RebalanceEvent::Revoked(partitions_of(list)));
+        }
+    }
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            self.events
+                .lock()
+                .push(RebalanceEvent::Assigned(partitions_of(list)));
+        }
+    }
+}
+
+/// Messages of one partition gathered for one batch.
+#[derive(Default)]
+struct Gathered {
+    buf: Vec<u8>,
+    spans: Vec<RecordSpan>,
+    offsets: Vec<i64>,
+    keys: Vec<Option<String>>,
+    timestamps: Vec<Option<i64>>,
+}
+
+type TopicPartition = (String, i32);
+
+struct KafkaSource {
+    name: String,
+    consumer: StreamConsumer<RebalanceRecorder>,
+    rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
+    decoder: Arc<JsonDecoder>,
+    schema: SchemaRef,
+    batch_size: usize,
+    /// Local partition index of each (topic, partition) ever assigned here.
+    index: HashMap<TopicPartition, usize>,
+    /// Partitions this subtask owns now.
+    assigned: HashSet<TopicPartition>,
+    /// Next offset to read, for what has been handed out.
+    next_offsets: HashMap<TopicPartition, i64>,
+    /// Offsets to commit when a checkpoint completes.
+    pending_commits: BTreeMap<CheckpointId, HashMap<TopicPartition, i64>>,
+    /// Events not yet handed out, each with the offset it moves its
+    /// partition to once it is.
+    queue: VecDeque<(SourceEvent, Option<(TopicPartition, i64)>)>,
+}
+
+impl KafkaSource {
+    fn local(&mut self, tp: &TopicPartition) -> usize {
+        let n = self.index.len();
+        *self.index.entry(tp.clone()).or_insert(n)
+    }
+
+    fn apply_rebalances(&mut self) {
+        let events: Vec<RebalanceEvent> = std::mem::take(&mut *self.rebalances.lock());
+        for e in events {
+            match e {
+                RebalanceEvent::Assigned(list) => {
+                    for tp in list {
+                        tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, "partition assigned");
+                        let i = self.local(&tp);
+                        self.assigned.insert(tp);
+                        self.queue
+                            .push_back((SourceEvent::PartitionAssigned(i), None));
+                    }
+                }
+                RebalanceEvent::Revoked(list) => {
+                    for tp in list {
+                        tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, "partition revoked");
+                        self.assigned.remove(&tp);
+                        self.next_offsets.remove(&tp);
+                        for pending in self.pending_commits.values_mut() {
+                            pending.remove(&tp);
+                        }
+                        let i = self.local(&tp);
+                        self.queue
+                            .push_back((SourceEvent::PartitionRevoked(i), None));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads up to `batch_size` messages, waiting at most ~50 ms in all.
+    async fn gather(&mut self) -> vigil_engine::Result<HashMap<TopicPartition, Gathered>> {
+        let mut out: HashMap<TopicPartition, Gathered> = HashMap::new();
+        let mut n = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        while n < self.batch_size {
+            let msg = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(Err(e)) => {
+                    // Broker and transport errors are retried by librdkafka.
+                    tracing::warn!(source = %self.name, error = %e, "kafka consumer error");
+                    break;
+                }
+                Ok(Ok(m)) => m,
+            };
+            let g = out
+                .entry((msg.topic().to_string(), msg.partition()))
+                .or_default();
+            let start = g.buf.len();
+            g.buf.extend_from_slice(msg.payload().unwrap_or_default());
+            g.spans.push(RecordSpan {
+                bytes: start..g.buf.len(),
+                line: msg.offset() as u64,
+            });
+            g.buf.push(b'\n');
+            g.offsets.push(msg.offset());
+            g.keys
+                .push(msg.key().map(|k| String::from_utf8_lossy(k).into_owned()));
+            g.timestamps.push(msg.timestamp().to_millis());
+            n += 1;
+            // Yield to the runtime between messages already buffered.
+            if n % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(out)
+    }
+
+    fn decode(&mut self, tp: TopicPartition, g: Gathered) -> vigil_engine::Result<()> {
+        let location = format!("{}/{}", tp.0, tp.1);
+        let mut dead = DeadLetters::new(&self.name);
+        let decoded = self
+            .decoder
+            .decode_indexed(&g.buf, &g.spans, &location, &mut dead)?;
+        // The chunk's last event moves the partition's offset past the chunk.
+        let advance = g.offsets.last().map(|last| (tp.clone(), last + 1));
+        if let Some(d) = dead.finish()? {
+            let moves = if decoded.is_none() {
+                advance.clone()
+            } else {
+                None
+            };
+            self.queue.push_back((SourceEvent::DeadLetters(d), moves));
+        }
+        if let Some((batch, rows)) = decoded {
+            let n = rows.len();
+            let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+            cols.push(Arc::new(StringArray::from(vec![tp.0.as_str(); n])));
+            cols.push(Arc::new(Int32Array::from(vec![tp.1; n])));
+            cols.push(Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|&r| g.offsets[r]),
+            )));
+            cols.push(Arc::new(StringArray::from_iter(
+                rows.iter().map(|&r| g.keys[r].as_deref()),
+            )));
+            cols.push(Arc::new(
+                TimestampMillisecondArray::from_iter(rows.iter().map(|&r| g.timestamps[r]))
+                    .with_timezone("UTC"),
+            ));
+            let partition = self.local(&tp);
+            let batch = RecordBatch::try_new(self.schema.clone(), cols)?;
+            self.queue
+                .push_back((SourceEvent::Data { partition, batch }, advance));
+        }
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Option<SourceEvent> {
+        let (event, moves) = self.queue.pop_front()?;
+        if let Some((tp, next)) = moves {
+            // A partition revoked meanwhile is no longer ours to commit.
+            if self.assigned.contains(&tp) {
+                self.next_offsets.insert(tp, next);
+            }
+        }
+        Some(event)
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    fn partitions(&self) -> usize {
+        0
+    }
+
+    async fn next(&mut self) -> vigil_engine::Result<SourceEvent> {
+        self.apply_rebalances();
+        if let Some(e) = self.pop() {
+            return Ok(e);
+        }
+        let gathered = self.gather().await?;
+        self.apply_rebalances();
+        for (tp, g) in gathered {
+            self.decode(tp, g)?;
+        }
+        Ok(self.pop().unwrap_or(SourceEvent::Pending))
+    }
+
+    fn snapshot(&mut self, checkpoint: CheckpointId) -> vigil_engine::Result<OperatorState> {
+        // Events still queued here have not reached the pipeline; their
+        // offsets move only when they are handed out.
+        let offsets = self.next_offsets.clone();
+        self.pending_commits.insert(checkpoint, offsets.clone());
+        let mut topics = Vec::new();
+        let mut parts = Vec::new();
+        let mut next = Vec::new();
+        for ((t, p), o) in &offsets {
+            topics.push(t.as_str());
+            parts.push(*p);
+            next.push(*o);
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("topic", DataType::Utf8, false),
+            Field::new("partition", DataType::Int32, false),
+            Field::new("next_offset", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(topics)),
+                Arc::new(Int32Array::from(parts)),
+                Arc::new(Int64Array::from(next)),
+            ],
+        )?;
+        Ok(OperatorState {
+            batches: vec![batch],
+        })
+    }
+
+    fn on_checkpoint_complete(&mut self, checkpoint: CheckpointId) -> vigil_engine::Result<()> {
+        let Some(offsets) = self.pending_commits.remove(&checkpoint) else {
+            return Ok(());
+        };
+        // Older checkpoints are superseded by this one.
+        self.pending_commits = self.pending_commits.split_off(&checkpoint);
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut list = TopicPartitionList::new();
+        for ((t, p), o) in &offsets {
+            list.add_partition_offset(t, *p, Offset::Offset(*o))
+                .map_err(|e| kafka_error("invalid offset", e))?;
+        }
+        self.consumer
+            .commit(&list, CommitMode::Async)
+            .map_err(|e| kafka_error("cannot commit offsets", e))?;
+        tracing::debug!(source = %self.name, checkpoint, partitions = offsets.len(), "offsets committed");
+        Ok(())
+    }
+}
