@@ -50,6 +50,10 @@ async fn produce(brokers: &str) {
 }
 
 fn pipeline(name: &str, brokers: &str) -> String {
+    pipeline_from(name, brokers, "committed", "alerts")
+}
+
+fn pipeline_from(name: &str, brokers: &str, start: &str, out: &str) -> String {
     format!(
         "\
 name: {name}
@@ -60,6 +64,7 @@ sources:
     brokers: {brokers}
     topics: [auth]
     group_id: {name}
+    start: {start}
     properties: {{ session.timeout.ms: \"6000\" }}
     schema:
       fields:
@@ -77,7 +82,7 @@ sinks:
     type: kafka
     input: failed
     brokers: {brokers}
-    topic: alerts
+    topic: {out}
     key: user
 "
     )
@@ -110,25 +115,13 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
     task.spawn(running.wait());
 
     // Every failure arrives on the output topic, keyed by user.
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "reader")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .expect("reader");
-    reader.subscribe(&["alerts"]).expect("subscribe");
     let mut seen: HashMap<i64, String> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while seen.len() < 100 {
-        let m = tokio::time::timeout_at(deadline, reader.recv())
-            .await
-            .expect("all alerts within 90 s")
-            .expect("message");
-        let value: serde_json::Value =
-            serde_json::from_slice(m.payload().expect("payload")).expect("json");
-        let key = std::str::from_utf8(m.key().expect("key")).expect("utf-8");
-        assert_eq!(value["user"], key, "keyed by the user column");
+    for (key, value) in read(&brokers, "alerts", 100, Duration::from_secs(60)).await {
+        assert_eq!(
+            Some(value["user"].as_str().expect("user").to_string()),
+            key,
+            "keyed by the user column"
+        );
         assert_eq!(value["outcome"], "failure");
         assert_eq!(value["kafka_topic"], "auth");
         let ts = value["ts"].as_str().expect("ts").to_string();
@@ -184,4 +177,128 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
         .expect("dead letters");
     assert!(dlq.contains("\"location\":\"auth/0\""), "{dlq}");
     assert!(dlq.contains("missing event time field"), "{dlq}");
+}
+
+/// Reads `topic` from the start, every partition assigned directly (no
+/// group), until `n` records arrived or `wait` passed.
+async fn read(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    wait: Duration,
+) -> Vec<(Option<String>, serde_json::Value)> {
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "unused")
+        .create()
+        .expect("reader");
+    let metadata = reader
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    reader.assign(&list).expect("assign");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while out.len() < n {
+        let Ok(m) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+            break;
+        };
+        let m = m.expect("message");
+        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        out.push((
+            key,
+            serde_json::from_slice(m.payload().expect("payload")).expect("json"),
+        ));
+    }
+    out
+}
+
+/// Runs `text` until `n` records are on `out`, plus a short grace period to
+/// catch extra ones; returns what `out` holds.
+async fn run_until(
+    brokers: &str,
+    text: &str,
+    out: &str,
+    n: usize,
+) -> Vec<(Option<String>, serde_json::Value)> {
+    let plan = load_str("kafka.yaml", text, &options_with(&[])).expect("valid");
+    let running = start(
+        &plan.graph,
+        RuntimeOptions {
+            checkpoint_interval: Some(Duration::from_millis(300)),
+            ..RuntimeOptions::default()
+        },
+    )
+    .expect("start");
+    let stop = running.stop_handle();
+    let mut task = tokio::task::JoinSet::new();
+    task.spawn(running.wait());
+    let mut got = read(brokers, out, n, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.stop();
+    task.join_next()
+        .await
+        .expect("task")
+        .expect("join")
+        .expect("clean stop");
+    if got.len() == n {
+        // Anything beyond the expected records would be there by now.
+        got = read(brokers, out, n + 1, Duration::from_secs(3)).await;
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_resumes_where_the_group_stopped_and_earliest_rereads_everything() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("auth", 3, 1).expect("topic");
+    for t in ["first", "resumed", "replayed"] {
+        cluster.create_topic(t, 2, 1).expect("topic");
+    }
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers).await;
+    let first = run_until(
+        &brokers,
+        &pipeline_from("g", &brokers, "committed", "first"),
+        "first",
+        100,
+    )
+    .await;
+    assert_eq!(first.len(), 100);
+    // Offsets were committed: a restart of the same group reads nothing old.
+    let resumed = run_until(
+        &brokers,
+        &pipeline_from("g", &brokers, "committed", "resumed"),
+        "resumed",
+        0,
+    )
+    .await;
+    assert_eq!(resumed.len(), 0, "committed offsets are honoured");
+    // `earliest` overrides them.
+    let replayed = run_until(
+        &brokers,
+        &pipeline_from("g", &brokers, "earliest", "replayed"),
+        "replayed",
+        100,
+    )
+    .await;
+    assert_eq!(replayed.len(), 100, "earliest rereads the whole topic");
+}
+
+#[test]
+fn a_bad_start_is_rejected_with_its_location() {
+    let text = pipeline_from("x", "127.0.0.1:9", "yesterday", "out");
+    let e = load_str("kafka.yaml", &text, &options_with(&[]))
+        .err()
+        .expect("invalid")
+        .to_string();
+    assert!(
+        e.starts_with("kafka.yaml:9:12: source \"auth\": start \"yesterday\" is not"),
+        "{e}"
+    );
 }

@@ -17,6 +17,32 @@ pub enum StartOffset {
     Latest,
 }
 
+/// Where reading starts when the pipeline starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The group's committed offsets (`offset_reset` where there are none).
+    Committed,
+    /// The oldest record, whatever was committed.
+    Earliest,
+    /// New records only, whatever was committed.
+    Latest,
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
+}
+
+impl Start {
+    /// Parses `committed`, `earliest`, `latest` or an RFC 3339 time.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "committed" => Some(Start::Committed),
+            "earliest" => Some(Start::Earliest),
+            "latest" => Some(Start::Latest),
+            t => crate::event_time::parse(t, crate::event_time::TimeFormat::Rfc3339)
+                .map(Start::Timestamp),
+        }
+    }
+}
+
 /// A Kafka source: one consumer group member per subtask.
 ///
 /// ```yaml
@@ -40,9 +66,15 @@ pub struct KafkaSourceConfig {
     /// group share the partitions.
     #[serde(default)]
     pub group_id: Option<String>,
-    /// Where to start without a committed offset: `earliest` (default) or `latest`.
+    /// Where to start: `committed` (default), `earliest`, `latest`, or an
+    /// RFC 3339 time. Applies to each partition the first time this process
+    /// reads it.
+    #[serde(default = "default_start")]
+    pub start: String,
+    /// Where `committed` starts on a partition without a committed offset:
+    /// `earliest` (default) or `latest`.
     #[serde(default)]
-    pub start_offset: StartOffset,
+    pub offset_reset: StartOffset,
     /// Fields of the JSON values, and which is event time.
     pub schema: SchemaConfig,
     /// Records per batch, at most.
@@ -56,6 +88,10 @@ pub struct KafkaSourceConfig {
 
 fn default_batch_size() -> usize {
     4096
+}
+
+fn default_start() -> String {
+    "committed".into()
 }
 
 /// A Kafka sink: JSON values, idempotent, `acks=all`, lz4.

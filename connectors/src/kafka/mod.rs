@@ -5,6 +5,6 @@ mod config;
 mod sink;
 mod source;
 
-pub use config::{KafkaSinkConfig, KafkaSourceConfig, StartOffset};
+pub use config::{KafkaSinkConfig, KafkaSourceConfig, Start, StartOffset};
 pub use sink::KafkaSinkFactory;
 pub use source::KafkaSourceFactory;

@@ -36,16 +36,17 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use vigil_engine::{
     CheckpointId, EngineError, OperatorState, Source, SourceEvent, SourceFactory, TaskContext,
     DEAD_LETTER,
 };
 
-use super::config::{KafkaSourceConfig, StartOffset};
+use super::config::{KafkaSourceConfig, Start, StartOffset};
 use crate::dead_letter::{self, DeadLetters};
 use crate::error::{ConnectorError, Result};
 use crate::json::{JsonDecoder, RecordSpan};
@@ -62,6 +63,10 @@ pub struct KafkaSourceFactory {
     event_time: usize,
     out_of_orderness_ms: i64,
     idle_timeout_ms: i64,
+    start: Start,
+    /// Partitions already positioned by `start` in this process, shared by
+    /// all subtasks: a partition moving between subtasks is not rewound.
+    started: Arc<Mutex<HashSet<TopicPartition>>>,
 }
 
 fn metadata_fields() -> Vec<Field> {
@@ -92,6 +97,15 @@ impl KafkaSourceFactory {
                 "brokers must not be empty",
             ));
         }
+        let start = Start::parse(&config.start).ok_or_else(|| {
+            ConnectorError::config(
+                "start",
+                format!(
+                    "start {:?} is not committed, earliest, latest or an RFC 3339 time",
+                    config.start
+                ),
+            )
+        })?;
         if config.batch_size == 0 {
             return Err(ConnectorError::config(
                 "batch_size",
@@ -134,6 +148,8 @@ impl KafkaSourceFactory {
             event_time,
             out_of_orderness_ms,
             idle_timeout_ms,
+            start,
+            started: Arc::default(),
         })
     }
 
@@ -147,7 +163,7 @@ impl KafkaSourceFactory {
             .set("isolation.level", "read_committed")
             .set(
                 "auto.offset.reset",
-                match self.config.start_offset {
+                match self.config.offset_reset {
                     StartOffset::Earliest => "earliest",
                     StartOffset::Latest => "latest",
                 },
@@ -181,6 +197,8 @@ impl SourceFactory for KafkaSourceFactory {
             .client_config()
             .create_with_context(RebalanceRecorder {
                 events: events.clone(),
+                start: self.start,
+                started: self.started.clone(),
             })
             .map_err(|e| kafka_error("cannot create Kafka consumer", e))?;
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
@@ -220,9 +238,12 @@ enum RebalanceEvent {
     Revoked(Vec<(String, i32)>),
 }
 
-/// Records rebalances for the subtask to act on between polls.
+/// Positions newly assigned partitions and records rebalances for the
+/// subtask to act on between polls.
 struct RebalanceRecorder {
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
+    start: Start,
+    started: Arc<Mutex<HashSet<TopicPartition>>>,
 }
 
 impl ClientContext for RebalanceRecorder {}
@@ -234,19 +255,96 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
-impl ConsumerContext for RebalanceRecorder {
-    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance {
-            self.events
-                .lock()
-                .push(RebalanceEvent::Revoked(partitions_of(list)));
+impl RebalanceRecorder {
+    /// Sets the start offset of partitions this process has not read yet.
+    fn position(&self, consumer: &BaseConsumer<Self>, list: &mut TopicPartitionList) {
+        let fresh: Vec<TopicPartition> = {
+            let mut started = self.started.lock();
+            partitions_of(list)
+                .into_iter()
+                .filter(|tp| started.insert(tp.clone()))
+                .collect()
+        };
+        for tp in fresh {
+            let offset = match self.start {
+                Start::Committed => None,
+                Start::Earliest => Some(Offset::Beginning),
+                Start::Latest => Some(Offset::End),
+                Start::Timestamp(ts) => Some(offset_at(consumer, &tp, ts)),
+            };
+            if let Some(o) = offset {
+                if let Err(e) = list.set_partition_offset(&tp.0, tp.1, o) {
+                    tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot set start offset");
+                }
+            }
         }
     }
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(list) = rebalance {
-            self.events
-                .lock()
-                .push(RebalanceEvent::Assigned(partitions_of(list)));
+}
+
+/// The offset of the first record at or after `ts` (the end if none).
+fn offset_at(consumer: &BaseConsumer<RebalanceRecorder>, tp: &TopicPartition, ts: i64) -> Offset {
+    let mut query = TopicPartitionList::new();
+    if query
+        .add_partition_offset(&tp.0, tp.1, Offset::Offset(ts))
+        .is_err()
+    {
+        return Offset::End;
+    }
+    match consumer.offsets_for_times(query, Duration::from_secs(10)) {
+        Ok(found) => match found.find_partition(&tp.0, tp.1).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Offset::Offset(o),
+            _ => Offset::End,
+        },
+        Err(e) => {
+            tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot look up offsets by time; starting at the end");
+            Offset::End
+        }
+    }
+}
+
+impl ConsumerContext for RebalanceRecorder {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        list: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.position(consumer, list);
+                self.events
+                    .lock()
+                    .push(RebalanceEvent::Assigned(partitions_of(list)));
+                if cooperative {
+                    consumer.incremental_assign(list)
+                } else {
+                    consumer.assign(list)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.events
+                    .lock()
+                    .push(RebalanceEvent::Revoked(partitions_of(list)));
+                if cooperative {
+                    consumer.incremental_unassign(list)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "kafka rebalance failed");
+                self.events
+                    .lock()
+                    .push(RebalanceEvent::Revoked(partitions_of(list)));
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot apply kafka partition assignment");
         }
     }
 }
