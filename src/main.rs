@@ -123,6 +123,12 @@ fn print_summary(plan: &Plan, s: &Summary) {
         if s.stopped { " (stopped)" } else { "" }
     );
     if s.dead_letters > 0 {
+        let classes: Vec<String> = s
+            .dead_letters_by_error
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        eprintln!("dead letters by error: {}", classes.join(", "));
         if let Some(p) = &plan.default_dead_letters {
             eprintln!("dead letters written to {}", p.display());
         }

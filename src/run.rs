@@ -76,6 +76,8 @@ pub struct Summary {
     pub records_out: u64,
     /// Records sent to dead letters.
     pub dead_letters: u64,
+    /// Dead letters by error class.
+    pub dead_letters_by_error: std::collections::BTreeMap<String, u64>,
     /// Records behind the watermark that no window took.
     pub late: u64,
     /// Stopped by a deadline or a signal rather than by its sources ending.
@@ -224,6 +226,7 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
         events_in: s.events_in,
         records_out: s.out,
         dead_letters: s.dead,
+        dead_letters_by_error: metrics.dead_letters_by_error(),
         late: s.late,
         stopped,
     })

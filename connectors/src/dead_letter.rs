@@ -9,6 +9,35 @@ use std::sync::{Arc, OnceLock};
 use arrow::array::{ArrayRef, RecordBatch, StringBuilder, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+/// Why a record was rejected, as a stable class (the `error` column, a
+/// metric label, a Kafka header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterError {
+    /// Not parseable as JSON.
+    InvalidJson,
+    /// JSON, but not an object.
+    NotAnObject,
+    /// A field has a value of the wrong type.
+    WrongType,
+    /// No event time.
+    MissingEventTime,
+    /// A timestamp that cannot be parsed.
+    InvalidTimestamp,
+}
+
+impl DeadLetterError {
+    /// The class as written in records and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterError::InvalidJson => "invalid_json",
+            DeadLetterError::NotAnObject => "not_an_object",
+            DeadLetterError::WrongType => "wrong_type",
+            DeadLetterError::MissingEventTime => "missing_event_time",
+            DeadLetterError::InvalidTimestamp => "invalid_timestamp",
+        }
+    }
+}
+
 /// Schema of dead-letter records.
 pub fn schema() -> SchemaRef {
     static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
@@ -18,6 +47,7 @@ pub fn schema() -> SchemaRef {
                 Field::new("source", DataType::Utf8, false),
                 Field::new("location", DataType::Utf8, false),
                 Field::new("line", DataType::UInt64, true),
+                Field::new("error", DataType::Utf8, false),
                 Field::new("reason", DataType::Utf8, false),
                 Field::new("raw", DataType::Utf8, false),
             ]))
@@ -32,6 +62,7 @@ pub struct DeadLetters {
     sources: StringBuilder,
     locations: StringBuilder,
     lines: UInt64Builder,
+    errors: StringBuilder,
     reasons: StringBuilder,
     raws: StringBuilder,
 }
@@ -44,16 +75,26 @@ impl DeadLetters {
             sources: StringBuilder::new(),
             locations: StringBuilder::new(),
             lines: UInt64Builder::new(),
+            errors: StringBuilder::new(),
             reasons: StringBuilder::new(),
             raws: StringBuilder::new(),
         }
     }
 
-    /// Adds one rejected record.
-    pub fn push(&mut self, location: &str, line: Option<u64>, reason: &str, raw: &[u8]) {
+    /// Adds one rejected record: `error` is its class (counted per class in
+    /// metrics), `reason` the detail a person reads.
+    pub fn push(
+        &mut self,
+        location: &str,
+        line: Option<u64>,
+        error: DeadLetterError,
+        reason: &str,
+        raw: &[u8],
+    ) {
         self.sources.append_value(&*self.source);
         self.locations.append_value(location);
         self.lines.append_option(line);
+        self.errors.append_value(error.as_str());
         self.reasons.append_value(reason);
         self.raws.append_value(String::from_utf8_lossy(raw));
     }
@@ -77,6 +118,7 @@ impl DeadLetters {
             Arc::new(self.sources.finish()),
             Arc::new(self.locations.finish()),
             Arc::new(self.lines.finish()),
+            Arc::new(self.errors.finish()),
             Arc::new(self.reasons.finish()),
             Arc::new(self.raws.finish()),
         ];

@@ -4,6 +4,8 @@
 //! costs nothing measurable on the hot path. The CLI's live status line and
 //! the end-of-run summary read them through [`MetricsRegistry`].
 
+use std::collections::BTreeMap;
+
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,9 @@ pub struct TaskMetrics {
     pub late_records: AtomicU64,
     /// Current event-time watermark in ms; `i64::MIN` when none yet.
     pub watermark_ms: AtomicI64,
+    /// Dead letters by error class (the `error` column of dead-letter
+    /// records); updated per dead-letter batch, off the hot path.
+    pub dead_letters_by_error: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for TaskMetrics {
@@ -45,6 +50,7 @@ impl Default for TaskMetrics {
             dead_letters: AtomicU64::new(0),
             late_records: AtomicU64::new(0),
             watermark_ms: AtomicI64::new(i64::MIN),
+            dead_letters_by_error: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -119,6 +125,17 @@ impl MetricsRegistry {
     /// Totals over every subtask of `role`.
     pub fn totals(&self, role: NodeRole) -> Totals {
         self.totals_where(|t| t.role == role)
+    }
+
+    /// Dead letters by error class, over every subtask.
+    pub fn dead_letters_by_error(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for e in self.tasks.lock().iter() {
+            for (k, v) in e.metrics.dead_letters_by_error.lock().iter() {
+                *out.entry(k.clone()).or_insert(0) += v;
+            }
+        }
+        out
     }
 
     /// Totals over every subtask of node `node`.

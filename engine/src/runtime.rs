@@ -617,6 +617,15 @@ async fn run_source(
             }
             SourceEvent::DeadLetters(batch) => {
                 TaskMetrics::add(&ctx.metrics.dead_letters, batch.num_rows());
+                if let Some(errors) = batch
+                    .column_by_name("error")
+                    .and_then(|c| c.as_string_opt::<i32>())
+                {
+                    let mut by = ctx.metrics.dead_letters_by_error.lock();
+                    for e in errors.iter().flatten() {
+                        *by.entry(e.to_string()).or_insert(0) += 1;
+                    }
+                }
                 outs.emit_side(crate::operator::DEAD_LETTER, batch).await?;
             }
             SourceEvent::Pending => {}

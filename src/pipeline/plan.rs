@@ -12,7 +12,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use vigil_connectors::file::{FileSinkFactory, FileSourceFactory};
 use vigil_connectors::generator::GeneratorSourceFactory;
-use vigil_connectors::kafka::{KafkaSinkFactory, KafkaSourceFactory};
+use vigil_connectors::kafka::{KafkaDeadLetterSinkFactory, KafkaSinkFactory, KafkaSourceFactory};
 use vigil_connectors::memory::{Collected, MemorySinkFactory};
 use vigil_connectors::null::NullSinkFactory;
 use vigil_connectors::stdout::StdoutSinkFactory;
@@ -358,16 +358,39 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         return Err(Diagnostics(p.errors));
     }
 
-    // Dead letters nobody consumes go to a file rather than nowhere.
-    let orphans: Vec<(NodeId, Port)> = spec
-        .sources
-        .iter()
-        .filter_map(|s| built.get(&s.name))
-        .map(|b| (b.id, Port::Side(DEAD_LETTER)))
-        .filter(|input| {
-            !consumed.contains(input) && graph.nodes()[input.0].output_schema(input.1).is_some()
-        })
-        .collect();
+    // Dead letters nobody consumes go to `<topic>.dlq` for Kafka sources and
+    // to a file for the others, never nowhere.
+    let mut orphans: Vec<(NodeId, Port)> = Vec::new();
+    for s in &spec.sources {
+        let Some(b) = built.get(&s.name) else {
+            continue;
+        };
+        let input = (b.id, Port::Side(DEAD_LETTER));
+        if consumed.contains(&input) || graph.nodes()[b.id].output_schema(input.1).is_none() {
+            continue;
+        }
+        match &s.kind {
+            SourceKind::Kafka(cfg) => {
+                let factory = KafkaDeadLetterSinkFactory::new(
+                    &spec.name,
+                    &cfg.brokers,
+                    &cfg.properties,
+                    cfg.dead_letter_topic.clone(),
+                );
+                graph
+                    .add_sink(
+                        &format!("_dead_letters_{}", s.name),
+                        Arc::new(factory),
+                        1,
+                        &[input],
+                    )
+                    .map_err(|e| {
+                        Diagnostics::from(Diagnostic::new(&spec.file, None, e.to_string()))
+                    })?;
+            }
+            _ => orphans.push(input),
+        }
+    }
     let mut default_dead_letters = None;
     if !orphans.is_empty() {
         let path = options

@@ -93,6 +93,7 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("auth", 3, 1).expect("topic");
     cluster.create_topic("alerts", 2, 1).expect("topic");
+    cluster.create_topic("auth.dlq", 1, 1).expect("topic");
     let brokers = cluster.bootstrap_servers();
     produce(&brokers).await;
 
@@ -173,10 +174,32 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
         .expect("task")
         .expect("join")
         .expect("clean stop");
-    let dlq = std::fs::read_to_string(dlq_dir.path().join(format!("{name}.dlq.ndjson")))
-        .expect("dead letters");
-    assert!(dlq.contains("\"location\":\"auth/0\""), "{dlq}");
-    assert!(dlq.contains("missing event time field"), "{dlq}");
+    // Undecodable records went to auth.dlq, as they arrived, with why and whence.
+    let dlq = read_dead_letters(&brokers, "auth.dlq", 2).await;
+    assert_eq!(dlq.len(), 2);
+    let bad = dlq
+        .iter()
+        .find(|d| d.0 == "not json at all")
+        .expect("the broken record, verbatim");
+    assert_eq!(bad.1["vigil.error"], "invalid_json");
+    assert_eq!(bad.1["vigil.topic"], "auth");
+    assert_eq!(bad.1["vigil.partition"], "0");
+    assert_eq!(bad.1["vigil.offset"], "100");
+    assert_eq!(bad.1["vigil.pipeline"], name);
+    let no_time = dlq
+        .iter()
+        .find(|d| d.0.contains("nobody"))
+        .expect("the record without event time");
+    assert_eq!(no_time.1["vigil.error"], "missing_event_time");
+    assert_eq!(no_time.1["vigil.reason"], "missing event time field \"ts\"");
+    assert_eq!(
+        std::fs::read_dir(dlq_dir.path()).expect("dir").count(),
+        0,
+        "no dead-letter file for a Kafka source"
+    );
+    let by_error = metrics.dead_letters_by_error();
+    assert_eq!(by_error.get("invalid_json"), Some(&1));
+    assert_eq!(by_error.get("missing_event_time"), Some(&1));
 }
 
 /// Reads `topic` from the start, every partition assigned directly (no
@@ -301,4 +324,46 @@ fn a_bad_start_is_rejected_with_its_location() {
         e.starts_with("kafka.yaml:9:12: source \"auth\": start \"yesterday\" is not"),
         "{e}"
     );
+}
+
+/// Reads dead letters: payload and headers.
+async fn read_dead_letters(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+) -> Vec<(String, HashMap<String, String>)> {
+    use rdkafka::message::Headers;
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "unused")
+        .create()
+        .expect("reader");
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .expect("partition");
+    reader.assign(&list).expect("assign");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < n {
+        let Ok(m) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+            break;
+        };
+        let m = m.expect("message");
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for i in 0..h.count() {
+                let header = h.get(i);
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                headers.insert(header.key.to_string(), value);
+            }
+        }
+        out.push((
+            String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            headers,
+        ));
+    }
+    out
 }

@@ -17,7 +17,7 @@ use vigil_engine::{
 };
 
 use super::config::{FileFormat, FileSourceConfig, PathList};
-use crate::dead_letter::{self, DeadLetters};
+use crate::dead_letter::{self, DeadLetterError, DeadLetters};
 use crate::error::{ConnectorError, Result};
 use crate::json::{JsonDecoder, RecordSpan};
 use crate::schema::arrow_schema;
@@ -414,7 +414,13 @@ impl Source for FileSource {
         let location = path.display().to_string();
         let mut dead = DeadLetters::new(&self.name);
         if let Some((line, reason, raw)) = &chunk.broken {
-            dead.push(&location, Some(*line), reason, raw);
+            dead.push(
+                &location,
+                Some(*line),
+                DeadLetterError::InvalidJson,
+                reason,
+                raw,
+            );
         }
         // After a restore, skip records already handed out before the checkpoint.
         let skip = self.skip[partition].min(chunk.spans.len() as u64) as usize;

@@ -176,7 +176,8 @@ async fn a_broken_json_array_becomes_one_dead_letter_with_its_line() {
     assert!(data.is_empty());
     assert_eq!(rows(&dead), 1);
     assert!(dead[0]
-        .column(3)
+        .column_by_name("reason")
+        .expect("reason")
         .as_string::<i32>()
         .value(0)
         .contains("invalid JSON array"));

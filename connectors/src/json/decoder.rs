@@ -8,7 +8,7 @@ use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_json::reader::{Decoder, ReaderBuilder};
 
-use crate::dead_letter::DeadLetters;
+use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::error::{ConnectorError, Result};
 use crate::event_time::{parse_column, TimeFormat};
 
@@ -158,13 +158,17 @@ impl JsonDecoder {
                     good.push(b);
                     rows.push(i);
                 }
-                Ok(_) => dead.push(location, Some(span.line), "not a JSON object", bytes),
-                Err(e) => dead.push(
+                Ok(_) => dead.push(
                     location,
                     Some(span.line),
-                    &format!("invalid JSON: {e}"),
+                    DeadLetterError::NotAnObject,
+                    "not a JSON object",
                     bytes,
                 ),
+                Err(e) => {
+                    let (class, reason) = classify(&e);
+                    dead.push(location, Some(span.line), class, &reason, bytes)
+                }
             }
         }
         let batch = if good.is_empty() {
@@ -197,19 +201,28 @@ impl JsonDecoder {
                     continue;
                 }
                 let reason = if failed[row] {
-                    Some(format!("cannot parse timestamp field {name:?}"))
+                    Some((
+                        DeadLetterError::InvalidTimestamp,
+                        format!("cannot parse timestamp field {name:?}"),
+                    ))
                 } else if c == self.event_time && ts.is_null(row) {
-                    Some(format!(
-                        "missing event time field {:?}",
-                        self.event_time_name
+                    Some((
+                        DeadLetterError::MissingEventTime,
+                        format!("missing event time field {:?}", self.event_time_name),
                     ))
                 } else {
                     None
                 };
-                if let Some(reason) = reason {
+                if let Some((class, reason)) = reason {
                     keep[row] = false;
                     let span = &spans[rows[row]];
-                    dead.push(location, Some(span.line), &reason, &buf[span.bytes.clone()]);
+                    dead.push(
+                        location,
+                        Some(span.line),
+                        class,
+                        &reason,
+                        &buf[span.bytes.clone()],
+                    );
                 }
             }
             columns[c] = Arc::new(ts);
@@ -232,4 +245,25 @@ impl JsonDecoder {
 
 fn only_whitespace(b: &[u8]) -> bool {
     b.iter().all(u8::is_ascii_whitespace)
+}
+
+/// The class and the message of a decoding error. arrow-json says which
+/// field failed to parse and when a value is not an object; anything else is
+/// broken JSON.
+fn classify(e: &arrow::error::ArrowError) -> (DeadLetterError, String) {
+    let msg = e.to_string();
+    let detail = msg.strip_prefix("Json error: ").unwrap_or(&msg);
+    if detail.contains("whilst decoding field") {
+        (DeadLetterError::WrongType, format!("wrong type: {detail}"))
+    } else if detail.starts_with("expected {") {
+        (
+            DeadLetterError::NotAnObject,
+            format!("not a JSON object: {detail}"),
+        )
+    } else {
+        (
+            DeadLetterError::InvalidJson,
+            format!("invalid JSON: {detail}"),
+        )
+    }
 }

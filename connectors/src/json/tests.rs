@@ -97,17 +97,48 @@ fn bad_lines_are_isolated_with_line_numbers_at_every_batch_size() {
         let lines = dead
             .column(2)
             .as_primitive::<arrow::datatypes::UInt64Type>();
-        let reasons = dead.column(3).as_string::<i32>();
-        let mut by_line: Vec<(u64, String)> = (0..dead.num_rows())
-            .map(|i| (lines.value(i), reasons.value(i).to_string()))
+        let reasons = dead
+            .column_by_name("reason")
+            .expect("reason")
+            .as_string::<i32>();
+        let errors = dead
+            .column_by_name("error")
+            .expect("error")
+            .as_string::<i32>();
+        let mut by_line: Vec<(u64, String, String)> = (0..dead.num_rows())
+            .map(|i| {
+                (
+                    lines.value(i),
+                    reasons.value(i).to_string(),
+                    errors.value(i).to_string(),
+                )
+            })
             .collect();
         by_line.sort();
-        let numbers: Vec<u64> = by_line.iter().map(|(l, _)| *l).collect();
+        let numbers: Vec<u64> = by_line.iter().map(|(l, _, _)| *l).collect();
+        let classes: Vec<&str> = by_line.iter().map(|(_, _, e)| e.as_str()).collect();
+        assert_eq!(
+            classes,
+            [
+                "invalid_json",
+                "missing_event_time",
+                "invalid_timestamp",
+                "not_an_object",
+                "wrong_type"
+            ],
+            "{by_line:?}"
+        );
         assert_eq!(numbers, [2, 4, 5, 6, 7], "batch sizes {sizes:?}");
         assert!(by_line[0].1.starts_with("invalid JSON"), "{}", by_line[0].1);
         assert_eq!(by_line[1].1, "missing event time field \"ts\"");
         assert_eq!(by_line[2].1, "cannot parse timestamp field \"ts\"");
-        assert!(by_line[4].1.starts_with("invalid JSON"), "{}", by_line[4].1);
+        assert!(
+            by_line[4]
+                .1
+                .starts_with("wrong type: whilst decoding field 'port'"),
+            "{}",
+            by_line[4].1
+        );
         assert_eq!(dead.column(1).as_string::<i32>().value(0), "auth.json");
     }
 }

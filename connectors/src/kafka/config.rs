@@ -80,6 +80,10 @@ pub struct KafkaSourceConfig {
     /// Records per batch, at most.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Where undecodable records go when no sink takes this source's
+    /// `dead_letter` output: this topic, or `<topic>.dlq` by default.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
     /// Extra librdkafka settings (`security.protocol`, `sasl.mechanism`, ...);
     /// take secrets from the environment with `${VAR}`.
     #[serde(default)]

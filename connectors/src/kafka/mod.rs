@@ -2,9 +2,11 @@
 //! the wire, records straight into and out of Arrow batches.
 
 mod config;
+mod dead_letter;
 mod sink;
 mod source;
 
 pub use config::{KafkaSinkConfig, KafkaSourceConfig, Start, StartOffset};
+pub use dead_letter::KafkaDeadLetterSinkFactory;
 pub use sink::KafkaSinkFactory;
 pub use source::KafkaSourceFactory;

@@ -39,24 +39,9 @@ impl KafkaSinkFactory {
             config: config.clone(),
         }
     }
-
-    fn client_config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", "lz4")
-            .set("linger.ms", "5")
-            .set("batch.size", "1000000")
-            .set("partitioner", "murmur2_random");
-        for (k, v) in &self.config.properties {
-            c.set(k, v);
-        }
-        c
-    }
 }
 
-fn delivery_error(e: impl std::fmt::Display) -> EngineError {
+pub(super) fn delivery_error(e: impl std::fmt::Display) -> EngineError {
     EngineError::io(
         "kafka delivery failed",
         std::io::Error::other(e.to_string()),
@@ -77,14 +62,10 @@ impl SinkFactory for KafkaSinkFactory {
 
     fn create(&self, _ctx: &TaskContext, schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
         self.check_input(&schema)?;
-        let producer: FutureProducer = self.client_config().create().map_err(|e| {
-            EngineError::io("cannot create Kafka producer", std::io::Error::other(e))
-        })?;
         Ok(Box::new(KafkaSink {
             topic: self.config.topic.clone(),
             key: self.config.key.clone(),
-            producer,
-            in_flight: VecDeque::new(),
+            producer: Producer::new(&self.config.brokers, &self.config.properties)?,
         }))
     }
 
@@ -99,12 +80,75 @@ impl SinkFactory for KafkaSinkFactory {
 struct KafkaSink {
     topic: String,
     key: Option<String>,
-    producer: FutureProducer,
+    producer: Producer,
+}
+
+/// A producer that keeps its delivery reports, so a flush can wait for every
+/// record sent so far and fail loudly if one was not delivered.
+pub(super) struct Producer {
+    inner: FutureProducer,
     in_flight: VecDeque<DeliveryFuture>,
 }
 
-impl KafkaSink {
-    async fn settle(&mut self, keep: usize) -> vigil_engine::Result<()> {
+impl Producer {
+    /// An idempotent producer (`acks=all`, lz4, murmur2 partitioning) for
+    /// `brokers`, with `properties` on top.
+    pub(super) fn new(
+        brokers: &str,
+        properties: &std::collections::BTreeMap<String, String>,
+    ) -> vigil_engine::Result<Self> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set("batch.size", "1000000")
+            .set("partitioner", "murmur2_random");
+        for (k, v) in properties {
+            c.set(k, v);
+        }
+        let inner: FutureProducer = c.create().map_err(|e| {
+            EngineError::io("cannot create Kafka producer", std::io::Error::other(e))
+        })?;
+        Ok(Self {
+            inner,
+            in_flight: VecDeque::new(),
+        })
+    }
+
+    /// Queues a record; waits for deliveries when librdkafka's queue is full.
+    pub(super) async fn send(
+        &mut self,
+        record: FutureRecord<'_, str, [u8]>,
+    ) -> vigil_engine::Result<()> {
+        let mut record = record;
+        loop {
+            match self.inner.send_result(record) {
+                Ok(f) => {
+                    self.in_flight.push_back(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Back-pressure: wait for half the deliveries, then retry.
+                    record = back;
+                    let keep = self.in_flight.len() / 2;
+                    self.settle(keep).await?;
+                    if self.in_flight.is_empty() {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                }
+                Err((e, _)) => return Err(delivery_error(e)),
+            }
+        }
+        if self.in_flight.len() > MAX_IN_FLIGHT {
+            self.settle(MAX_IN_FLIGHT / 2).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until at most `keep` deliveries are outstanding.
+    pub(super) async fn settle(&mut self, keep: usize) -> vigil_engine::Result<()> {
         while self.in_flight.len() > keep {
             if let Some(f) = self.in_flight.pop_front() {
                 match f.await {
@@ -142,37 +186,16 @@ impl Sink for KafkaSink {
             .filter(|l| !l.is_empty())
             .enumerate()
         {
-            let key = keys.filter(|k| k.is_valid(row)).map(|k| k.value(row));
-            loop {
-                let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(value);
-                if let Some(k) = key {
-                    record = record.key(k);
-                }
-                match self.producer.send_result(record) {
-                    Ok(f) => {
-                        self.in_flight.push_back(f);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        // The producer's queue is full: wait for deliveries
-                        // (back-pressure), then try again.
-                        let keep = self.in_flight.len() / 2;
-                        self.settle(keep).await?;
-                        if self.in_flight.is_empty() {
-                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                        }
-                    }
-                    Err((e, _)) => return Err(delivery_error(e)),
-                }
+            let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(value);
+            if let Some(k) = keys.filter(|k| k.is_valid(row)).map(|k| k.value(row)) {
+                record = record.key(k);
             }
-        }
-        if self.in_flight.len() > MAX_IN_FLIGHT {
-            self.settle(MAX_IN_FLIGHT / 2).await?;
+            self.producer.send(record).await?;
         }
         Ok(())
     }
 
     async fn flush(&mut self) -> vigil_engine::Result<()> {
-        self.settle(0).await
+        self.producer.settle(0).await
     }
 }
