@@ -7,6 +7,7 @@ mod kafka;
 mod pipeline_errors;
 mod runtime;
 mod sensor_files;
+mod tansu;
 
 use std::collections::HashMap;
 use std::sync::Arc;
