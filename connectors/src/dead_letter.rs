@@ -23,6 +23,8 @@ pub enum DeadLetterError {
     MissingEventTime,
     /// A timestamp that cannot be parsed.
     InvalidTimestamp,
+    /// Text that is not UTF-8.
+    InvalidUtf8,
 }
 
 impl DeadLetterError {
@@ -34,6 +36,7 @@ impl DeadLetterError {
             DeadLetterError::WrongType => "wrong_type",
             DeadLetterError::MissingEventTime => "missing_event_time",
             DeadLetterError::InvalidTimestamp => "invalid_timestamp",
+            DeadLetterError::InvalidUtf8 => "invalid_utf8",
         }
     }
 }

@@ -205,48 +205,41 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         let idle = s.watermark.idle_timeout.as_millis() as i64;
         let disorder = s.watermark.out_of_orderness.map(|d| d.as_millis() as i64);
         let parallelism = s.parallelism.unwrap_or(spec.parallelism);
-        let (factory, event_time): (Result<Arc<dyn SourceFactory>, ConnectorError>, String) =
-            match &s.kind {
-                SourceKind::Generator(cfg) => {
-                    let d = disorder.unwrap_or(cfg.out_of_orderness.as_millis() as i64);
-                    match GeneratorSourceFactory::new(
-                        (**cfg).clone(),
-                        options.clock.now_ms(),
-                        d,
-                        idle,
-                    ) {
-                        Ok(f) => {
-                            let f = Arc::new(f);
-                            generators.insert(s.name.clone(), f.clone());
-                            (Ok(f as Arc<dyn SourceFactory>), "ts".to_string())
-                        }
-                        Err(e) => (Err(e), String::new()),
-                    }
-                }
-                SourceKind::Kafka(cfg) => (
-                    KafkaSourceFactory::new(
-                        &spec.name,
-                        &s.name,
-                        cfg,
-                        disorder.unwrap_or(FILE_DISORDER_MS),
-                        idle,
-                    )
-                    .map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
-                    cfg.schema.event_time.field.clone(),
-                ),
-                SourceKind::File(cfg) => (
-                    FileSourceFactory::new(
-                        &s.name,
-                        cfg,
-                        disorder.unwrap_or(FILE_DISORDER_MS),
-                        idle,
-                    )
-                    .map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
-                    cfg.schema.event_time.field.clone(),
-                ),
-            };
-        match factory.map(|f| graph.add_source(&s.name, f, parallelism)) {
-            Ok(Ok(id)) => {
+        let disorder_or = |default_ms: i64| disorder.unwrap_or(default_ms);
+        let factory: Result<Arc<dyn SourceFactory>, ConnectorError> = match &s.kind {
+            SourceKind::Generator(cfg) => {
+                let d = disorder_or(cfg.out_of_orderness.as_millis() as i64);
+                GeneratorSourceFactory::new((**cfg).clone(), options.clock.now_ms(), d, idle).map(
+                    |f| {
+                        let f = Arc::new(f);
+                        generators.insert(s.name.clone(), f.clone());
+                        f as Arc<dyn SourceFactory>
+                    },
+                )
+            }
+            SourceKind::Kafka(cfg) => KafkaSourceFactory::new(
+                &spec.name,
+                &s.name,
+                cfg,
+                disorder_or(FILE_DISORDER_MS),
+                idle,
+            )
+            .map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
+            SourceKind::File(cfg) => {
+                FileSourceFactory::new(&s.name, cfg, disorder_or(FILE_DISORDER_MS), idle)
+                    .map(|f| Arc::new(f) as Arc<dyn SourceFactory>)
+            }
+        };
+        match factory.map(|f| {
+            // Downstream steps find event time by the column's name.
+            let event_time = f
+                .output_schema()
+                .field(f.event_time_column())
+                .name()
+                .clone();
+            (graph.add_source(&s.name, f, parallelism), event_time)
+        }) {
+            Ok((Ok(id), event_time)) => {
                 built.insert(
                     s.name.clone(),
                     Built {
@@ -255,7 +248,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                     },
                 );
             }
-            Ok(Err(e)) => p.at(&s.path, format!("{what}: {e}"), None),
+            Ok((Err(e), _)) => p.at(&s.path, format!("{what}: {e}"), None),
             Err(e) => p.build_error(&s.path, &what, e),
         }
     }

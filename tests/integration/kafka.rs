@@ -367,3 +367,85 @@ async fn read_dead_letters(
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn string_values_are_one_column_with_the_kafka_timestamp_as_event_time() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    for (t, n) in [("syslog", 2), ("sshd-failures", 1), ("syslog.dlq", 1)] {
+        cluster.create_topic(t, n, 1).expect("topic");
+    }
+    let brokers = cluster.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    for i in 0..40i64 {
+        let line = if i % 4 == 0 {
+            format!("sshd[{i}]: Failed password for root from 203.0.113.{i} port 22")
+        } else {
+            format!("sshd[{i}]: Accepted publickey for deploy")
+        };
+        let record = FutureRecord::<str, str>::to("syslog")
+            .partition((i % 2) as i32)
+            .payload(&line)
+            .timestamp(START + i * 1000);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("delivered");
+    }
+    let broken: &[u8] = &[0x66, 0x6f, 0xff, 0xfe];
+    let record = FutureRecord::<str, [u8]>::to("syslog")
+        .partition(0)
+        .payload(broken)
+        .timestamp(START);
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .expect("delivered");
+
+    let text = format!(
+        "\
+name: syslog-it
+sources:
+  syslog:
+    type: kafka
+    brokers: {brokers}
+    topics: [syslog]
+    format: string
+    properties: {{ session.timeout.ms: \"6000\" }}
+transforms:
+  failures:
+    type: filter
+    input: syslog
+    where: \"value LIKE '%Failed password%'\"
+sinks:
+  out:
+    type: kafka
+    input: failures
+    brokers: {brokers}
+    topic: sshd-failures
+"
+    );
+    let got = run_until(&brokers, &text, "sshd-failures", 10).await;
+    assert_eq!(got.len(), 10);
+    for (_, v) in &got {
+        assert!(
+            v["value"]
+                .as_str()
+                .expect("value")
+                .contains("Failed password"),
+            "{v}"
+        );
+        assert!(
+            v["kafka_timestamp"]
+                .as_str()
+                .expect("time")
+                .starts_with("2026-01-01T00:00:"),
+            "{v}"
+        );
+    }
+    let dlq = read_dead_letters(&brokers, "syslog.dlq", 1).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].1["vigil.error"], "invalid_utf8");
+}

@@ -17,6 +17,19 @@ pub enum StartOffset {
     Latest,
 }
 
+/// How record values are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueFormat {
+    /// JSON objects, decoded into the declared `schema`.
+    #[default]
+    Json,
+    /// UTF-8 text, as one `value` column; event time is the Kafka timestamp.
+    String,
+    /// Bytes as they are, as one `value` column; event time is the Kafka timestamp.
+    Bytes,
+}
+
 /// Where reading starts when the pipeline starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -75,8 +88,12 @@ pub struct KafkaSourceConfig {
     /// `earliest` (default) or `latest`.
     #[serde(default)]
     pub offset_reset: StartOffset,
-    /// Fields of the JSON values, and which is event time.
-    pub schema: SchemaConfig,
+    /// `json` (default), `string` or `bytes`.
+    #[serde(default)]
+    pub format: ValueFormat,
+    /// Fields of the JSON values, and which is event time (JSON only).
+    #[serde(default)]
+    pub schema: Option<SchemaConfig>,
     /// Records per batch, at most.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,

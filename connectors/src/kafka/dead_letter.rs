@@ -1,6 +1,8 @@
 //! Dead letters to Kafka: each rejected record goes, as it arrived, to
 //! `<source topic>.dlq` (or one configured topic), with headers saying why
-//! and where from, so it can be inspected and replayed after review.
+//! and where from, so it can be inspected and replayed after review. The
+//! dead-letter record keeps the value as text, so bytes that are not UTF-8
+//! arrive replaced (U+FFFD).
 //!
 //! | header            | value |
 //! |-------------------|-------|

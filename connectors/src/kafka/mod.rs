@@ -6,7 +6,7 @@ mod dead_letter;
 mod sink;
 mod source;
 
-pub use config::{KafkaSinkConfig, KafkaSourceConfig, Start, StartOffset};
+pub use config::{KafkaSinkConfig, KafkaSourceConfig, Start, StartOffset, ValueFormat};
 pub use dead_letter::KafkaDeadLetterSinkFactory;
 pub use sink::KafkaSinkFactory;
 pub use source::KafkaSourceFactory;

@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{
-    ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    ArrayRef, BinaryArray, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
@@ -46,8 +47,8 @@ use vigil_engine::{
     DEAD_LETTER,
 };
 
-use super::config::{KafkaSourceConfig, Start, StartOffset};
-use crate::dead_letter::{self, DeadLetters};
+use super::config::{KafkaSourceConfig, Start, StartOffset, ValueFormat};
+use crate::dead_letter::{self, DeadLetterError, DeadLetters};
 use crate::error::{ConnectorError, Result};
 use crate::json::{JsonDecoder, RecordSpan};
 use crate::schema::{arrow_schema, timestamp_type};
@@ -58,7 +59,8 @@ pub struct KafkaSourceFactory {
     name: String,
     config: KafkaSourceConfig,
     group_id: String,
-    decoder: Arc<JsonDecoder>,
+    /// The JSON decoder; `None` for string and bytes values.
+    decoder: Option<Arc<JsonDecoder>>,
     schema: SchemaRef,
     event_time: usize,
     out_of_orderness_ms: i64,
@@ -112,16 +114,45 @@ impl KafkaSourceFactory {
                 "batch_size must be at least 1",
             ));
         }
-        let payload = arrow_schema(&config.schema.fields, "schema.fields")?;
-        let et = &config.schema.event_time.field;
-        let event_time = payload.index_of(et).map_err(|_| {
-            ConnectorError::config(
-                "schema.event_time.field",
-                format!("event-time field {et:?} is not among the declared fields"),
+        let (payload, decoder, event_time) = match (config.format, &config.schema) {
+            (ValueFormat::Json, Some(schema)) => {
+                let payload = arrow_schema(&schema.fields, "schema.fields")?;
+                let et = &schema.event_time.field;
+                let event_time = payload.index_of(et).map_err(|_| {
+                    ConnectorError::config(
+                        "schema.event_time.field",
+                        format!("event-time field {et:?} is not among the declared fields"),
+                    )
+                })?;
+                let decoder =
+                    JsonDecoder::new(payload.clone(), event_time, schema.event_time.format)?;
+                (payload, Some(Arc::new(decoder)), event_time)
+            }
+            (ValueFormat::Json, None) => {
+                return Err(
+                    ConnectorError::config("schema", "JSON values need a schema").with_hint(
+                        "declare schema.fields and schema.event_time, or use format: string",
+                    ),
+                )
+            }
+            (_, Some(_)) => return Err(ConnectorError::config(
+                "schema",
+                "a schema applies to JSON values only",
             )
-        })?;
-        let decoder =
-            JsonDecoder::new(payload.clone(), event_time, config.schema.event_time.format)?;
+            .with_hint(
+                "string and bytes values are one column, value; event time is the Kafka timestamp",
+            )),
+            (format, None) => {
+                let t = if format == ValueFormat::String {
+                    DataType::Utf8
+                } else {
+                    DataType::Binary
+                };
+                let payload = Arc::new(Schema::new(vec![Field::new("value", t, true)]));
+                // kafka_timestamp follows the value and three other metadata columns.
+                (payload, None, 5)
+            }
+        };
         let mut fields: Vec<Field> = payload
             .fields()
             .iter()
@@ -136,6 +167,10 @@ impl KafkaSourceFactory {
             }
             fields.push(m);
         }
+        if decoder.is_none() {
+            // Event time is the Kafka timestamp: never null in a batch.
+            fields[event_time] = Field::new("kafka_timestamp", timestamp_type(), false);
+        }
         Ok(Self {
             name: name.to_string(),
             group_id: config
@@ -143,7 +178,7 @@ impl KafkaSourceFactory {
                 .clone()
                 .unwrap_or_else(|| format!("vigil-{pipeline}")),
             config: config.clone(),
-            decoder: Arc::new(decoder),
+            decoder,
             schema: Arc::new(Schema::new(fields)),
             event_time,
             out_of_orderness_ms,
@@ -365,7 +400,7 @@ struct KafkaSource {
     name: String,
     consumer: StreamConsumer<RebalanceRecorder>,
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
-    decoder: Arc<JsonDecoder>,
+    decoder: Option<Arc<JsonDecoder>>,
     schema: SchemaRef,
     batch_size: usize,
     /// Local partition index of each (topic, partition) ever assigned here.
@@ -458,9 +493,10 @@ impl KafkaSource {
     fn decode(&mut self, tp: TopicPartition, g: Gathered) -> vigil_engine::Result<()> {
         let location = format!("{}/{}", tp.0, tp.1);
         let mut dead = DeadLetters::new(&self.name);
-        let decoded = self
-            .decoder
-            .decode_indexed(&g.buf, &g.spans, &location, &mut dead)?;
+        let decoded = match &self.decoder {
+            Some(d) => d.decode_indexed(&g.buf, &g.spans, &location, &mut dead)?,
+            None => self.decode_raw(&g, &location, &mut dead)?,
+        };
         // The chunk's last event moves the partition's offset past the chunk.
         let advance = g.offsets.last().map(|last| (tp.clone(), last + 1));
         if let Some(d) = dead.finish()? {
@@ -492,6 +528,53 @@ impl KafkaSource {
                 .push_back((SourceEvent::Data { partition, batch }, advance));
         }
         Ok(())
+    }
+
+    /// String and bytes values: one `value` column, event time from the
+    /// Kafka timestamp. Returns the batch and the record index of each row.
+    fn decode_raw(
+        &self,
+        g: &Gathered,
+        location: &str,
+        dead: &mut DeadLetters,
+    ) -> vigil_engine::Result<Option<(RecordBatch, Vec<usize>)>> {
+        let text = self.schema.field(0).data_type() == &DataType::Utf8;
+        let mut rows = Vec::with_capacity(g.spans.len());
+        for (i, span) in g.spans.iter().enumerate() {
+            let bytes = &g.buf[span.bytes.clone()];
+            if g.timestamps[i].is_none() {
+                dead.push(
+                    location,
+                    Some(span.line),
+                    DeadLetterError::MissingEventTime,
+                    "record has no Kafka timestamp",
+                    bytes,
+                );
+            } else if text && std::str::from_utf8(bytes).is_err() {
+                dead.push(
+                    location,
+                    Some(span.line),
+                    DeadLetterError::InvalidUtf8,
+                    "value is not UTF-8",
+                    bytes,
+                );
+            } else {
+                rows.push(i);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let values = rows.iter().map(|&i| &g.buf[g.spans[i].bytes.clone()]);
+        let column: ArrayRef = if text {
+            Arc::new(StringArray::from_iter_values(
+                values.map(|b| String::from_utf8_lossy(b)),
+            ))
+        } else {
+            Arc::new(BinaryArray::from_iter_values(values))
+        };
+        let schema = Arc::new(Schema::new(vec![self.schema.field(0).clone()]));
+        Ok(Some((RecordBatch::try_new(schema, vec![column])?, rows)))
     }
 
     fn pop(&mut self) -> Option<SourceEvent> {
