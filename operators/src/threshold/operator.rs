@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ahash::{HashMap, HashSet, HashSetExt};
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, RecordBatch, StringArray,
+    Array, ArrayRef, AsArray, BinaryArray, Int64Array, RecordBatch, StringArray,
     TimestampMillisecondArray, UInt64Array,
 };
 use arrow::compute::{cast, filter_record_batch};
@@ -267,19 +267,32 @@ impl Threshold {
         let ts = batch
             .column(self.spec.time_col)
             .as_primitive::<TimestampMillisecondType>();
-        let wm = self.watermark;
-        let on_time: BooleanArray = (0..ts.len())
-            .map(|i| {
-                Some(
-                    ts.is_valid(i)
-                        && wm.is_none_or(|w| {
-                            self.window_start(ts.value(i))
-                                .saturating_add(self.spec.width_ms)
-                                > w
-                        }),
-                )
-            })
-            .collect();
+        // A row is late when its window has closed: window_end(ts) <= wm,
+        // which is ts < cutoff with cutoff the end of the window holding
+        // wm - width. One comparison kernel per batch, not a loop.
+        let cutoff = self.watermark.map(|w| {
+            self.window_start(w.saturating_sub(self.spec.width_ms))
+                .saturating_add(self.spec.width_ms)
+        });
+        let all_on_time = ts.null_count() == 0
+            && cutoff.is_none_or(|c| arrow::compute::min(ts).is_none_or(|m| m >= c));
+        if all_on_time {
+            return Ok(batch);
+        }
+        let on_time = match cutoff {
+            Some(c) => {
+                let bound =
+                    TimestampMillisecondArray::from(vec![c]).with_timezone_opt(ts.timezone());
+                arrow::compute::kernels::cmp::gt_eq(ts, &arrow::array::Scalar::new(bound))?
+            }
+            None => arrow::compute::is_not_null(ts)?,
+        };
+        // Null event time counts as late: never silently dropped.
+        let on_time = if on_time.null_count() > 0 {
+            arrow::compute::prep_null_mask_filter(&on_time)
+        } else {
+            on_time
+        };
         if on_time.true_count() == batch.num_rows() {
             return Ok(batch);
         }
