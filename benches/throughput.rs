@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use vigil_connectors::generator::{GeneratorConfig, GeneratorSourceFactory, Stream};
 use vigil_connectors::null::NullSinkFactory;
-use vigil_engine::{start, Graph, OperatorFactory, Port, RuntimeOptions};
+use vigil_engine::{start, Graph, OperatorFactory, Port, RuntimeOptions, WatermarkSpec};
 use vigil_operators::filter::{FilterConfig, FilterFactory};
 use vigil_operators::project::{ProjectConfig, ProjectFactory};
 
@@ -39,10 +39,20 @@ fn graph(shape: Shape, events: u64) -> Graph {
     cfg.count = Some(events);
     cfg.partitions = 1;
     cfg.batch_size = 8192;
-    let source = Arc::new(GeneratorSourceFactory::new(cfg, 0, 2000, 30_000).expect("generator"));
+    let source = Arc::new(GeneratorSourceFactory::new(cfg, 0).expect("generator"));
     let schema = vigil_engine::SourceFactory::output_schema(source.as_ref());
     let mut g = Graph::new();
-    let mut last = g.add_source("auth", source, 1).expect("source");
+    let mut last = g
+        .add_source(
+            "auth",
+            source,
+            1,
+            WatermarkSpec {
+                out_of_orderness_ms: 2000,
+                ..WatermarkSpec::default()
+            },
+        )
+        .expect("source");
     if matches!(shape, Shape::Filter | Shape::FilterProject) {
         let f = FilterFactory::new(
             &FilterConfig {

@@ -22,6 +22,7 @@ use arrow::datatypes::SchemaRef;
 
 use crate::error::{EngineError, Result};
 use crate::operator::{OperatorFactory, SidePort, SinkFactory, SourceFactory};
+use crate::watermark::WatermarkSpec;
 
 /// Index of a node in a [`Graph`].
 pub type NodeId = usize;
@@ -88,6 +89,8 @@ pub struct Node {
     pub parallelism: usize,
     /// Its inputs, in logical input order.
     pub inputs: Vec<Edge>,
+    /// How watermarks are made (sources only).
+    pub watermark: WatermarkSpec,
 }
 
 impl Node {
@@ -165,12 +168,13 @@ impl Graph {
         Ok(self.nodes.len() - 1)
     }
 
-    /// Adds a source node.
+    /// Adds a source node whose watermarks follow `watermark`.
     pub fn add_source(
         &mut self,
         name: &str,
         factory: Arc<dyn SourceFactory>,
         parallelism: usize,
+        watermark: WatermarkSpec,
     ) -> Result<NodeId> {
         let parallelism = factory
             .max_parallelism()
@@ -180,6 +184,7 @@ impl Graph {
             kind: NodeKind::Source(factory),
             parallelism,
             inputs: Vec::new(),
+            watermark,
         })
     }
 
@@ -198,6 +203,7 @@ impl Graph {
             kind: NodeKind::Operator(factory),
             parallelism,
             inputs: edges,
+            watermark: WatermarkSpec::default(),
         })
     }
 
@@ -218,6 +224,7 @@ impl Graph {
             kind: NodeKind::Sink(factory),
             parallelism,
             inputs: edges,
+            watermark: WatermarkSpec::default(),
         })
     }
 

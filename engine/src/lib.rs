@@ -39,3 +39,4 @@ pub use operator::{
     SourceFactory, TaskContext, DEAD_LETTER, LATE,
 };
 pub use runtime::{start, RunningPipeline, RuntimeOptions, StopHandle};
+pub use watermark::WatermarkSpec;

@@ -242,10 +242,6 @@ pub trait SourceFactory: Send + Sync {
     fn output_schema(&self) -> SchemaRef;
     /// Column holding event time (a millisecond timestamp), used for watermarks.
     fn event_time_column(&self) -> usize;
-    /// Records may be this far out of order, in ms.
-    fn out_of_orderness_ms(&self) -> i64;
-    /// A partition silent this long no longer holds the watermark back, in ms.
-    fn idle_timeout_ms(&self) -> i64;
     /// Builds subtask `ctx.subtask`.
     fn create(&self, ctx: &TaskContext) -> Result<Box<dyn Source>>;
     /// Side outputs, with their schemas (dead letters).

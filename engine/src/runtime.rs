@@ -523,8 +523,8 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                     }
                     let wm = PartitionWatermarks::new(
                         source.partitions(),
-                        f.out_of_orderness_ms(),
-                        f.idle_timeout_ms(),
+                        node.watermark.out_of_orderness_ms,
+                        node.watermark.idle_timeout_ms,
                         ctx.clock.now_ms(),
                     );
                     let control = source_rx

@@ -26,6 +26,25 @@
 
 use crate::message::{EventTime, Watermark};
 
+/// How a source's watermarks are made: set per source node by whoever builds
+/// the graph (the pipeline file's `watermark:`), not by the connector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatermarkSpec {
+    /// Records may be this far out of order, in ms.
+    pub out_of_orderness_ms: i64,
+    /// A partition silent this long no longer holds the watermark back, in ms.
+    pub idle_timeout_ms: i64,
+}
+
+impl Default for WatermarkSpec {
+    fn default() -> Self {
+        Self {
+            out_of_orderness_ms: 0,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
 /// Watermark of one stream: the largest event time seen minus a fixed delay.
 #[derive(Debug, Clone)]
 pub struct BoundedOutOfOrderness {

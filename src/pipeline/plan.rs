@@ -19,7 +19,7 @@ use vigil_connectors::stdout::StdoutSinkFactory;
 use vigil_connectors::ConnectorError;
 use vigil_engine::{
     Graph, NodeId, OperatorFactory, Port, SharedClock, SinkFactory, SourceFactory, SystemClock,
-    DEAD_LETTER, LATE,
+    WatermarkSpec, DEAD_LETTER, LATE,
 };
 use vigil_operators::filter::FilterFactory;
 use vigil_operators::project::ProjectFactory;
@@ -30,8 +30,8 @@ use super::diagnostic::{did_you_mean, Diagnostic, Diagnostics};
 use super::env::{process_env, Env};
 use super::spec::{PipelineSpec, SinkKind, SourceKind, TransformKind};
 
-/// Default out-of-orderness of file sources.
-const FILE_DISORDER_MS: i64 = 5_000;
+/// Default out-of-orderness of file and Kafka sources.
+const FILE_DISORDER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What planning needs from outside the file.
 #[derive(Clone)]
@@ -202,32 +202,32 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
 
     for s in &spec.sources {
         let what = format!("source {:?}", s.name);
-        let idle = s.watermark.idle_timeout.as_millis() as i64;
-        let disorder = s.watermark.out_of_orderness.map(|d| d.as_millis() as i64);
         let parallelism = s.parallelism.unwrap_or(spec.parallelism);
-        let disorder_or = |default_ms: i64| disorder.unwrap_or(default_ms);
+        // A generator knows its own disorder; files and Kafka default to 5 s.
+        let default_disorder = match &s.kind {
+            SourceKind::Generator(cfg) => cfg.out_of_orderness,
+            _ => FILE_DISORDER,
+        };
+        let watermark = WatermarkSpec {
+            out_of_orderness_ms: s
+                .watermark
+                .out_of_orderness
+                .unwrap_or(default_disorder)
+                .as_millis() as i64,
+            idle_timeout_ms: s.watermark.idle_timeout.as_millis() as i64,
+        };
         let factory: Result<Arc<dyn SourceFactory>, ConnectorError> = match &s.kind {
             SourceKind::Generator(cfg) => {
-                let d = disorder_or(cfg.out_of_orderness.as_millis() as i64);
-                GeneratorSourceFactory::new((**cfg).clone(), options.clock.now_ms(), d, idle).map(
-                    |f| {
-                        let f = Arc::new(f);
-                        generators.insert(s.name.clone(), f.clone());
-                        f as Arc<dyn SourceFactory>
-                    },
-                )
+                GeneratorSourceFactory::new((**cfg).clone(), options.clock.now_ms()).map(|f| {
+                    let f = Arc::new(f);
+                    generators.insert(s.name.clone(), f.clone());
+                    f as Arc<dyn SourceFactory>
+                })
             }
-            SourceKind::Kafka(cfg) => KafkaSourceFactory::new(
-                &spec.name,
-                &s.name,
-                cfg,
-                disorder_or(FILE_DISORDER_MS),
-                idle,
-            )
-            .map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
+            SourceKind::Kafka(cfg) => KafkaSourceFactory::new(&spec.name, &s.name, cfg)
+                .map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
             SourceKind::File(cfg) => {
-                FileSourceFactory::new(&s.name, cfg, disorder_or(FILE_DISORDER_MS), idle)
-                    .map(|f| Arc::new(f) as Arc<dyn SourceFactory>)
+                FileSourceFactory::new(&s.name, cfg).map(|f| Arc::new(f) as Arc<dyn SourceFactory>)
             }
         };
         match factory.map(|f| {
@@ -237,7 +237,10 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                 .field(f.event_time_column())
                 .name()
                 .clone();
-            (graph.add_source(&s.name, f, parallelism), event_time)
+            (
+                graph.add_source(&s.name, f, parallelism, watermark),
+                event_time,
+            )
         }) {
             Ok((Ok(id), event_time)) => {
                 built.insert(

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use vigil_connectors::generator::{GeneratorConfig, GeneratorSourceFactory, Stream};
-use vigil_engine::{start, Graph, NodeRole, Port, RuntimeOptions, Sink, SinkFactory, TaskContext};
+use vigil_engine::{
+    start, Graph, NodeRole, Port, RuntimeOptions, Sink, SinkFactory, TaskContext, WatermarkSpec,
+};
 use vigil_operators::filter::{FilterConfig, FilterFactory};
 
 /// A sink that waits while its gate is closed, as a stuck downstream would.
@@ -74,9 +76,19 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
     cfg.count = Some(EVENTS);
     cfg.batch_size = BATCH;
     cfg.partitions = 2;
-    let source = Arc::new(GeneratorSourceFactory::new(cfg, 0, 2000, 30_000).expect("generator"));
+    let source = Arc::new(GeneratorSourceFactory::new(cfg, 0).expect("generator"));
     let mut g = Graph::new();
-    let src = g.add_source("flows", source.clone(), 2).expect("source");
+    let src = g
+        .add_source(
+            "flows",
+            source.clone(),
+            2,
+            WatermarkSpec {
+                out_of_orderness_ms: 2000,
+                ..WatermarkSpec::default()
+            },
+        )
+        .expect("source");
     let filter = FilterFactory::new(
         &FilterConfig {
             condition: "bytes >= 0".into(),

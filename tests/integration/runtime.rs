@@ -136,7 +136,7 @@ mod idleness {
     use vigil_connectors::memory::MemorySinkFactory;
     use vigil_engine::{
         start, Graph, ManualClock, Port, RuntimeOptions, Source, SourceEvent, SourceFactory,
-        TaskContext,
+        TaskContext, WatermarkSpec,
     };
     use vigil_operators::threshold::{ThresholdConfig, ThresholdFactory};
 
@@ -166,12 +166,6 @@ mod idleness {
         }
         fn event_time_column(&self) -> usize {
             0
-        }
-        fn out_of_orderness_ms(&self) -> i64 {
-            0
-        }
-        fn idle_timeout_ms(&self) -> i64 {
-            5_000
         }
         fn create(&self, _ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
             Ok(Box::new(Talker { next_ts: 0 }))
@@ -206,7 +200,15 @@ mod idleness {
         let clock = ManualClock::new(1_000_000);
         let mut g = Graph::new();
         let src = g
-            .add_source("talker", Arc::new(OneQuietPartition), 1)
+            .add_source(
+                "talker",
+                Arc::new(OneQuietPartition),
+                1,
+                WatermarkSpec {
+                    out_of_orderness_ms: 0,
+                    idle_timeout_ms: 5_000,
+                },
+            )
             .expect("source");
         let cfg = ThresholdConfig {
             key: vec!["k".into()],

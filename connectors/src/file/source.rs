@@ -32,18 +32,11 @@ pub struct FileSourceFactory {
     event_time: usize,
     replay_speed: Option<f64>,
     batch_size: usize,
-    out_of_orderness_ms: i64,
-    idle_timeout_ms: i64,
 }
 
 impl FileSourceFactory {
     /// Validates `config` (files exist, schema is sound) for source `name`.
-    pub fn new(
-        name: &str,
-        config: &FileSourceConfig,
-        out_of_orderness_ms: i64,
-        idle_timeout_ms: i64,
-    ) -> Result<Self> {
+    pub fn new(name: &str, config: &FileSourceConfig) -> Result<Self> {
         let schema = arrow_schema(&config.schema.fields, "schema.fields")?;
         let et_name = &config.schema.event_time.field;
         let event_time = schema.index_of(et_name).map_err(|_| {
@@ -89,8 +82,6 @@ impl FileSourceFactory {
             event_time,
             replay_speed: config.replay_speed,
             batch_size: config.batch_size,
-            out_of_orderness_ms,
-            idle_timeout_ms,
         })
     }
 }
@@ -131,12 +122,6 @@ impl SourceFactory for FileSourceFactory {
     }
     fn event_time_column(&self) -> usize {
         self.event_time
-    }
-    fn out_of_orderness_ms(&self) -> i64 {
-        self.out_of_orderness_ms
-    }
-    fn idle_timeout_ms(&self) -> i64 {
-        self.idle_timeout_ms
     }
     fn max_parallelism(&self) -> Option<usize> {
         Some(self.files.len())

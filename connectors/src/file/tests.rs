@@ -86,8 +86,6 @@ async fn gzipped_ndjson_with_bad_lines_keeps_the_good_and_reports_the_bad() {
                 field("auth_success", "boolean"),
             ],
         ),
-        1000,
-        10_000,
     )
     .expect("factory");
     let (data, dead) = read_all(&f).await;
@@ -144,7 +142,7 @@ async fn json_arrays_with_nested_objects_and_offsets_without_colons() {
         ],
     );
     cfg.schema.event_time.field = "timestamp".into();
-    let f = FileSourceFactory::new("suricata", &cfg, 1000, 10_000).expect("factory");
+    let f = FileSourceFactory::new("suricata", &cfg).expect("factory");
     let (data, dead) = read_all(&f).await;
     assert!(dead.is_empty());
     assert_eq!(rows(&data), 2);
@@ -168,8 +166,6 @@ async fn a_broken_json_array_becomes_one_dead_letter_with_its_line() {
     let f = FileSourceFactory::new(
         "s",
         &config(PathList::One(path), vec![field("ts", "timestamp")]),
-        0,
-        1000,
     )
     .expect("factory");
     let (data, dead) = read_all(&f).await;
@@ -191,8 +187,6 @@ fn configuration_errors_name_the_field() {
     let e = FileSourceFactory::new(
         "s",
         &config(PathList::One(path.clone()), vec![field("tss", "timestamp")]),
-        0,
-        0,
     )
     .expect_err("bad field");
     match e {
@@ -205,8 +199,6 @@ fn configuration_errors_name_the_field() {
     let e = FileSourceFactory::new(
         "s",
         &config(PathList::One(path.clone()), vec![field("ts", "timestmp")]),
-        0,
-        0,
     )
     .expect_err("bad type");
     assert!(e.to_string().contains("unknown type"), "{e}");
@@ -216,8 +208,6 @@ fn configuration_errors_name_the_field() {
             PathList::One(dir.path().join("missing.json")),
             vec![field("ts", "timestamp")],
         ),
-        0,
-        0,
     )
     .expect_err("missing file");
     assert!(e.to_string().contains("missing.json"), "{e}");
@@ -232,7 +222,7 @@ async fn replay_paces_records_by_their_event_time() {
     cfg.schema.event_time.format = TimeFormat::EpochS;
     cfg.batch_size = 1;
     cfg.replay_speed = Some(2.0);
-    let f = FileSourceFactory::new("r", &cfg, 0, 60_000).expect("factory");
+    let f = FileSourceFactory::new("r", &cfg).expect("factory");
     let clock = ManualClock::new(5_000);
     let mut c = ctx();
     c.clock = clock.clone();

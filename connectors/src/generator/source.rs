@@ -67,8 +67,6 @@ pub fn stream_schema(stream: Stream) -> SchemaRef {
 #[derive(Debug)]
 pub struct GeneratorSourceFactory {
     shared: Arc<Shared>,
-    out_of_orderness_ms: i64,
-    idle_timeout_ms: i64,
 }
 
 #[derive(Debug)]
@@ -104,12 +102,7 @@ impl Shared {
 
 impl GeneratorSourceFactory {
     /// Validates `cfg`; `now_ms` resolves a relative or absent start time.
-    pub fn new(
-        cfg: GeneratorConfig,
-        now_ms: i64,
-        out_of_orderness_ms: i64,
-        idle_timeout_ms: i64,
-    ) -> Result<Self> {
+    pub fn new(cfg: GeneratorConfig, now_ms: i64) -> Result<Self> {
         cfg.validate()?;
         let start_ms = cfg.start_time_ms(now_ms)?;
         let world = World::new(cfg.tenants, cfg.users, cfg.hosts);
@@ -124,8 +117,6 @@ impl GeneratorSourceFactory {
         };
         Ok(Self {
             shared: Arc::new(shared),
-            out_of_orderness_ms,
-            idle_timeout_ms,
         })
     }
 
@@ -153,12 +144,6 @@ impl SourceFactory for GeneratorSourceFactory {
     }
     fn event_time_column(&self) -> usize {
         1
-    }
-    fn out_of_orderness_ms(&self) -> i64 {
-        self.out_of_orderness_ms
-    }
-    fn idle_timeout_ms(&self) -> i64 {
-        self.idle_timeout_ms
     }
     fn max_parallelism(&self) -> Option<usize> {
         Some(self.shared.cfg.partitions)

@@ -71,7 +71,7 @@ fn ids(batches: &[RecordBatch]) -> Vec<u64> {
 
 #[tokio::test]
 async fn same_seed_same_events_whatever_the_parallelism() {
-    let f = GeneratorSourceFactory::new(config(Stream::Auth), 0, 2000, 30_000).expect("factory");
+    let f = GeneratorSourceFactory::new(config(Stream::Auth), 0).expect("factory");
     let one = drain(&f, 1).await;
     let three = drain(&f, 3).await;
     let a = ids(&one);
@@ -87,7 +87,7 @@ async fn same_seed_same_events_whatever_the_parallelism() {
 
 #[tokio::test]
 async fn event_times_stay_within_the_declared_disorder() {
-    let f = GeneratorSourceFactory::new(config(Stream::Network), 0, 2000, 30_000).expect("factory");
+    let f = GeneratorSourceFactory::new(config(Stream::Network), 0).expect("factory");
     let batches = drain(&f, 1).await;
     for b in &batches {
         let ts = b.column(1).as_primitive::<TimestampMillisecondType>();
@@ -99,7 +99,7 @@ async fn event_times_stay_within_the_declared_disorder() {
 
 #[tokio::test]
 async fn injected_brute_force_is_in_the_stream_as_the_ground_truth_says() {
-    let f = GeneratorSourceFactory::new(config(Stream::Auth), 0, 2000, 30_000).expect("factory");
+    let f = GeneratorSourceFactory::new(config(Stream::Auth), 0).expect("factory");
     let batches = drain(&f, 2).await;
     let truth = f.ground_truth(i64::MAX);
     let bf = truth
@@ -127,7 +127,7 @@ async fn injected_brute_force_is_in_the_stream_as_the_ground_truth_says() {
 
 #[tokio::test]
 async fn restore_resumes_exactly_where_the_snapshot_was_taken() {
-    let f = GeneratorSourceFactory::new(config(Stream::Auth), 0, 2000, 30_000).expect("factory");
+    let f = GeneratorSourceFactory::new(config(Stream::Auth), 0).expect("factory");
     let all = ids(&drain(&f, 1).await);
     let mut src = f.create(&ctx(0, 1)).expect("create");
     let mut before = Vec::new();
@@ -154,13 +154,13 @@ async fn restore_resumes_exactly_where_the_snapshot_was_taken() {
 fn bad_configs_are_rejected_with_the_field() {
     let mut c = config(Stream::Auth);
     c.partitions = 0;
-    let e = GeneratorSourceFactory::new(c, 0, 0, 0).expect_err("zero partitions");
+    let e = GeneratorSourceFactory::new(c, 0).expect_err("zero partitions");
     assert!(
         matches!(e, crate::ConnectorError::Config { ref field, .. } if field == "partitions"),
         "{e}"
     );
     let mut c = config(Stream::Auth);
     c.start_time = Some("yesterday".into());
-    assert!(GeneratorSourceFactory::new(c, 0, 0, 0).is_err());
+    assert!(GeneratorSourceFactory::new(c, 0).is_err());
     let _unused: Arc<()> = Arc::new(());
 }

@@ -63,8 +63,6 @@ pub struct KafkaSourceFactory {
     decoder: Option<Arc<JsonDecoder>>,
     schema: SchemaRef,
     event_time: usize,
-    out_of_orderness_ms: i64,
-    idle_timeout_ms: i64,
     start: Start,
     /// Partitions already positioned by `start` in this process, shared by
     /// all subtasks: a partition moving between subtasks is not rewound.
@@ -83,13 +81,7 @@ fn metadata_fields() -> Vec<Field> {
 
 impl KafkaSourceFactory {
     /// Validates `config` for source `name` of pipeline `pipeline`.
-    pub fn new(
-        pipeline: &str,
-        name: &str,
-        config: &KafkaSourceConfig,
-        out_of_orderness_ms: i64,
-        idle_timeout_ms: i64,
-    ) -> Result<Self> {
+    pub fn new(pipeline: &str, name: &str, config: &KafkaSourceConfig) -> Result<Self> {
         if config.topics.is_empty() {
             return Err(ConnectorError::config("topics", "no topics to read"));
         }
@@ -181,8 +173,6 @@ impl KafkaSourceFactory {
             decoder,
             schema: Arc::new(Schema::new(fields)),
             event_time,
-            out_of_orderness_ms,
-            idle_timeout_ms,
             start,
             started: Arc::default(),
         })
@@ -216,12 +206,6 @@ impl SourceFactory for KafkaSourceFactory {
     }
     fn event_time_column(&self) -> usize {
         self.event_time
-    }
-    fn out_of_orderness_ms(&self) -> i64 {
-        self.out_of_orderness_ms
-    }
-    fn idle_timeout_ms(&self) -> i64 {
-        self.idle_timeout_ms
     }
     fn side_outputs(&self) -> Vec<(&'static str, SchemaRef)> {
         vec![(DEAD_LETTER, dead_letter::schema())]
