@@ -56,6 +56,8 @@ pub(crate) struct Coordinator {
     next_id: AtomicU64,
     sources: Vec<mpsc::Sender<Control>>,
     pending: Mutex<HashMap<CheckpointId, HashMap<TaskKey, OperatorState>>>,
+    /// Per checkpoint, source subtasks that have acted on its completion.
+    handled: Mutex<HashMap<CheckpointId, usize>>,
     completed: Mutex<Vec<Arc<CompletedCheckpoint>>>,
     notify: Notify,
 }
@@ -71,6 +73,7 @@ impl Coordinator {
             next_id: AtomicU64::new(first_id),
             sources,
             pending: Mutex::new(HashMap::new()),
+            handled: Mutex::new(HashMap::new()),
             completed: Mutex::new(Vec::new()),
             notify: Notify::new(),
         }
@@ -102,6 +105,14 @@ impl Coordinator {
     }
 }
 
+impl Coordinator {
+    /// A source subtask has acted on checkpoint `id`'s completion (committed).
+    pub(crate) fn handled(&self, id: CheckpointId) {
+        *self.handled.lock().entry(id).or_insert(0) += 1;
+        self.notify.notify_waiters();
+    }
+}
+
 /// Triggers checkpoints of a running pipeline and reads the completed ones.
 #[derive(Debug, Clone)]
 pub struct CheckpointHandle {
@@ -126,6 +137,19 @@ impl CheckpointHandle {
     /// The most recent completed checkpoint.
     pub fn latest(&self) -> Option<Arc<CompletedCheckpoint>> {
         self.inner.completed.lock().last().cloned()
+    }
+
+    /// Waits until checkpoint `id` has completed and every source subtask has
+    /// acted on it (committed its positions).
+    pub async fn wait_handled(&self, id: CheckpointId) {
+        loop {
+            let notified = self.inner.notify.notified();
+            let done = self.inner.handled.lock().get(&id).copied().unwrap_or(0);
+            if done >= self.inner.sources.len() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Waits until checkpoint `id` has completed.

@@ -68,6 +68,9 @@ impl Default for RuntimeOptions {
     }
 }
 
+/// How long a stop waits for its final checkpoint before cancelling anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Stops a running pipeline from anywhere (a signal handler, a deadline).
 #[derive(Debug, Clone, Default)]
 pub struct StopHandle {
@@ -75,7 +78,9 @@ pub struct StopHandle {
 }
 
 impl StopHandle {
-    /// Asks the pipeline to stop: every task is cancelled.
+    /// Asks the pipeline to stop: a last checkpoint is taken (so sources
+    /// commit their positions, bounded by a few seconds), then every task is
+    /// cancelled.
     pub fn stop(&self) {
         self.notify.notify_one();
     }
@@ -114,6 +119,7 @@ impl RunningPipeline {
         let mut first: Option<EngineError> = None;
         let notify = self.stop.notify.clone();
         let mut stopped = false;
+        let mut final_checkpoint: Option<crate::message::CheckpointId> = None;
         let period = self
             .checkpoint_interval
             .unwrap_or(std::time::Duration::from_secs(3600));
@@ -132,6 +138,23 @@ impl RunningPipeline {
                 },
                 _ = notify.notified(), if !stopped => {
                     stopped = true;
+                    // A last checkpoint first, so sources commit what the
+                    // sinks already have; then cancel everything.
+                    match self.checkpoints.trigger() {
+                        Ok(id) => final_checkpoint = Some(id),
+                        Err(_) => self.tasks.abort_all(),
+                    }
+                    continue;
+                }
+                _ = async {
+                    match final_checkpoint {
+                        Some(id) => {
+                            let _ = tokio::time::timeout(STOP_GRACE, self.checkpoints.wait_handled(id)).await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    final_checkpoint = None;
                     self.tasks.abort_all();
                     continue;
                 }
@@ -589,7 +612,10 @@ async fn run_source(
                     outs.broadcast(Message::Barrier(Barrier { checkpoint: id }))
                         .await?;
                 }
-                Control::Complete(id) => source.on_checkpoint_complete(id)?,
+                Control::Complete(id) => {
+                    source.on_checkpoint_complete(id)?;
+                    coord.handled(id);
+                }
             }
         }
         if wm.all_finished() {

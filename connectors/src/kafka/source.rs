@@ -12,7 +12,9 @@
 //! Offsets are never auto-committed. A checkpoint's snapshot records the next
 //! offset of every partition for what this subtask has handed out; when the
 //! checkpoint has completed everywhere (every record before its barrier has
-//! been processed and every sink has flushed), those offsets are committed.
+//! been processed and every sink has flushed), those offsets are committed,
+//! synchronously: once per checkpoint interval, and once more when the
+//! pipeline is stopped (a stop takes a final checkpoint).
 //! That makes delivery at-least-once for what leaves the pipeline; state held
 //! in windows becomes durable with persisted checkpoints. Offsets of revoked
 //! partitions are dropped, never committed over their new owner's.
@@ -638,7 +640,7 @@ impl Source for KafkaSource {
                 .map_err(|e| kafka_error("invalid offset", e))?;
         }
         self.consumer
-            .commit(&list, CommitMode::Async)
+            .commit(&list, CommitMode::Sync)
             .map_err(|e| kafka_error("cannot commit offsets", e))?;
         tracing::debug!(source = %self.name, checkpoint, partitions = offsets.len(), "offsets committed");
         Ok(())
