@@ -165,9 +165,12 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
         "offsets committed after every record was processed"
     );
 
+    // Delivery is at-least-once: when the second subtask joins the group, a
+    // partition the first one had started may be re-read from the last
+    // committed offset. Nothing is lost; duplicates are possible.
     let sources = metrics.totals(NodeRole::Source);
-    assert_eq!(sources.records_in, 300);
-    assert_eq!(sources.dead_letters, 2);
+    assert!(sources.records_in >= 300, "{}", sources.records_in);
+    assert!(sources.dead_letters >= 2, "{}", sources.dead_letters);
     stop.stop();
     task.join_next()
         .await
@@ -175,8 +178,14 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
         .expect("join")
         .expect("clean stop");
     // Undecodable records went to auth.dlq, as they arrived, with why and whence.
-    let dlq = read_dead_letters(&brokers, "auth.dlq", 2).await;
-    assert_eq!(dlq.len(), 2);
+    let mut dlq = read_dead_letters(&brokers, "auth.dlq", sources.dead_letters as usize).await;
+    dlq.sort_by(|a, b| a.0.cmp(&b.0));
+    dlq.dedup_by(|a, b| a.0 == b.0);
+    assert_eq!(
+        dlq.len(),
+        2,
+        "both undecodable records, whatever was re-read"
+    );
     let bad = dlq
         .iter()
         .find(|d| d.0 == "not json at all")
@@ -198,8 +207,15 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
         "no dead-letter file for a Kafka source"
     );
     let by_error = metrics.dead_letters_by_error();
-    assert_eq!(by_error.get("invalid_json"), Some(&1));
-    assert_eq!(by_error.get("missing_event_time"), Some(&1));
+    assert!(
+        by_error.get("invalid_json").is_some_and(|n| *n >= 1),
+        "{by_error:?}"
+    );
+    assert!(
+        by_error.get("missing_event_time").is_some_and(|n| *n >= 1),
+        "{by_error:?}"
+    );
+    assert_eq!(by_error.len(), 2, "{by_error:?}");
 }
 
 /// Reads `topic` from the start, every partition assigned directly (no
@@ -292,7 +308,7 @@ async fn committed_resumes_where_the_group_stopped_and_earliest_rereads_everythi
         100,
     )
     .await;
-    assert_eq!(first.len(), 100);
+    assert_eq!(distinct(&first), 100);
     // Offsets were committed: a restart of the same group reads nothing old.
     let resumed = run_until(
         &brokers,
@@ -310,7 +326,7 @@ async fn committed_resumes_where_the_group_stopped_and_earliest_rereads_everythi
         100,
     )
     .await;
-    assert_eq!(replayed.len(), 100, "earliest rereads the whole topic");
+    assert_eq!(distinct(&replayed), 100, "earliest rereads the whole topic");
 }
 
 #[test]
@@ -428,7 +444,7 @@ sinks:
 "
     );
     let got = run_until(&brokers, &text, "sshd-failures", 10).await;
-    assert_eq!(got.len(), 10);
+    assert_eq!(distinct(&got), 10);
     for (_, v) in &got {
         assert!(
             v["value"]
@@ -448,4 +464,21 @@ sinks:
     let dlq = read_dead_letters(&brokers, "syslog.dlq", 1).await;
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].1["vigil.error"], "invalid_utf8");
+}
+
+/// Distinct source records among `got` (by partition and offset): delivery
+/// is at-least-once, so a rebalance while a group forms may repeat some.
+fn distinct(got: &[(Option<String>, serde_json::Value)]) -> usize {
+    let mut seen: Vec<(i64, i64)> = got
+        .iter()
+        .map(|(_, v)| {
+            (
+                v["kafka_partition"].as_i64().unwrap_or(-1),
+                v["kafka_offset"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
 }
