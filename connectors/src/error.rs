@@ -4,21 +4,14 @@
 //! runs, and carry the name of the offending field so the pipeline loader can
 //! point at its line. Runtime failures become [`EngineError`]s.
 
-use vigil_engine::EngineError;
+use vigil_engine::{ConfigError, EngineError};
 
 /// Errors building or running a connector.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
-    /// A configuration value is invalid; `field` names it as the user wrote it.
-    #[error("{message}")]
-    Config {
-        /// The field at fault, e.g. `schema.fields[2].type`.
-        field: String,
-        /// What is wrong, lowercase, PostgreSQL style.
-        message: String,
-        /// What to do about it.
-        hint: Option<String>,
-    },
+    /// A configuration value is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
     /// A file could not be opened or read.
     #[error("{path}: {source}")]
     Io {
@@ -36,21 +29,13 @@ pub enum ConnectorError {
 impl ConnectorError {
     /// A configuration error on `field`.
     pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConnectorError::Config {
-            field: field.into(),
-            message: message.into(),
-            hint: None,
-        }
+        ConnectorError::Config(ConfigError::new(field, message))
     }
 
     /// Adds a hint to a configuration error.
     pub fn with_hint(self, hint: impl Into<String>) -> Self {
         match self {
-            ConnectorError::Config { field, message, .. } => ConnectorError::Config {
-                field,
-                message,
-                hint: Some(hint.into()),
-            },
+            ConnectorError::Config(c) => ConnectorError::Config(c.with_hint(hint)),
             other => other,
         }
     }
@@ -61,7 +46,7 @@ impl From<ConnectorError> for EngineError {
         match e {
             ConnectorError::Io { path, source } => EngineError::io(path, source),
             ConnectorError::Arrow(a) => EngineError::Arrow(a),
-            c @ ConnectorError::Config { .. } => EngineError::User(c.to_string()),
+            ConnectorError::Config(c) => EngineError::User(c.to_string()),
         }
     }
 }

@@ -19,6 +19,38 @@ pub enum ErrorDomain {
     Internal,
 }
 
+/// A configuration value that is invalid, named as the user wrote it.
+///
+/// Connectors and operators both report configuration problems this way, so
+/// the pipeline loader can turn any of them into a located diagnostic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    /// The field at fault, relative to the node: `schema.fields[2].type`, `key[1]`.
+    pub field: String,
+    /// What is wrong, lowercase, PostgreSQL style.
+    pub message: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+}
+
+impl ConfigError {
+    /// An error on `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Adds a hint.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
 /// Errors raised by the dataflow runtime and by operators running inside it.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

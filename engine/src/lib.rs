@@ -30,7 +30,7 @@ pub mod watermark;
 
 pub use checkpoint::{CheckpointHandle, CompletedCheckpoint};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
-pub use error::{EngineError, ErrorDomain, Result};
+pub use error::{ConfigError, EngineError, ErrorDomain, Result};
 pub use graph::{Graph, NodeId, Partitioning, Port};
 pub use message::{Barrier, CheckpointId, EventTime, Message, Watermark};
 pub use metrics::{MetricsRegistry, NodeRole, TaskMetrics};

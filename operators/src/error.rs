@@ -5,21 +5,14 @@
 //! pipeline loader can point at its line. Everything an operator meets at run
 //! time becomes an [`EngineError`].
 
-use vigil_engine::EngineError;
+use vigil_engine::{ConfigError, EngineError};
 
 /// Errors building an operator.
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
-    /// A configuration value is invalid; `field` names it as written.
-    #[error("{message}")]
-    Config {
-        /// The field at fault, e.g. `where` or `key[1]`.
-        field: String,
-        /// What is wrong.
-        message: String,
-        /// What to do about it.
-        hint: Option<String>,
-    },
+    /// A configuration value is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
     /// DataFusion rejected an expression.
     #[error("{0}")]
     DataFusion(#[from] Box<datafusion::error::DataFusionError>),
@@ -35,11 +28,11 @@ impl OperatorError {
         message: impl Into<String>,
         hint: Option<String>,
     ) -> Self {
-        OperatorError::Config {
+        OperatorError::Config(ConfigError {
             field: field.into(),
             message: message.into(),
             hint,
-        }
+        })
     }
 
     /// A configuration error about a column that the input does not have.
@@ -74,7 +67,7 @@ impl From<OperatorError> for EngineError {
         match e {
             OperatorError::DataFusion(d) => EngineError::DataFusion(d),
             OperatorError::Arrow(a) => EngineError::Arrow(a),
-            c @ OperatorError::Config { .. } => EngineError::User(c.to_string()),
+            OperatorError::Config(c) => EngineError::User(c.to_string()),
         }
     }
 }

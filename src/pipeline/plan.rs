@@ -18,8 +18,8 @@ use vigil_connectors::null::NullSinkFactory;
 use vigil_connectors::stdout::StdoutSinkFactory;
 use vigil_connectors::ConnectorError;
 use vigil_engine::{
-    Graph, NodeId, OperatorFactory, Port, SharedClock, SinkFactory, SourceFactory, SystemClock,
-    WatermarkSpec, DEAD_LETTER, LATE,
+    ConfigError, Graph, NodeId, OperatorFactory, Port, SharedClock, SinkFactory, SourceFactory,
+    SystemClock, WatermarkSpec, DEAD_LETTER, LATE,
 };
 use vigil_operators::filter::FilterFactory;
 use vigil_operators::project::ProjectFactory;
@@ -93,26 +93,14 @@ fn port_of(name: &str) -> Option<Port> {
 
 /// A connector's or operator's build error: a field at fault, or something else.
 enum BuildError {
-    Field {
-        field: String,
-        message: String,
-        hint: Option<String>,
-    },
+    Field(ConfigError),
     Other(String),
 }
 
 impl From<ConnectorError> for BuildError {
     fn from(e: ConnectorError) -> Self {
         match e {
-            ConnectorError::Config {
-                field,
-                message,
-                hint,
-            } => BuildError::Field {
-                field,
-                message,
-                hint,
-            },
+            ConnectorError::Config(c) => BuildError::Field(c),
             other => BuildError::Other(other.to_string()),
         }
     }
@@ -121,15 +109,7 @@ impl From<ConnectorError> for BuildError {
 impl From<OperatorError> for BuildError {
     fn from(e: OperatorError) -> Self {
         match e {
-            OperatorError::Config {
-                field,
-                message,
-                hint,
-            } => BuildError::Field {
-                field,
-                message,
-                hint,
-            },
+            OperatorError::Config(c) => BuildError::Field(c),
             other => BuildError::Other(other.to_string()),
         }
     }
@@ -150,14 +130,10 @@ impl Planner<'_> {
     /// Reports a connector's or operator's build error, at the field it names.
     fn build_error(&mut self, node_path: &str, what: &str, e: impl Into<BuildError>) {
         match e.into() {
-            BuildError::Field {
-                field,
-                message,
-                hint,
-            } => self.at(
-                &format!("{node_path}.{field}"),
-                format!("{what}: {message}"),
-                hint,
+            BuildError::Field(c) => self.at(
+                &format!("{node_path}.{}", c.field),
+                format!("{what}: {}", c.message),
+                c.hint,
             ),
             BuildError::Other(message) => self.at(node_path, format!("{what}: {message}"), None),
         }

@@ -190,7 +190,7 @@ fn configuration_errors_name_the_field() {
     )
     .expect_err("bad field");
     match e {
-        crate::ConnectorError::Config { field, hint, .. } => {
+        crate::ConnectorError::Config(vigil_engine::ConfigError { field, hint, .. }) => {
             assert_eq!(field, "schema.event_time.field");
             assert_eq!(hint.as_deref(), Some("did you mean \"tss\"?"));
         }

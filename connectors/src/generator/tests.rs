@@ -156,7 +156,7 @@ fn bad_configs_are_rejected_with_the_field() {
     c.partitions = 0;
     let e = GeneratorSourceFactory::new(c, 0).expect_err("zero partitions");
     assert!(
-        matches!(e, crate::ConnectorError::Config { ref field, .. } if field == "partitions"),
+        matches!(e, crate::ConnectorError::Config(ref c) if c.field == "partitions"),
         "{e}"
     );
     let mut c = config(Stream::Auth);

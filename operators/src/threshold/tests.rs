@@ -200,7 +200,7 @@ fn configuration_errors_name_the_field_and_suggest() {
     cfg.key = vec!["tenant_id".into(), "src_iq".into()];
     let e = ThresholdFactory::new("bf", &cfg, schema(), Some("ts")).expect_err("bad key");
     match e {
-        crate::OperatorError::Config { field, hint, .. } => {
+        crate::OperatorError::Config(vigil_engine::ConfigError { field, hint, .. }) => {
             assert_eq!(field, "key[1]");
             assert_eq!(hint.as_deref(), Some("did you mean \"src_ip\"?"));
         }
