@@ -11,7 +11,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::TopicPartitionList;
 use vigil::pipeline::load_str;
-use vigil_engine::{start, NodeRole, RuntimeOptions};
+use vigil_engine::{NodeRole, RuntimeOptions};
 
 use crate::options_with;
 
@@ -102,18 +102,14 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
     let dlq_dir = tempfile::tempdir().expect("tempdir");
     options.dead_letter_dir = dlq_dir.path().to_path_buf();
     let plan = load_str("kafka.yaml", &pipeline(&name, &brokers), &options).expect("valid");
-    let running = start(
+    let launched = crate::launch(
         &plan.graph,
         RuntimeOptions {
             checkpoint_interval: Some(Duration::from_millis(300)),
             ..RuntimeOptions::default()
         },
-    )
-    .expect("start");
-    let stop = running.stop_handle();
-    let metrics = running.metrics();
-    let mut task = tokio::task::JoinSet::new();
-    task.spawn(running.wait());
+    );
+    let metrics = launched.metrics.clone();
 
     // Every failure arrives on the output topic, keyed by user.
     let mut seen: HashMap<i64, String> = HashMap::new();
@@ -171,12 +167,7 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
     let sources = metrics.totals(NodeRole::Source);
     assert!(sources.records_in >= 300, "{}", sources.records_in);
     assert!(sources.dead_letters >= 2, "{}", sources.dead_letters);
-    stop.stop();
-    task.join_next()
-        .await
-        .expect("task")
-        .expect("join")
-        .expect("clean stop");
+    launched.finish().await;
     // Undecodable records went to auth.dlq, as they arrived, with why and whence.
     let mut dlq = read_dead_letters(&brokers, "auth.dlq", sources.dead_letters as usize).await;
     dlq.sort_by(|a, b| a.0.cmp(&b.0));
@@ -266,25 +257,16 @@ async fn run_until(
     n: usize,
 ) -> Vec<(Option<String>, serde_json::Value)> {
     let plan = load_str("kafka.yaml", text, &options_with(&[])).expect("valid");
-    let running = start(
+    let launched = crate::launch(
         &plan.graph,
         RuntimeOptions {
             checkpoint_interval: Some(Duration::from_millis(300)),
             ..RuntimeOptions::default()
         },
-    )
-    .expect("start");
-    let stop = running.stop_handle();
-    let mut task = tokio::task::JoinSet::new();
-    task.spawn(running.wait());
+    );
     let mut got = read(brokers, out, n, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.stop();
-    task.join_next()
-        .await
-        .expect("task")
-        .expect("join")
-        .expect("clean stop");
+    launched.finish().await;
     if got.len() == n {
         // Anything beyond the expected records would be there by now.
         got = read(brokers, out, n + 1, Duration::from_secs(3)).await;

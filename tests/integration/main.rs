@@ -12,7 +12,9 @@ mod tansu;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio::task::JoinSet;
 use vigil::pipeline::PlanOptions;
+use vigil_engine::{start, Graph, MetricsRegistry, RuntimeOptions, StopHandle};
 
 /// Plan options with a fixed environment instead of the process's.
 pub fn options_with(env: &[(&str, &str)]) -> PlanOptions {
@@ -24,5 +26,39 @@ pub fn options_with(env: &[(&str, &str)]) -> PlanOptions {
         env: Arc::new(move |k: &str| map.get(k).cloned()),
         dead_letter_dir: std::env::temp_dir(),
         ..PlanOptions::default()
+    }
+}
+
+/// A pipeline running in the background of a test.
+pub struct Launched {
+    /// Its counters.
+    pub metrics: Arc<MetricsRegistry>,
+    stop: StopHandle,
+    task: JoinSet<vigil_engine::Result<()>>,
+}
+
+/// Starts `graph` in the background.
+pub fn launch(graph: &Graph, options: RuntimeOptions) -> Launched {
+    let running = start(graph, options).expect("start");
+    let (stop, metrics) = (running.stop_handle(), running.metrics());
+    let mut task = JoinSet::new();
+    task.spawn(running.wait());
+    Launched {
+        metrics,
+        stop,
+        task,
+    }
+}
+
+impl Launched {
+    /// Stops the pipeline and checks that it stopped cleanly.
+    pub async fn finish(mut self) {
+        self.stop.stop();
+        self.task
+            .join_next()
+            .await
+            .expect("the pipeline task")
+            .expect("join")
+            .expect("stopped cleanly");
     }
 }

@@ -135,8 +135,8 @@ mod idleness {
     use async_trait::async_trait;
     use vigil_connectors::memory::MemorySinkFactory;
     use vigil_engine::{
-        start, Graph, ManualClock, Port, RuntimeOptions, Source, SourceEvent, SourceFactory,
-        TaskContext, WatermarkSpec,
+        Graph, ManualClock, Port, RuntimeOptions, Source, SourceEvent, SourceFactory, TaskContext,
+        WatermarkSpec,
     };
     use vigil_operators::threshold::{ThresholdConfig, ThresholdFactory};
 
@@ -226,18 +226,14 @@ mod idleness {
         let (sink, out) = MemorySinkFactory::new();
         g.add_sink("out", Arc::new(sink), 1, &[(w, Port::Main)])
             .expect("sink");
-        let running = start(
+        let launched = crate::launch(
             &g,
             RuntimeOptions {
                 clock: clock.clone(),
                 ..RuntimeOptions::default()
             },
-        )
-        .expect("start");
-        let stop = running.stop_handle();
-        let metrics = running.metrics();
-        let mut run = tokio::task::JoinSet::new();
-        run.spawn(running.wait());
+        );
+        let metrics = launched.metrics.clone();
 
         while metrics.node_totals("talker").records_in < 50 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -258,11 +254,6 @@ mod idleness {
             closed >= 5,
             "windows closed on partition 0's watermark alone: {closed}"
         );
-        stop.stop();
-        run.join_next()
-            .await
-            .expect("the pipeline task")
-            .expect("join")
-            .expect("stopped cleanly");
+        launched.finish().await;
     }
 }

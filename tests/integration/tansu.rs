@@ -14,7 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::TopicPartitionList;
 use vigil::pipeline::load_str;
-use vigil_engine::{start, NodeRole, RuntimeOptions};
+use vigil_engine::{NodeRole, RuntimeOptions};
 
 use crate::options_with;
 
@@ -159,11 +159,7 @@ sinks:
 "
     );
     let plan = load_str("tansu.yaml", &text, &options_with(&[])).expect("valid");
-    let running = start(&plan.graph, RuntimeOptions::default()).expect("start");
-    let stop = running.stop_handle();
-    let metrics = running.metrics();
-    let mut task = tokio::task::JoinSet::new();
-    task.spawn(running.wait());
+    let launched = crate::launch(&plan.graph, RuntimeOptions::default());
 
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -187,13 +183,8 @@ sinks:
         assert_eq!(Some(v["user"].as_str().expect("user").as_bytes()), m.key());
         users.push(v["user"].as_str().expect("user").to_string());
     }
-    assert_eq!(metrics.totals(NodeRole::Source).records_in, 200);
-    stop.stop();
-    task.join_next()
-        .await
-        .expect("task")
-        .expect("join")
-        .expect("clean stop");
+    assert_eq!(launched.metrics.totals(NodeRole::Source).records_in, 200);
+    launched.finish().await;
     users.sort();
     users.dedup();
     assert_eq!(users, ["u0", "u1", "u2", "u3", "u4"]);
