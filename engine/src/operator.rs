@@ -200,6 +200,11 @@ pub enum SourceEvent {
     /// This subtask no longer reads partition `partition`; it stops holding
     /// the watermark back, but the source has not ended.
     PartitionRevoked(usize),
+    /// The source needs a checkpoint now: a Kafka partition being revoked
+    /// is handed over only once what was read from it has reached the sinks
+    /// and its offset is committed. The runtime triggers one for the whole
+    /// pipeline; [`Source::on_checkpoint_complete`] follows.
+    CheckpointRequested,
 }
 
 /// A source subtask: reads its share of a source's partitions.

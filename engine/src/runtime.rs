@@ -658,6 +658,14 @@ async fn run_source(
             SourceEvent::PartitionEnd(p) => wm.finish(p),
             SourceEvent::PartitionAssigned(p) => wm.assign(p, clock.now_ms()),
             SourceEvent::PartitionRevoked(p) => wm.revoke(p),
+            SourceEvent::CheckpointRequested => {
+                let handle = CheckpointHandle {
+                    inner: coord.clone(),
+                };
+                if let Err(e) = handle.trigger() {
+                    tracing::warn!(node = %ctx.node, subtask = ctx.subtask, error = %e, "requested checkpoint not taken");
+                }
+            }
         }
         if let Some(w) = wm.poll(clock.now_ms()) {
             outs.watermark(w).await?;

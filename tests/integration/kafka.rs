@@ -210,7 +210,8 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
 }
 
 /// Reads `topic` from the start, every partition assigned directly (no
-/// group), until `n` records arrived or `wait` passed.
+/// group), until `n` records arrived or `wait` passed (with `usize::MAX`:
+/// until nothing arrives for `wait`).
 async fn read(
     brokers: &str,
     topic: &str,
@@ -233,11 +234,14 @@ async fn read(
     }
     reader.assign(&list).expect("assign");
     let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + wait;
+    let mut deadline = tokio::time::Instant::now() + wait;
     while out.len() < n {
         let Ok(m) = tokio::time::timeout_at(deadline, reader.recv()).await else {
             break;
         };
+        if n == usize::MAX {
+            deadline = tokio::time::Instant::now() + wait;
+        }
         let m = m.expect("message");
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
         out.push((
@@ -463,4 +467,123 @@ fn distinct(got: &[(Option<String>, serde_json::Value)]) -> usize {
     seen.sort_unstable();
     seen.dedup();
     seen.len()
+}
+
+/// A pipeline reading `events` as one member of group `group`.
+fn member(brokers: &str, group: &str) -> String {
+    format!(
+        "\
+name: {group}
+sources:
+  events:
+    type: kafka
+    brokers: {brokers}
+    topics: [events]
+    group_id: {group}
+    properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}
+    schema:
+      fields:
+        - {{ name: ts, type: timestamp }}
+        - {{ name: id, type: int64 }}
+      event_time: {{ field: ts, format: epoch_ms }}
+sinks:
+  out:
+    type: kafka
+    input: events
+    brokers: {brokers}
+    topic: handed-over
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_group_member_takes_partitions_over_without_loss() {
+    const N: i64 = 4000;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("events", 4, 1).expect("topic");
+    cluster.create_topic("handed-over", 4, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    // Records keep arriving while the group changes: 4000 over ~12 s.
+    let mut producing = tokio::task::JoinSet::new();
+    {
+        let brokers = brokers.clone();
+        producing.spawn(async move {
+            let producer: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("linger.ms", "5")
+                .create()
+                .expect("producer");
+            for chunk in 0..N / 100 {
+                let values: Vec<(i64, String)> = (chunk * 100..chunk * 100 + 100)
+                    .map(|i| (i, format!(r#"{{"ts":{},"id":{i}}}"#, START + i)))
+                    .collect();
+                let sends = values.iter().map(|(i, value)| {
+                    let record = FutureRecord::<str, str>::to("events")
+                        .partition((i % 4) as i32)
+                        .payload(value);
+                    producer.send(record, Duration::from_secs(10))
+                });
+                for delivered in futures::future::join_all(sends).await {
+                    delivered.expect("delivered");
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+    }
+    let options = RuntimeOptions {
+        checkpoint_interval: Some(Duration::from_secs(1)),
+        ..RuntimeOptions::default()
+    };
+    let text = member(&brokers, "pair");
+    let plan = load_str("first.yaml", &text, &options_with(&[])).expect("valid");
+    let first = crate::launch(&plan.graph, options.clone());
+    // The first member owns all four partitions and is reading.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while first.metrics.node_totals("events").records_in < 200 {
+        assert!(tokio::time::Instant::now() < deadline, "first member reads");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The second member joins: the group rebalances; the first hands its
+    // revoked partitions over only after flushing and committing them.
+    let plan = load_str("second.yaml", &text, &options_with(&[])).expect("valid");
+    let second = crate::launch(&plan.graph, options);
+    producing
+        .join_next()
+        .await
+        .expect("producer task")
+        .expect("producer finished");
+
+    // Wait for all of them (perhaps some twice), then stop both.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while second.metrics.node_totals("events").records_in == 0
+        || first.metrics.node_totals("events").records_in
+            + second.metrics.node_totals("events").records_in
+            < N as u64
+    {
+        assert!(tokio::time::Instant::now() < deadline, "all records read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let by_first = first.metrics.node_totals("events").records_in;
+    let by_second = second.metrics.node_totals("events").records_in;
+    first.finish().await;
+    second.finish().await;
+    let got = read(&brokers, "handed-over", usize::MAX, Duration::from_secs(5)).await;
+
+    let mut ids: Vec<i64> = got
+        .iter()
+        .map(|(_, v)| v["id"].as_i64().expect("id"))
+        .collect();
+    ids.sort_unstable();
+    let total = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len() as i64, N, "every record arrived");
+    // Delivery is at-least-once. On a real broker the hand-over's commit
+    // makes repeats rare; librdkafka's mock coordinator refuses commits
+    // while the group rebalances, so here the next owner re-reads from the
+    // last periodic commit.
+    eprintln!("{} of {N} records repeated", total - ids.len());
+    assert!(
+        by_first > 0 && by_second > 0,
+        "both members read: {by_first} and {by_second}"
+    );
 }

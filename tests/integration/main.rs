@@ -37,8 +37,23 @@ pub struct Launched {
     task: JoinSet<vigil_engine::Result<()>>,
 }
 
+/// Logs of the pipelines under test, shown for a failing test when
+/// `RUST_LOG` is set (e.g. `RUST_LOG=vigil_connectors=debug`).
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 /// Starts `graph` in the background.
 pub fn launch(graph: &Graph, options: RuntimeOptions) -> Launched {
+    init_logs();
     let running = start(graph, options).expect("start");
     let (stop, metrics) = (running.stop_handle(), running.metrics());
     let mut task = JoinSet::new();

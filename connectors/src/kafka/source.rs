@@ -8,6 +8,17 @@
 //! ([`SourceEvent::PartitionAssigned`] / [`SourceEvent::PartitionRevoked`]),
 //! which keeps one watermark per partition and excludes idle and revoked ones.
 //!
+//! # Handing a partition over
+//! A revoked partition is not let go at once. The callback only records the
+//! revocation; the subtask stops handing out the partition's records, asks
+//! the runtime for a checkpoint ([`SourceEvent::CheckpointRequested`]) and,
+//! once that checkpoint has completed (everything read from the partition
+//! has reached the sinks), commits the partition's offset and only then
+//! unassigns it. The next owner starts exactly where this one stopped: no
+//! loss and, unless the hand-over times out ([`HANDOVER_TIMEOUT`]), no
+//! duplicates. The group waits for the unassign, as Kafka Streams' does for
+//! its revocation flush.
+//!
 //! # Offsets
 //! Offsets are never auto-committed. A checkpoint's snapshot records the next
 //! offset of every partition for what this subtask has handed out; when the
@@ -27,6 +38,7 @@
 //! `kafka_timestamp`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,12 +226,14 @@ impl SourceFactory for KafkaSourceFactory {
     }
     fn create(&self, _ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
         let events = Arc::new(Mutex::new(Vec::new()));
+        let closing = Arc::new(AtomicBool::new(false));
         let consumer: StreamConsumer<RebalanceRecorder> = self
             .client_config()
             .create_with_context(RebalanceRecorder {
                 events: events.clone(),
                 start: self.start,
                 started: self.started.clone(),
+                closing: closing.clone(),
             })
             .map_err(|e| kafka_error("cannot create Kafka consumer", e))?;
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
@@ -230,6 +244,9 @@ impl SourceFactory for KafkaSourceFactory {
             name: self.name.clone(),
             consumer,
             rebalances: events,
+            closing,
+            handover: None,
+            committed: HashMap::new(),
             decoder: self.decoder.clone(),
             schema: self.schema.clone(),
             batch_size: self.config.batch_size,
@@ -256,7 +273,27 @@ fn kafka_error(context: &str, e: rdkafka::error::KafkaError) -> EngineError {
 #[derive(Debug)]
 enum RebalanceEvent {
     Assigned(Vec<(String, i32)>),
-    Revoked(Vec<(String, i32)>),
+    /// Partitions to hand over; `cooperative` tells how to unassign them.
+    Revoked {
+        partitions: Vec<(String, i32)>,
+        cooperative: bool,
+    },
+    /// Partitions lost without a hand-over (already unassigned).
+    Lost(Vec<(String, i32)>),
+}
+
+/// How long a revoked partition waits for its flushing checkpoint before it
+/// is unassigned anyway (its records are then re-read by the next owner).
+/// Well under the group's rebalance timeout (`max.poll.interval.ms`).
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Revoked partitions waiting for their flushing checkpoint.
+struct Handover {
+    partitions: Vec<TopicPartition>,
+    cooperative: bool,
+    /// The checkpoint whose completion lets them go, once it is taken.
+    checkpoint: Option<CheckpointId>,
+    deadline: tokio::time::Instant,
 }
 
 /// Positions newly assigned partitions and records rebalances for the
@@ -265,6 +302,9 @@ struct RebalanceRecorder {
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
     start: Start,
     started: Arc<Mutex<HashSet<TopicPartition>>>,
+    /// Set when the consumer is closing: revocations then unassign at once
+    /// (closing waits for it; the final checkpoint has committed already).
+    closing: Arc<AtomicBool>,
 }
 
 impl ClientContext for RebalanceRecorder {}
@@ -346,10 +386,17 @@ impl ConsumerContext for RebalanceRecorder {
                     consumer.assign(list)
                 }
             }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+                if !self.closing.load(Ordering::Acquire) =>
+            {
+                // The subtask unassigns once the partitions are flushed.
+                self.events.lock().push(RebalanceEvent::Revoked {
+                    partitions: partitions_of(list),
+                    cooperative,
+                });
+                Ok(())
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.events
-                    .lock()
-                    .push(RebalanceEvent::Revoked(partitions_of(list)));
                 if cooperative {
                     consumer.incremental_unassign(list)
                 } else {
@@ -357,10 +404,13 @@ impl ConsumerContext for RebalanceRecorder {
                 }
             }
             other => {
+                // The assignment is lost (e.g. the session timed out): the
+                // partitions may already be someone else's, so nothing of
+                // theirs may be committed from here.
                 tracing::error!(error = ?other, "kafka rebalance failed");
                 self.events
                     .lock()
-                    .push(RebalanceEvent::Revoked(partitions_of(list)));
+                    .push(RebalanceEvent::Lost(partitions_of(list)));
                 consumer.unassign()
             }
         };
@@ -386,6 +436,11 @@ struct KafkaSource {
     name: String,
     consumer: StreamConsumer<RebalanceRecorder>,
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
+    closing: Arc<AtomicBool>,
+    /// Revoked partitions not yet let go.
+    handover: Option<Handover>,
+    /// The last offset committed for each partition.
+    committed: HashMap<TopicPartition, i64>,
     decoder: Option<Arc<JsonDecoder>>,
     schema: SchemaRef,
     batch_size: usize,
@@ -397,9 +452,34 @@ struct KafkaSource {
     next_offsets: HashMap<TopicPartition, i64>,
     /// Offsets to commit when a checkpoint completes.
     pending_commits: BTreeMap<CheckpointId, HashMap<TopicPartition, i64>>,
-    /// Events not yet handed out, each with the offset it moves its
-    /// partition to once it is.
-    queue: VecDeque<(SourceEvent, Option<(TopicPartition, i64)>)>,
+    /// Events not yet handed out.
+    queue: VecDeque<Queued>,
+}
+
+/// An event not yet handed out.
+struct Queued {
+    event: SourceEvent,
+    /// The partition whose records it carries: dropped if that partition
+    /// is revoked before it is handed out.
+    from: Option<TopicPartition>,
+    /// The offset it moves `from` to once handed out.
+    advance: Option<i64>,
+}
+
+impl Queued {
+    fn control(event: SourceEvent) -> Self {
+        Self {
+            event,
+            from: None,
+            advance: None,
+        }
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::Release);
+    }
 }
 
 impl KafkaSource {
@@ -418,22 +498,118 @@ impl KafkaSource {
                         let i = self.local(&tp);
                         self.assigned.insert(tp);
                         self.queue
-                            .push_back((SourceEvent::PartitionAssigned(i), None));
+                            .push_back(Queued::control(SourceEvent::PartitionAssigned(i)));
                     }
                 }
-                RebalanceEvent::Revoked(list) => {
-                    for tp in list {
-                        tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, "partition revoked");
-                        self.assigned.remove(&tp);
-                        self.next_offsets.remove(&tp);
-                        for pending in self.pending_commits.values_mut() {
-                            pending.remove(&tp);
-                        }
-                        let i = self.local(&tp);
+                RebalanceEvent::Revoked {
+                    partitions,
+                    cooperative,
+                } => self.revoke(partitions, cooperative),
+                RebalanceEvent::Lost(partitions) => {
+                    for tp in &partitions {
+                        tracing::warn!(source = %self.name, topic = %tp.0, partition = tp.1, "partition lost; its next owner re-reads from the last commit");
+                        self.assigned.remove(tp);
+                        self.forget(tp);
+                        let i = self.local(tp);
                         self.queue
-                            .push_back((SourceEvent::PartitionRevoked(i), None));
+                            .push_back(Queued::control(SourceEvent::PartitionRevoked(i)));
                     }
+                    self.drop_unassigned();
                 }
+            }
+        }
+    }
+
+    /// Stops handing out `partitions` and asks for the checkpoint that
+    /// flushes what was handed out; they are unassigned when it completes.
+    fn revoke(&mut self, partitions: Vec<TopicPartition>, cooperative: bool) {
+        let mut unflushed = false;
+        for tp in &partitions {
+            tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, "partition revoked");
+            self.assigned.remove(tp);
+            let i = self.local(tp);
+            self.queue
+                .push_back(Queued::control(SourceEvent::PartitionRevoked(i)));
+            unflushed |= self
+                .next_offsets
+                .get(tp)
+                .is_some_and(|next| self.committed.get(tp) != Some(next));
+        }
+        self.drop_unassigned();
+        let mut handover = Handover {
+            partitions,
+            cooperative,
+            checkpoint: None,
+            deadline: tokio::time::Instant::now() + HANDOVER_TIMEOUT,
+        };
+        if let Some(earlier) = self.handover.take() {
+            // A second revocation before the first finished: both wait
+            // for the same, newer checkpoint.
+            handover.partitions.extend(earlier.partitions);
+            handover.cooperative &= earlier.cooperative;
+        }
+        if unflushed {
+            self.queue
+                .push_back(Queued::control(SourceEvent::CheckpointRequested));
+            self.handover = Some(handover);
+        } else {
+            self.let_go(handover);
+        }
+    }
+
+    /// Unassigns handed-over partitions and forgets their offsets.
+    fn let_go(&mut self, handover: Handover) {
+        for tp in &handover.partitions {
+            self.forget(tp);
+        }
+        let result = if handover.cooperative {
+            let mut list = TopicPartitionList::new();
+            for (t, p) in &handover.partitions {
+                list.add_partition(t, *p);
+            }
+            self.consumer.incremental_unassign(&list)
+        } else {
+            self.consumer.unassign()
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(source = %self.name, partitions = handover.partitions.len(), "revoked partitions handed over")
+            }
+            Err(e) => {
+                tracing::error!(source = %self.name, error = %e, "cannot unassign revoked partitions")
+            }
+        }
+    }
+
+    /// Drops queued records of partitions no longer assigned here: they are
+    /// the next owner's to read.
+    fn drop_unassigned(&mut self) {
+        let assigned = &self.assigned;
+        self.queue
+            .retain(|q| q.from.as_ref().is_none_or(|tp| assigned.contains(tp)));
+    }
+
+    /// Forgets the offsets of a partition that is no longer ours: they must
+    /// never be committed over its next owner's.
+    fn forget(&mut self, tp: &TopicPartition) {
+        self.next_offsets.remove(tp);
+        self.committed.remove(tp);
+        for pending in self.pending_commits.values_mut() {
+            pending.remove(tp);
+        }
+    }
+
+    /// Lets revoked partitions go without their flush once the hand-over
+    /// has waited too long (no checkpoint can complete, say).
+    fn check_handover_deadline(&mut self) {
+        if self
+            .handover
+            .as_ref()
+            .is_some_and(|h| tokio::time::Instant::now() >= h.deadline)
+        {
+            if let Some(h) = self.handover.take() {
+                tracing::warn!(source = %self.name, partitions = h.partitions.len(), "revoked partitions handed over without their flush; the next owner re-reads from the last commit");
+                self.let_go(h);
             }
         }
     }
@@ -484,14 +660,13 @@ impl KafkaSource {
             None => self.decode_raw(&g, &location, &mut dead)?,
         };
         // The chunk's last event moves the partition's offset past the chunk.
-        let advance = g.offsets.last().map(|last| (tp.clone(), last + 1));
+        let advance = g.offsets.last().map(|last| last + 1);
         if let Some(d) = dead.finish()? {
-            let moves = if decoded.is_none() {
-                advance.clone()
-            } else {
-                None
-            };
-            self.queue.push_back((SourceEvent::DeadLetters(d), moves));
+            self.queue.push_back(Queued {
+                event: SourceEvent::DeadLetters(d),
+                from: Some(tp.clone()),
+                advance: if decoded.is_none() { advance } else { None },
+            });
         }
         if let Some((batch, rows)) = decoded {
             let n = rows.len();
@@ -510,8 +685,11 @@ impl KafkaSource {
             ));
             let partition = self.local(&tp);
             let batch = RecordBatch::try_new(self.schema.clone(), cols)?;
-            self.queue
-                .push_back((SourceEvent::Data { partition, batch }, advance));
+            self.queue.push_back(Queued {
+                event: SourceEvent::Data { partition, batch },
+                from: Some(tp),
+                advance,
+            });
         }
         Ok(())
     }
@@ -564,14 +742,11 @@ impl KafkaSource {
     }
 
     fn pop(&mut self) -> Option<SourceEvent> {
-        let (event, moves) = self.queue.pop_front()?;
-        if let Some((tp, next)) = moves {
-            // A partition revoked meanwhile is no longer ours to commit.
-            if self.assigned.contains(&tp) {
-                self.next_offsets.insert(tp, next);
-            }
+        let q = self.queue.pop_front()?;
+        if let (Some(tp), Some(next)) = (q.from, q.advance) {
+            self.next_offsets.insert(tp, next);
         }
-        Some(event)
+        Some(q.event)
     }
 }
 
@@ -583,13 +758,18 @@ impl Source for KafkaSource {
 
     async fn next(&mut self) -> vigil_engine::Result<SourceEvent> {
         self.apply_rebalances();
+        self.check_handover_deadline();
         if let Some(e) = self.pop() {
             return Ok(e);
         }
         let gathered = self.gather().await?;
         self.apply_rebalances();
         for (tp, g) in gathered {
-            self.decode(tp, g)?;
+            // Messages fetched for a partition being handed over are the
+            // next owner's.
+            if self.assigned.contains(&tp) {
+                self.decode(tp, g)?;
+            }
         }
         Ok(self.pop().unwrap_or(SourceEvent::Pending))
     }
@@ -599,6 +779,9 @@ impl Source for KafkaSource {
         // offsets move only when they are handed out.
         let offsets = self.next_offsets.clone();
         self.pending_commits.insert(checkpoint, offsets.clone());
+        if let Some(h) = &mut self.handover {
+            h.checkpoint.get_or_insert(checkpoint);
+        }
         let mut topics = Vec::new();
         let mut parts = Vec::new();
         let mut next = Vec::new();
@@ -631,11 +814,33 @@ impl Source for KafkaSource {
         };
         // Older checkpoints are superseded by this one.
         self.pending_commits = self.pending_commits.split_off(&checkpoint);
+        self.commit(checkpoint, &offsets)?;
+        if self
+            .handover
+            .as_ref()
+            .and_then(|h| h.checkpoint)
+            .is_some_and(|c| c <= checkpoint)
+        {
+            if let Some(h) = self.handover.take() {
+                self.let_go(h);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KafkaSource {
+    /// Commits `offsets` synchronously.
+    fn commit(
+        &mut self,
+        checkpoint: CheckpointId,
+        offsets: &HashMap<TopicPartition, i64>,
+    ) -> vigil_engine::Result<()> {
         if offsets.is_empty() {
             return Ok(());
         }
         let mut list = TopicPartitionList::new();
-        for ((t, p), o) in &offsets {
+        for ((t, p), o) in offsets {
             list.add_partition_offset(t, *p, Offset::Offset(*o))
                 .map_err(|e| kafka_error("invalid offset", e))?;
         }
@@ -644,7 +849,9 @@ impl Source for KafkaSource {
         // checkpoint commits again, so this is a warning, not a failure.
         match self.consumer.commit(&list, CommitMode::Sync) {
             Ok(()) => {
-                tracing::debug!(source = %self.name, checkpoint, partitions = offsets.len(), "offsets committed")
+                tracing::debug!(source = %self.name, checkpoint, partitions = offsets.len(), "offsets committed");
+                self.committed
+                    .extend(offsets.iter().map(|(tp, o)| (tp.clone(), *o)));
             }
             Err(e) => {
                 tracing::warn!(source = %self.name, checkpoint, error = %e, "offset commit failed; the next checkpoint retries")
