@@ -3,10 +3,12 @@
 //! Every source that can meet bad input emits rejected records on its
 //! `dead_letter` side output in this one schema, so any sink can store them and
 //! a person can find the original line and replay it after fixing the cause.
+//! `raw` is the record as text; when the record is not UTF-8 (Avro, say)
+//! `raw_bytes` also holds its exact bytes, so a replay loses nothing.
 
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::{ArrayRef, RecordBatch, StringBuilder, UInt64Builder};
+use arrow::array::{ArrayRef, BinaryBuilder, RecordBatch, StringBuilder, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 /// Why a record was rejected, as a stable class (the `error` column, a
@@ -25,6 +27,14 @@ pub enum DeadLetterError {
     InvalidTimestamp,
     /// Text that is not UTF-8.
     InvalidUtf8,
+    /// Not Avro in the Confluent wire format (no magic byte and schema id).
+    InvalidAvro,
+    /// A schema id the registry does not know.
+    UnknownSchemaId,
+    /// A writer schema that cannot be read with the pipeline's schema.
+    IncompatibleSchema,
+    /// An Avro body that does not match its writer schema.
+    AvroMismatch,
 }
 
 impl DeadLetterError {
@@ -37,6 +47,10 @@ impl DeadLetterError {
             DeadLetterError::MissingEventTime => "missing_event_time",
             DeadLetterError::InvalidTimestamp => "invalid_timestamp",
             DeadLetterError::InvalidUtf8 => "invalid_utf8",
+            DeadLetterError::InvalidAvro => "invalid_avro",
+            DeadLetterError::UnknownSchemaId => "unknown_schema_id",
+            DeadLetterError::IncompatibleSchema => "incompatible_schema",
+            DeadLetterError::AvroMismatch => "avro_mismatch",
         }
     }
 }
@@ -53,6 +67,7 @@ pub fn schema() -> SchemaRef {
                 Field::new("error", DataType::Utf8, false),
                 Field::new("reason", DataType::Utf8, false),
                 Field::new("raw", DataType::Utf8, false),
+                Field::new("raw_bytes", DataType::Binary, true),
             ]))
         })
         .clone()
@@ -68,6 +83,7 @@ pub struct DeadLetters {
     errors: StringBuilder,
     reasons: StringBuilder,
     raws: StringBuilder,
+    raw_bytes: BinaryBuilder,
 }
 
 impl DeadLetters {
@@ -81,6 +97,7 @@ impl DeadLetters {
             errors: StringBuilder::new(),
             reasons: StringBuilder::new(),
             raws: StringBuilder::new(),
+            raw_bytes: BinaryBuilder::new(),
         }
     }
 
@@ -99,7 +116,16 @@ impl DeadLetters {
         self.lines.append_option(line);
         self.errors.append_value(error.as_str());
         self.reasons.append_value(reason);
-        self.raws.append_value(String::from_utf8_lossy(raw));
+        match std::str::from_utf8(raw) {
+            Ok(text) => {
+                self.raws.append_value(text);
+                self.raw_bytes.append_null();
+            }
+            Err(_) => {
+                self.raws.append_value(String::from_utf8_lossy(raw));
+                self.raw_bytes.append_value(raw);
+            }
+        }
     }
 
     /// Number of records held.
@@ -124,6 +150,7 @@ impl DeadLetters {
             Arc::new(self.errors.finish()),
             Arc::new(self.reasons.finish()),
             Arc::new(self.raws.finish()),
+            Arc::new(self.raw_bytes.finish()),
         ];
         RecordBatch::try_new(schema(), cols).map(Some)
     }

@@ -11,11 +11,12 @@
 //! |-------------|--------|------|
 //! | `generator` | yes    |      |
 //! | `file`      | JSON, NDJSON, gzip | NDJSON |
-//! | `kafka`     | JSON, consumer groups | JSON, idempotent |
+//! | `kafka`     | JSON, Avro (registry), string, bytes; consumer groups | JSON, Avro (registry); idempotent |
 //! | `stdout`    |        | table, JSON lines |
 //! | `null`      |        | yes  |
 //! | `memory`    |        | yes (tests, embedding) |
 
+pub mod avro;
 pub mod dead_letter;
 pub mod error;
 pub mod event_time;

@@ -92,6 +92,7 @@ impl Sink for KafkaDeadLetterSink {
         let error = column(&batch, "error")?.as_string::<i32>();
         let reason = column(&batch, "reason")?.as_string::<i32>();
         let raw = column(&batch, "raw")?.as_string::<i32>();
+        let raw_bytes = column(&batch, "raw_bytes")?.as_binary::<i32>();
         for row in 0..batch.num_rows() {
             let (topic, partition) = location
                 .value(row)
@@ -135,8 +136,14 @@ impl Sink for KafkaDeadLetterSink {
                     key: "vigil.offset",
                     value: Some(offset.as_str()),
                 });
+            // The record's exact bytes: a replay reads it as it was.
+            let payload = if raw_bytes.is_valid(row) {
+                raw_bytes.value(row)
+            } else {
+                raw.value(row).as_bytes()
+            };
             let record = FutureRecord::<str, [u8]>::to(&target)
-                .payload(raw.value(row).as_bytes())
+                .payload(payload)
                 .headers(headers);
             self.producer.send(record).await?;
         }
