@@ -295,7 +295,13 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         let factory: Arc<dyn SinkFactory> = match &s.kind {
             SinkKind::Stdout(c) => Arc::new(StdoutSinkFactory::new(c)),
             SinkKind::File(c) => Arc::new(FileSinkFactory::new(c)),
-            SinkKind::Kafka(c) => Arc::new(KafkaSinkFactory::new(c)),
+            SinkKind::Kafka(c) => match KafkaSinkFactory::new(c) {
+                Ok(f) => Arc::new(f),
+                Err(e) => {
+                    p.build_error(&s.path, &what, e);
+                    continue;
+                }
+            },
             SinkKind::Null => Arc::new(NullSinkFactory),
         };
         let mut fits = true;

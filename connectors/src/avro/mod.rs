@@ -18,11 +18,13 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_avro::reader::ReaderBuilder;
 use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
+use serde_json::Value;
 
 pub use decoder::{AvroDecoder, Decoded};
 pub use registry::{Lookup, Registry, RegistryConfig};
@@ -30,17 +32,163 @@ pub use registry::{Lookup, Registry, RegistryConfig};
 use crate::error::{ConnectorError, Result};
 use crate::schema::timestamp_type;
 
-/// Reads an Avro schema file (`.avsc`), checking it is a record schema.
-/// `field` names the setting in errors.
-pub fn load_schema_file(path: &str, field: &str) -> Result<AvroSchema> {
+/// Reads an Avro schema file (`.avsc`) and returns the record schema
+/// `record` of it, self-contained. The file is one record, or a list of
+/// named types (as `schemas/security-events.avsc`) whose later types use
+/// earlier ones by name; then `record` (full or short name) picks one, and
+/// the types it uses are written into it, so the registry and the decoder
+/// get a schema that stands alone. `field` names the setting in errors.
+pub fn load_schema_file(path: &str, record: Option<&str>, field: &str) -> Result<AvroSchema> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConnectorError::config(field, format!("cannot read Avro schema {path:?}: {e}"))
     })?;
-    let schema = AvroSchema::new(text);
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| ConnectorError::config(field, format!("{path:?} is not JSON: {e}")))?;
+    let chosen = match (&json, record) {
+        (Value::Array(types), Some(name)) => {
+            let mut defs = HashMap::new();
+            for t in types {
+                collect_named(t, "", &mut defs);
+            }
+            let full = defs
+                .keys()
+                .find(|k| *k == name || k.rsplit('.').next() == Some(name))
+                .cloned()
+                .ok_or_else(|| {
+                    let mut names: Vec<&String> = defs.keys().collect();
+                    names.sort();
+                    ConnectorError::config(
+                        format!("{field}_record"),
+                        format!("{path:?} defines no type {name:?}"),
+                    )
+                    .with_hint(format!(
+                        "it defines {}",
+                        names
+                            .iter()
+                            .map(|n| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+            let mut defined = HashSet::new();
+            inline(&Value::String(full), "", &defs, &mut defined)
+        }
+        (Value::Array(_), None) => {
+            return Err(ConnectorError::config(
+                format!("{field}_record"),
+                format!("{path:?} defines several types: say which record to read"),
+            ))
+        }
+        (other, _) => other.clone(),
+    };
+    let schema = AvroSchema::new(chosen.to_string());
     arrow_schema(&schema).map_err(|e| {
         ConnectorError::config(field, format!("{path:?} is not a usable Avro schema: {e}"))
     })?;
     Ok(schema)
+}
+
+const PRIMITIVES: &[&str] = &[
+    "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+];
+
+/// The full name of a named type declared as `name` in namespace `ns`.
+fn full_name(name: &str, ns: &str) -> String {
+    if name.contains('.') || ns.is_empty() {
+        name.to_string()
+    } else {
+        format!("{ns}.{name}")
+    }
+}
+
+/// Records every named type (record, enum, fixed) in `v` under its full
+/// name, with the name written in full so it reads the same anywhere.
+fn collect_named(v: &Value, ns: &str, defs: &mut HashMap<String, Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| collect_named(i, ns, defs)),
+        Value::Object(o) => {
+            let mut inner_ns = ns.to_string();
+            if let Some(name) = o.get("name").and_then(Value::as_str) {
+                if matches!(
+                    o.get("type").and_then(Value::as_str),
+                    Some("record" | "enum" | "fixed")
+                ) {
+                    let own_ns = o.get("namespace").and_then(Value::as_str).unwrap_or(ns);
+                    let full = full_name(name, own_ns);
+                    inner_ns = full.rsplit_once('.').map_or("", |(n, _)| n).to_string();
+                    let mut def = o.clone();
+                    def.insert("name".into(), Value::String(full.clone()));
+                    def.remove("namespace");
+                    defs.insert(full, Value::Object(def));
+                }
+            }
+            for key in ["type", "items", "values", "fields"] {
+                if let Some(child) = o.get(key) {
+                    collect_named(child, &inner_ns, defs);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `v` with each named type used by name written out in full where it is
+/// first used (Avro's rule: a name is defined once, then referred to).
+fn inline(
+    v: &Value,
+    ns: &str,
+    defs: &HashMap<String, Value>,
+    defined: &mut HashSet<String>,
+) -> Value {
+    match v {
+        Value::String(s) if !PRIMITIVES.contains(&s.as_str()) => {
+            let full = if defs.contains_key(s) {
+                s.clone()
+            } else {
+                full_name(s, ns)
+            };
+            match defs.get(&full) {
+                Some(def) if defined.insert(full.clone()) => {
+                    let own_ns = full.rsplit_once('.').map_or("", |(n, _)| n).to_string();
+                    inline(def, &own_ns, defs, defined)
+                }
+                Some(_) => Value::String(full),
+                None => v.clone(),
+            }
+        }
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|i| inline(i, ns, defs, defined)).collect())
+        }
+        Value::Object(o) => {
+            let mut out = o.clone();
+            if let Some(name) = o.get("name").and_then(Value::as_str) {
+                if matches!(
+                    o.get("type").and_then(Value::as_str),
+                    Some("record" | "enum" | "fixed")
+                ) {
+                    defined.insert(full_name(name, ns));
+                }
+            }
+            for key in ["type", "items", "values"] {
+                if let Some(child) = o.get(key) {
+                    out.insert(key.into(), inline(child, ns, defs, defined));
+                }
+            }
+            if let Some(Value::Array(fields)) = o.get("fields") {
+                out.insert(
+                    "fields".into(),
+                    Value::Array(
+                        fields
+                            .iter()
+                            .map(|f| inline(f, ns, defs, defined))
+                            .collect(),
+                    ),
+                );
+            }
+            Value::Object(out)
+        }
+        _ => v.clone(),
+    }
 }
 
 /// The Arrow schema rows read with `reader` have: Avro records become

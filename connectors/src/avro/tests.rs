@@ -206,3 +206,45 @@ fn each_bad_record_is_rejected_with_its_class_and_the_rest_decode() {
     let rows: Vec<usize> = out.batches.iter().flat_map(|(_, r)| r.clone()).collect();
     assert_eq!(rows, [0, 5]);
 }
+
+#[test]
+fn a_record_of_the_shipped_schema_file_stands_alone() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../schemas/security-events.avsc"
+    );
+    for record in [
+        "AuthenticationEvent",
+        "NetworkFlowEvent",
+        "ProcessEvent",
+        "AlertEvent",
+        "vigil.security.IncidentEvent",
+    ] {
+        let schema = super::load_schema_file(path, Some(record), "schema.avro").expect(record);
+        let arrow = arrow_schema(&schema).expect("arrow");
+        let names: Vec<&str> = arrow.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "type",
+                "version",
+                "time",
+                "source",
+                "tenant",
+                "correlation",
+                "security",
+                "data"
+            ],
+            "{record}"
+        );
+        assert_eq!(arrow.field(3).data_type(), &crate::schema::timestamp_type());
+        assert!(
+            matches!(arrow.field(5).data_type(), DataType::Struct(f) if f[0].name() == "tenantId")
+        );
+    }
+    let e = super::load_schema_file(path, Some("Login"), "schema.avro").expect_err("unknown");
+    assert!(e.to_string().contains("defines no type \"Login\""), "{e}");
+    let e = super::load_schema_file(path, None, "schema.avro").expect_err("ambiguous");
+    assert!(e.to_string().contains("say which record"), "{e}");
+}

@@ -5,7 +5,8 @@ mod sink;
 mod source;
 
 pub use config::{
-    EventTimeConfig, FileFormat, FileSinkConfig, FileSourceConfig, PathList, SchemaConfig,
+    flattened, EventTimeConfig, FileFormat, FileSinkConfig, FileSourceConfig, PathList,
+    ResolvedSchema, SchemaConfig,
 };
 pub use sink::FileSinkFactory;
 pub use source::FileSourceFactory;

@@ -20,7 +20,6 @@ use super::config::{FileFormat, FileSourceConfig, PathList};
 use crate::dead_letter::{self, DeadLetterError, DeadLetters};
 use crate::error::{ConnectorError, Result};
 use crate::json::{JsonDecoder, RecordSpan};
-use crate::schema::arrow_schema;
 
 /// Builds file source subtasks; files are spread over subtasks round robin.
 #[derive(Debug)]
@@ -37,28 +36,7 @@ pub struct FileSourceFactory {
 impl FileSourceFactory {
     /// Validates `config` (files exist, schema is sound) for source `name`.
     pub fn new(name: &str, config: &FileSourceConfig) -> Result<Self> {
-        let schema = arrow_schema(&config.schema.fields, "schema.fields")?;
-        let et_name = &config.schema.event_time.field;
-        let event_time = schema.index_of(et_name).map_err(|_| {
-            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            let e = ConnectorError::config(
-                "schema.event_time.field",
-                format!("event-time field {et_name:?} is not among the declared fields"),
-            );
-            match crate::schema::suggest(et_name, &names) {
-                Some(s) => e.with_hint(format!("did you mean {s:?}?")),
-                None => e.with_hint("declare it under schema.fields with type: timestamp"),
-            }
-        })?;
-        if !matches!(
-            schema.field(event_time).data_type(),
-            DataType::Timestamp(_, _)
-        ) {
-            return Err(ConnectorError::config(
-                "schema.event_time.field",
-                format!("event-time field {et_name:?} must be declared with type: timestamp"),
-            ));
-        }
+        let resolved = config.schema.resolve()?;
         if config.batch_size == 0 {
             return Err(ConnectorError::config(
                 "batch_size",
@@ -73,7 +51,15 @@ impl FileSourceFactory {
                 ));
             }
         }
-        let decoder = JsonDecoder::new(schema, event_time, config.schema.event_time.format)?;
+        let mut decoder = JsonDecoder::new(
+            resolved.decode,
+            resolved.event_time,
+            config.schema.event_time.format,
+        )?;
+        if config.schema.flatten {
+            decoder = decoder.flattened()?;
+        }
+        let event_time = decoder.event_time_column();
         Ok(Self {
             name: name.to_string(),
             files: expand(&config.path)?,

@@ -24,10 +24,13 @@ fn config(path: PathList, fields: Vec<FieldConfig>) -> FileSourceConfig {
         format: FileFormat::Auto,
         schema: SchemaConfig {
             fields,
+            avro: None,
+            avro_record: None,
             event_time: EventTimeConfig {
                 field: "ts".into(),
                 format: TimeFormat::Auto,
             },
+            flatten: false,
         },
         replay_speed: None,
         batch_size: 2,

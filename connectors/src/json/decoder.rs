@@ -31,6 +31,8 @@ pub struct JsonDecoder {
     event_time: usize,
     event_time_name: String,
     format: TimeFormat,
+    /// Struct columns flattened into this schema, if asked for.
+    flat_schema: Option<SchemaRef>,
 }
 
 impl JsonDecoder {
@@ -65,12 +67,29 @@ impl JsonDecoder {
             event_time,
             event_time_name,
             format,
+            flat_schema: None,
         })
+    }
+
+    /// The same decoder, with struct columns replaced by their leaves
+    /// (`a.b`) in what it produces.
+    pub fn flattened(mut self) -> Result<Self> {
+        self.flat_schema = Some(crate::file::flattened(&self.output_schema)?);
+        Ok(self)
     }
 
     /// Schema of the batches produced.
     pub fn schema(&self) -> SchemaRef {
-        self.output_schema.clone()
+        self.flat_schema
+            .clone()
+            .unwrap_or_else(|| self.output_schema.clone())
+    }
+
+    /// Index of the event-time column in [`JsonDecoder::schema`].
+    pub fn event_time_column(&self) -> usize {
+        self.schema()
+            .index_of(&self.event_time_name)
+            .unwrap_or(self.event_time)
     }
 
     fn raw_decoder(&self, rows: usize) -> Result<Decoder> {
@@ -227,7 +246,10 @@ impl JsonDecoder {
             }
             columns[c] = Arc::new(ts);
         }
-        let batch = RecordBatch::try_new(self.output_schema.clone(), columns)?;
+        let mut batch = RecordBatch::try_new(self.output_schema.clone(), columns)?;
+        if self.flat_schema.is_some() {
+            batch = batch.normalize(".", None)?;
+        }
         if keep.iter().all(|k| *k) {
             return Ok(Some((batch, rows.to_vec())));
         }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::avro::RegistryConfig;
 use crate::file::SchemaConfig;
 
 /// Where a consumer group starts on a partition it has no committed offset for.
@@ -28,6 +29,20 @@ pub enum ValueFormat {
     String,
     /// Bytes as they are, as one `value` column; event time is the Kafka timestamp.
     Bytes,
+    /// Avro in the Confluent wire format, read with the reader schema
+    /// `schema.avro`; writer schemas come from the `registry`.
+    Avro,
+}
+
+/// How a Kafka sink writes record values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    /// One JSON object per record.
+    #[default]
+    Json,
+    /// Avro in the Confluent wire format.
+    Avro,
 }
 
 /// Where reading starts when the pipeline starts.
@@ -88,12 +103,16 @@ pub struct KafkaSourceConfig {
     /// `earliest` (default) or `latest`.
     #[serde(default)]
     pub offset_reset: StartOffset,
-    /// `json` (default), `string` or `bytes`.
+    /// `json` (default), `avro`, `string` or `bytes`.
     #[serde(default)]
     pub format: ValueFormat,
-    /// Fields of the JSON values, and which is event time (JSON only).
+    /// Fields of the values (declared, or an Avro schema file), and which
+    /// is event time (JSON and Avro).
     #[serde(default)]
     pub schema: Option<SchemaConfig>,
+    /// The Schema Registry holding the writer schemas (Avro only).
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
     /// Records per batch, at most.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -115,7 +134,7 @@ fn default_start() -> String {
     "committed".into()
 }
 
-/// A Kafka sink: JSON values, idempotent, `acks=all`, lz4.
+/// A Kafka sink: JSON or Avro values, idempotent, `acks=all`, lz4.
 ///
 /// ```yaml
 /// type: kafka
@@ -135,6 +154,16 @@ pub struct KafkaSinkConfig {
     /// the same partition, as Kafka's default (murmur2) partitioner puts them.
     #[serde(default)]
     pub key: Option<String>,
+    /// `json` (default) or `avro` (Confluent wire format; the schema is
+    /// derived from the input columns and registered in `registry`).
+    #[serde(default)]
+    pub format: SinkFormat,
+    /// The Schema Registry (Avro only).
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
+    /// Subject the Avro schema is registered under (default `<topic>-value`).
+    #[serde(default)]
+    pub subject: Option<String>,
     /// Extra librdkafka settings.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,

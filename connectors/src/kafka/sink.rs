@@ -1,4 +1,4 @@
-//! The Kafka sink: one JSON value per row, keyed by a column.
+//! The Kafka sink: one JSON or Avro value per row, keyed by a column.
 //!
 //! The producer is idempotent with `acks=all` and lz4 compression, and uses
 //! librdkafka's `murmur2_random` partitioner, the same hash as the Java
@@ -6,22 +6,34 @@
 //! records with the same key from any other producer. librdkafka retries
 //! failed sends itself; a record that still cannot be delivered fails the
 //! pipeline at the next flush (every checkpoint barrier and the end), so no
-//! record is ever dropped silently. Rows are encoded with arrow-json in one
-//! pass per batch, never through per-row value trees.
+//! record is ever dropped silently. Rows are encoded with arrow-json or
+//! arrow-avro in one pass per batch, never through per-row value trees.
+//!
+//! Avro values are in the Confluent wire format. Their schema is derived
+//! from the input columns and registered under `<topic>-value` when the
+//! first batch is written, so consumers find it by the id in each record.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow_avro::schema::{
+    AvroSchema, FingerprintStrategy, AVRO_NAMESPACE_METADATA_KEY, AVRO_NAME_METADATA_KEY,
+};
+use arrow_avro::writer::format::AvroSoeFormat;
+use arrow_avro::writer::{Encoder, WriterBuilder};
 use arrow_json::LineDelimitedWriter;
 use async_trait::async_trait;
+use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use vigil_engine::{EngineError, Sink, SinkFactory, TaskContext};
 
-use super::config::KafkaSinkConfig;
+use super::config::{KafkaSinkConfig, SinkFormat};
+use crate::avro::Registry;
 
 /// Deliveries awaited at once before more are queued.
 const MAX_IN_FLIGHT: usize = 100_000;
@@ -30,14 +42,39 @@ const MAX_IN_FLIGHT: usize = 100_000;
 #[derive(Debug)]
 pub struct KafkaSinkFactory {
     config: KafkaSinkConfig,
+    registry: Option<Arc<Registry>>,
 }
 
 impl KafkaSinkFactory {
     /// A sink for `config`.
-    pub fn new(config: &KafkaSinkConfig) -> Self {
-        Self {
-            config: config.clone(),
+    pub fn new(config: &KafkaSinkConfig) -> crate::Result<Self> {
+        let registry = match (config.format, &config.registry) {
+            (SinkFormat::Avro, Some(r)) => Some(Arc::new(Registry::new(r, "registry")?)),
+            (SinkFormat::Avro, None) => {
+                return Err(crate::ConnectorError::config(
+                    "registry",
+                    "Avro values need a schema registry",
+                )
+                .with_hint("registry: { url: http://schema-registry:8081 }"))
+            }
+            (SinkFormat::Json, Some(_)) => {
+                return Err(crate::ConnectorError::config(
+                    "registry",
+                    "a schema registry applies to Avro values only",
+                ))
+            }
+            (SinkFormat::Json, None) => None,
+        };
+        if config.subject.is_some() && registry.is_none() {
+            return Err(crate::ConnectorError::config(
+                "subject",
+                "a subject applies to Avro values only",
+            ));
         }
+        Ok(Self {
+            config: config.clone(),
+            registry,
+        })
     }
 }
 
@@ -57,30 +94,138 @@ impl SinkFactory for KafkaSinkFactory {
                 )));
             }
         }
+        if self.registry.is_some() {
+            avro_schema_of(schema, &self.config.topic).map_err(|e| {
+                EngineError::User(format!("the input cannot be written as Avro: {e}"))
+            })?;
+        }
         Ok(())
     }
 
     fn create(&self, _ctx: &TaskContext, schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
         self.check_input(&schema)?;
+        let encoding = match &self.registry {
+            None => Encoding::Json,
+            Some(registry) => Encoding::Avro {
+                registry: registry.clone(),
+                subject: self
+                    .config
+                    .subject
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-value", self.config.topic)),
+                schema: avro_schema_of(&schema, &self.config.topic)?,
+                encoder: None,
+            },
+        };
         Ok(Box::new(KafkaSink {
             topic: self.config.topic.clone(),
             key: self.config.key.clone(),
+            encoding,
             producer: Producer::new(&self.config.brokers, &self.config.properties)?,
         }))
     }
 
     fn describe(&self) -> String {
+        let format = match self.config.format {
+            SinkFormat::Json => "json",
+            SinkFormat::Avro => "avro",
+        };
         match &self.config.key {
-            Some(k) => format!("kafka {} keyed by {k}", self.config.topic),
-            None => format!("kafka {}", self.config.topic),
+            Some(k) => format!("kafka {} ({format}) keyed by {k}", self.config.topic),
+            None => format!("kafka {} ({format})", self.config.topic),
         }
     }
+}
+
+/// The Avro schema written for `input`: a record named after the topic.
+fn avro_schema_of(input: &SchemaRef, topic: &str) -> vigil_engine::Result<Schema> {
+    let name: String = topic
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let name = if name.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("_{name}")
+    } else {
+        name
+    };
+    let mut md = HashMap::new();
+    md.insert(AVRO_NAME_METADATA_KEY.to_string(), name);
+    md.insert(AVRO_NAMESPACE_METADATA_KEY.to_string(), "vigil".to_string());
+    let schema = Schema::new(input.fields().clone()).with_metadata(md);
+    // Checked now: a column Avro cannot carry fails before anything runs.
+    AvroSchema::try_from(&schema)?;
+    Ok(schema)
+}
+
+enum Encoding {
+    Json,
+    Avro {
+        registry: Arc<Registry>,
+        subject: String,
+        schema: Schema,
+        /// Built once the schema is registered (first write).
+        encoder: Option<Box<Encoder>>,
+    },
 }
 
 struct KafkaSink {
     topic: String,
     key: Option<String>,
+    encoding: Encoding,
     producer: Producer,
+}
+
+impl KafkaSink {
+    /// The batch's rows encoded: one buffer and the offsets of each row.
+    async fn encode(&mut self, batch: &RecordBatch) -> vigil_engine::Result<(Bytes, Vec<usize>)> {
+        match &mut self.encoding {
+            Encoding::Json => {
+                let mut json = Vec::with_capacity(batch.num_rows() * 128);
+                {
+                    let mut w = LineDelimitedWriter::new(&mut json);
+                    w.write(batch)?;
+                    w.finish()?;
+                }
+                // Row i is json[offsets[i]..offsets[i + 1] - 1] (newline cut).
+                let mut offsets = Vec::with_capacity(batch.num_rows() + 1);
+                offsets.push(0);
+                offsets.extend(
+                    json.iter()
+                        .enumerate()
+                        .filter(|(_, b)| **b == b'\n')
+                        .map(|(i, _)| i + 1),
+                );
+                Ok((Bytes::from(json), offsets))
+            }
+            Encoding::Avro {
+                registry,
+                subject,
+                schema,
+                encoder,
+            } => {
+                if encoder.is_none() {
+                    let json = AvroSchema::try_from(&*schema)?.json_string;
+                    let id = registry.register(subject, &json).await?;
+                    tracing::info!(subject = %subject, id, "avro schema registered");
+                    let built = WriterBuilder::new(schema.clone())
+                        .with_fingerprint_strategy(FingerprintStrategy::Id(id))
+                        .build_encoder::<AvroSoeFormat>()
+                        .map_err(|e| EngineError::User(format!("cannot encode Avro: {e}")))?;
+                    *encoder = Some(Box::new(built));
+                }
+                let Some(encoder) = encoder.as_mut() else {
+                    return Err(EngineError::User("no Avro encoder".into()));
+                };
+                let values = batch.columns().to_vec();
+                let batch = RecordBatch::try_new(Arc::new(schema.clone()), values)?;
+                encoder
+                    .encode(&batch)
+                    .map_err(|e| EngineError::User(format!("cannot encode Avro: {e}")))?;
+                let rows = encoder.flush();
+                Ok((rows.bytes().clone(), rows.offsets().to_vec()))
+            }
+        }
+    }
 }
 
 /// A producer that keeps its delivery reports, so a flush can wait for every
@@ -165,12 +310,8 @@ impl Producer {
 #[async_trait]
 impl Sink for KafkaSink {
     async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
-        let mut json = Vec::with_capacity(batch.num_rows() * 128);
-        {
-            let mut w = LineDelimitedWriter::new(&mut json);
-            w.write(&batch)?;
-            w.finish()?;
-        }
+        let (values, offsets) = self.encode(&batch).await?;
+        let newline = usize::from(matches!(self.encoding, Encoding::Json));
         let keys = match &self.key {
             Some(k) => {
                 let col = batch.column_by_name(k).ok_or_else(|| {
@@ -181,11 +322,8 @@ impl Sink for KafkaSink {
             None => None,
         };
         let keys = keys.as_ref().map(|k| k.as_string::<i32>());
-        for (row, value) in json
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .enumerate()
-        {
+        for row in 0..batch.num_rows() {
+            let value = &values[offsets[row]..offsets[row + 1] - newline];
             let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(value);
             if let Some(k) = keys.filter(|k| k.is_valid(row)).map(|k| k.value(row)) {
                 record = record.key(k);

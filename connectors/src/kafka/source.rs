@@ -43,17 +43,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{
-    ArrayRef, BinaryArray, Int32Array, Int64Array, RecordBatch, StringArray,
-    TimestampMillisecondArray,
+    Array, ArrayRef, BinaryArray, Int32Array, Int64Array, MapBuilder, RecordBatch, StringArray,
+    StringBuilder, TimestampMillisecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow_avro::schema::AvroSchema;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use vigil_engine::{
@@ -62,10 +63,11 @@ use vigil_engine::{
 };
 
 use super::config::{KafkaSourceConfig, Start, StartOffset, ValueFormat};
+use crate::avro::{AvroDecoder, Registry};
 use crate::dead_letter::{self, DeadLetterError, DeadLetters};
 use crate::error::{ConnectorError, Result};
 use crate::json::{JsonDecoder, RecordSpan};
-use crate::schema::{arrow_schema, timestamp_type};
+use crate::schema::timestamp_type;
 
 /// Builds Kafka source subtasks.
 #[derive(Debug)]
@@ -73,14 +75,59 @@ pub struct KafkaSourceFactory {
     name: String,
     config: KafkaSourceConfig,
     group_id: String,
-    /// The JSON decoder; `None` for string and bytes values.
-    decoder: Option<Arc<JsonDecoder>>,
+    codec: Codec,
     schema: SchemaRef,
     event_time: usize,
     start: Start,
     /// Partitions already positioned by `start` in this process, shared by
     /// all subtasks: a partition moving between subtasks is not rewound.
     started: Arc<Mutex<HashSet<TopicPartition>>>,
+}
+
+/// How record values become columns.
+#[derive(Debug, Clone)]
+enum Codec {
+    /// JSON objects of a declared schema.
+    Json(Arc<JsonDecoder>),
+    /// Confluent-framed Avro read with `reader`.
+    Avro {
+        reader: AvroSchema,
+        registry: Arc<Registry>,
+        flatten: bool,
+        event_time: String,
+    },
+    /// String or bytes, one `value` column.
+    Raw,
+}
+
+/// A subtask's decoder: the Avro one keeps the writer schemas it has met.
+enum ValueDecoder {
+    Json(Arc<JsonDecoder>),
+    Avro {
+        decoder: Box<AvroDecoder>,
+        registry: Arc<Registry>,
+        flatten: bool,
+        /// The event-time column among the decoder's.
+        event_time: usize,
+    },
+    Raw,
+}
+
+fn headers_type() -> DataType {
+    DataType::Map(
+        Arc::new(Field::new(
+            "entries",
+            DataType::Struct(
+                vec![
+                    Field::new("keys", DataType::Utf8, false),
+                    Field::new("values", DataType::Utf8, true),
+                ]
+                .into(),
+            ),
+            false,
+        )),
+        false,
+    )
 }
 
 fn metadata_fields() -> Vec<Field> {
@@ -90,6 +137,7 @@ fn metadata_fields() -> Vec<Field> {
         Field::new("kafka_offset", DataType::Int64, false),
         Field::new("kafka_key", DataType::Utf8, true),
         Field::new("kafka_timestamp", timestamp_type(), true),
+        Field::new("kafka_headers", headers_type(), false),
     ]
 }
 
@@ -120,30 +168,64 @@ impl KafkaSourceFactory {
                 "batch_size must be at least 1",
             ));
         }
-        let (payload, decoder, event_time) = match (config.format, &config.schema) {
+        if config.registry.is_some() && config.format != ValueFormat::Avro {
+            return Err(ConnectorError::config(
+                "registry",
+                "a schema registry applies to Avro values only",
+            ));
+        }
+        let (payload, codec, event_time) = match (config.format, &config.schema) {
             (ValueFormat::Json, Some(schema)) => {
-                let payload = arrow_schema(&schema.fields, "schema.fields")?;
-                let et = &schema.event_time.field;
-                let event_time = payload.index_of(et).map_err(|_| {
-                    ConnectorError::config(
-                        "schema.event_time.field",
-                        format!("event-time field {et:?} is not among the declared fields"),
-                    )
-                })?;
-                let decoder =
-                    JsonDecoder::new(payload.clone(), event_time, schema.event_time.format)?;
-                (payload, Some(Arc::new(decoder)), event_time)
+                let resolved = schema.resolve()?;
+                let mut decoder = JsonDecoder::new(
+                    resolved.decode,
+                    resolved.event_time,
+                    schema.event_time.format,
+                )?;
+                if schema.flatten {
+                    decoder = decoder.flattened()?;
+                }
+                let event_time = decoder.event_time_column();
+                (decoder.schema(), Codec::Json(Arc::new(decoder)), event_time)
             }
-            (ValueFormat::Json, None) => {
-                return Err(
-                    ConnectorError::config("schema", "JSON values need a schema").with_hint(
-                        "declare schema.fields and schema.event_time, or use format: string",
-                    ),
+            (ValueFormat::Avro, Some(schema)) => {
+                let resolved = schema.resolve()?;
+                let reader = resolved.avro.ok_or_else(|| {
+                    ConnectorError::config("schema.avro", "Avro values need a reader schema")
+                        .with_hint("name the .avsc file the pipeline reads with: schema.avro")
+                })?;
+                let registry = config.registry.as_ref().ok_or_else(|| {
+                    ConnectorError::config("registry", "Avro values need a schema registry")
+                        .with_hint("registry: { url: http://schema-registry:8081 }")
+                })?;
+                let payload = if schema.flatten {
+                    crate::file::flattened(&resolved.decode)?
+                } else {
+                    resolved.decode.clone()
+                };
+                let event_time = payload
+                    .index_of(&schema.event_time.field)
+                    .unwrap_or(resolved.event_time);
+                let codec = Codec::Avro {
+                    reader,
+                    registry: Arc::new(Registry::new(registry, "registry")?),
+                    flatten: schema.flatten,
+                    event_time: schema.event_time.field.clone(),
+                };
+                (payload, codec, event_time)
+            }
+            (ValueFormat::Json | ValueFormat::Avro, None) => {
+                return Err(ConnectorError::config(
+                    "schema",
+                    "JSON and Avro values need a schema",
                 )
+                .with_hint(
+                    "declare schema.fields (or schema.avro) and schema.event_time, or use format: string",
+                ))
             }
             (_, Some(_)) => return Err(ConnectorError::config(
                 "schema",
-                "a schema applies to JSON values only",
+                "a schema applies to JSON and Avro values only",
             )
             .with_hint(
                 "string and bytes values are one column, value; event time is the Kafka timestamp",
@@ -156,7 +238,7 @@ impl KafkaSourceFactory {
                 };
                 let payload = Arc::new(Schema::new(vec![Field::new("value", t, true)]));
                 // kafka_timestamp follows the value and three other metadata columns.
-                (payload, None, 5)
+                (payload, Codec::Raw, 5)
             }
         };
         let mut fields: Vec<Field> = payload
@@ -173,7 +255,7 @@ impl KafkaSourceFactory {
             }
             fields.push(m);
         }
-        if decoder.is_none() {
+        if matches!(codec, Codec::Raw) {
             // Event time is the Kafka timestamp: never null in a batch.
             fields[event_time] = Field::new("kafka_timestamp", timestamp_type(), false);
         }
@@ -184,7 +266,7 @@ impl KafkaSourceFactory {
                 .clone()
                 .unwrap_or_else(|| format!("vigil-{pipeline}")),
             config: config.clone(),
-            decoder,
+            codec,
             schema: Arc::new(Schema::new(fields)),
             event_time,
             start,
@@ -247,7 +329,26 @@ impl SourceFactory for KafkaSourceFactory {
             closing,
             handover: None,
             committed: HashMap::new(),
-            decoder: self.decoder.clone(),
+            decoder: match &self.codec {
+                Codec::Json(d) => ValueDecoder::Json(d.clone()),
+                Codec::Avro {
+                    reader,
+                    registry,
+                    flatten,
+                    event_time,
+                } => {
+                    let decoder = AvroDecoder::new(reader.clone(), self.config.batch_size)
+                        .map_err(EngineError::User)?;
+                    let event_time = decoder.schema().index_of(event_time)?;
+                    ValueDecoder::Avro {
+                        decoder: Box::new(decoder),
+                        registry: registry.clone(),
+                        flatten: *flatten,
+                        event_time,
+                    }
+                }
+                Codec::Raw => ValueDecoder::Raw,
+            },
             schema: self.schema.clone(),
             batch_size: self.config.batch_size,
             index: HashMap::new(),
@@ -428,6 +529,10 @@ struct Gathered {
     offsets: Vec<i64>,
     keys: Vec<Option<String>>,
     timestamps: Vec<Option<i64>>,
+    /// Headers of all records, and where each record's end.
+    header_keys: Vec<String>,
+    header_values: Vec<Option<String>>,
+    header_ends: Vec<usize>,
 }
 
 type TopicPartition = (String, i32);
@@ -441,7 +546,7 @@ struct KafkaSource {
     handover: Option<Handover>,
     /// The last offset committed for each partition.
     committed: HashMap<TopicPartition, i64>,
-    decoder: Option<Arc<JsonDecoder>>,
+    decoder: ValueDecoder,
     schema: SchemaRef,
     batch_size: usize,
     /// Local partition index of each (topic, partition) ever assigned here.
@@ -643,6 +748,14 @@ impl KafkaSource {
             g.keys
                 .push(msg.key().map(|k| String::from_utf8_lossy(k).into_owned()));
             g.timestamps.push(msg.timestamp().to_millis());
+            if let Some(headers) = msg.headers() {
+                for h in headers.iter() {
+                    g.header_keys.push(h.key.to_string());
+                    g.header_values
+                        .push(h.value.map(|v| String::from_utf8_lossy(v).into_owned()));
+                }
+            }
+            g.header_ends.push(g.header_keys.len());
             n += 1;
             // Yield to the runtime between messages already buffered.
             if n % 256 == 0 {
@@ -652,12 +765,44 @@ impl KafkaSource {
         Ok(out)
     }
 
+    /// Looks up the writer schemas of Avro records not met before.
+    async fn learn(
+        &mut self,
+        gathered: &HashMap<TopicPartition, Gathered>,
+    ) -> vigil_engine::Result<()> {
+        if let ValueDecoder::Avro {
+            decoder, registry, ..
+        } = &mut self.decoder
+        {
+            let mut records: Vec<&[u8]> = Vec::new();
+            for g in gathered.values() {
+                for span in &g.spans {
+                    records.push(&g.buf[span.bytes.clone()]);
+                }
+            }
+            decoder.learn(registry, records.into_iter()).await?;
+        }
+        Ok(())
+    }
+
     fn decode(&mut self, tp: TopicPartition, g: Gathered) -> vigil_engine::Result<()> {
         let location = format!("{}/{}", tp.0, tp.1);
         let mut dead = DeadLetters::new(&self.name);
-        let decoded = match &self.decoder {
-            Some(d) => d.decode_indexed(&g.buf, &g.spans, &location, &mut dead)?,
-            None => self.decode_raw(&g, &location, &mut dead)?,
+        let decoded: Vec<(RecordBatch, Vec<usize>)> = match &mut self.decoder {
+            ValueDecoder::Json(d) => d
+                .decode_indexed(&g.buf, &g.spans, &location, &mut dead)?
+                .into_iter()
+                .collect(),
+            ValueDecoder::Avro {
+                decoder,
+                flatten,
+                event_time,
+                ..
+            } => decode_avro(decoder, *flatten, *event_time, &g, &location, &mut dead)?,
+            ValueDecoder::Raw => self
+                .decode_raw(&g, &location, &mut dead)?
+                .into_iter()
+                .collect(),
         };
         // The chunk's last event moves the partition's offset past the chunk.
         let advance = g.offsets.last().map(|last| last + 1);
@@ -665,33 +810,57 @@ impl KafkaSource {
             self.queue.push_back(Queued {
                 event: SourceEvent::DeadLetters(d),
                 from: Some(tp.clone()),
-                advance: if decoded.is_none() { advance } else { None },
+                advance: if decoded.is_empty() { advance } else { None },
             });
         }
-        if let Some((batch, rows)) = decoded {
-            let n = rows.len();
-            let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-            cols.push(Arc::new(StringArray::from(vec![tp.0.as_str(); n])));
-            cols.push(Arc::new(Int32Array::from(vec![tp.1; n])));
-            cols.push(Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|&r| g.offsets[r]),
-            )));
-            cols.push(Arc::new(StringArray::from_iter(
-                rows.iter().map(|&r| g.keys[r].as_deref()),
-            )));
-            cols.push(Arc::new(
-                TimestampMillisecondArray::from_iter(rows.iter().map(|&r| g.timestamps[r]))
-                    .with_timezone("UTC"),
-            ));
+        let last = decoded.len().saturating_sub(1);
+        for (k, (batch, rows)) in decoded.into_iter().enumerate() {
+            let batch = self.with_metadata(&tp, &g, batch, &rows)?;
             let partition = self.local(&tp);
-            let batch = RecordBatch::try_new(self.schema.clone(), cols)?;
             self.queue.push_back(Queued {
                 event: SourceEvent::Data { partition, batch },
-                from: Some(tp),
-                advance,
+                from: Some(tp.clone()),
+                advance: if k == last { advance } else { None },
             });
         }
         Ok(())
+    }
+
+    /// Appends the Kafka metadata columns of records `rows` to `batch`.
+    fn with_metadata(
+        &self,
+        tp: &TopicPartition,
+        g: &Gathered,
+        batch: RecordBatch,
+        rows: &[usize],
+    ) -> vigil_engine::Result<RecordBatch> {
+        let n = rows.len();
+        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+        cols.push(Arc::new(StringArray::from(vec![tp.0.as_str(); n])));
+        cols.push(Arc::new(Int32Array::from(vec![tp.1; n])));
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|&r| g.offsets[r]),
+        )));
+        cols.push(Arc::new(StringArray::from_iter(
+            rows.iter().map(|&r| g.keys[r].as_deref()),
+        )));
+        cols.push(Arc::new(
+            TimestampMillisecondArray::from_iter(rows.iter().map(|&r| g.timestamps[r]))
+                .with_timezone("UTC"),
+        ));
+        let mut headers = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+        for &r in rows {
+            let start = if r == 0 { 0 } else { g.header_ends[r - 1] };
+            for h in start..g.header_ends[r] {
+                headers.keys().append_value(&g.header_keys[h]);
+                headers
+                    .values()
+                    .append_option(g.header_values[h].as_deref());
+            }
+            headers.append(true)?;
+        }
+        cols.push(Arc::new(headers.finish()));
+        Ok(RecordBatch::try_new(self.schema.clone(), cols)?)
     }
 
     /// String and bytes values: one `value` column, event time from the
@@ -763,6 +932,7 @@ impl Source for KafkaSource {
             return Ok(e);
         }
         let gathered = self.gather().await?;
+        self.learn(&gathered).await?;
         self.apply_rebalances();
         for (tp, g) in gathered {
             // Messages fetched for a partition being handed over are the
@@ -859,4 +1029,70 @@ impl KafkaSource {
         }
         Ok(())
     }
+}
+
+/// Decodes Avro records of one partition chunk: rejected records and rows
+/// without event time go to `dead`; struct columns are flattened if asked.
+fn decode_avro(
+    decoder: &mut AvroDecoder,
+    flatten: bool,
+    event_time: usize,
+    g: &Gathered,
+    location: &str,
+    dead: &mut DeadLetters,
+) -> vigil_engine::Result<Vec<(RecordBatch, Vec<usize>)>> {
+    let records: Vec<&[u8]> = g.spans.iter().map(|s| &g.buf[s.bytes.clone()]).collect();
+    let decoded = decoder.decode(&records)?;
+    for (i, class, reason) in &decoded.rejected {
+        dead.push(
+            location,
+            Some(g.spans[*i].line),
+            *class,
+            reason,
+            records[*i],
+        );
+    }
+    let mut out = Vec::with_capacity(decoded.batches.len());
+    for (batch, rows) in decoded.batches {
+        let et = event_time;
+        let (batch, rows) = match () {
+            () if batch.column(et).null_count() > 0 => {
+                let times = batch.column(et);
+                let name = batch.schema().field(et).name().clone();
+                for (k, &r) in rows.iter().enumerate() {
+                    if times.is_null(k) {
+                        dead.push(
+                            location,
+                            Some(g.spans[r].line),
+                            DeadLetterError::MissingEventTime,
+                            &format!("missing event time field {name:?}"),
+                            records[r],
+                        );
+                    }
+                }
+                let keep = arrow::compute::is_not_null(times)?;
+                let kept_rows = rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| keep.value(*k))
+                    .map(|(_, r)| *r)
+                    .collect();
+                (
+                    arrow::compute::filter_record_batch(&batch, &keep)?,
+                    kept_rows,
+                )
+            }
+            _ => (batch, rows),
+        };
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let batch = if flatten {
+            batch.normalize(".", None)?
+        } else {
+            batch
+        };
+        out.push((batch, rows));
+    }
+    Ok(out)
 }
