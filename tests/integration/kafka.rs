@@ -211,13 +211,27 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
 
 /// Reads `topic` from the start, every partition assigned directly (no
 /// group), until `n` records arrived or `wait` passed (with `usize::MAX`:
-/// until nothing arrives for `wait`).
+/// until nothing arrives for `wait`). Values are JSON.
 async fn read(
     brokers: &str,
     topic: &str,
     n: usize,
     wait: Duration,
 ) -> Vec<(Option<String>, serde_json::Value)> {
+    read_raw(brokers, topic, n, wait)
+        .await
+        .into_iter()
+        .map(|(key, value)| (key, serde_json::from_slice(&value).expect("json")))
+        .collect()
+}
+
+/// [`read`], with the values as bytes.
+pub(crate) async fn read_raw(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    wait: Duration,
+) -> Vec<(Option<String>, Vec<u8>)> {
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "unused")
@@ -244,10 +258,7 @@ async fn read(
         }
         let m = m.expect("message");
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        out.push((
-            key,
-            serde_json::from_slice(m.payload().expect("payload")).expect("json"),
-        ));
+        out.push((key, m.payload().unwrap_or_default().to_vec()));
     }
     out
 }
@@ -329,7 +340,7 @@ fn a_bad_start_is_rejected_with_its_location() {
 }
 
 /// Reads dead letters: payload and headers.
-async fn read_dead_letters(
+pub(crate) async fn read_dead_letters(
     brokers: &str,
     topic: &str,
     n: usize,

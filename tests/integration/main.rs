@@ -1,10 +1,12 @@
 //! Integration tests: real pipeline files, real operators, real sources and
 //! sinks, run by the real runtime. One test binary (each links DataFusion).
 
+mod avro;
 mod backpressure;
 mod demo;
 mod kafka;
 mod pipeline_errors;
+mod registry;
 mod runtime;
 mod sensor_files;
 mod tansu;

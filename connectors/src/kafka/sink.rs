@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow_avro::schema::{
     AvroSchema, FingerprintStrategy, AVRO_NAMESPACE_METADATA_KEY, AVRO_NAME_METADATA_KEY,
 };
@@ -137,21 +137,55 @@ impl SinkFactory for KafkaSinkFactory {
     }
 }
 
-/// The Avro schema written for `input`: a record named after the topic.
-fn avro_schema_of(input: &SchemaRef, topic: &str) -> vigil_engine::Result<Schema> {
-    let name: String = topic
+/// `name` as an Avro name (`[A-Za-z_][A-Za-z0-9_]*`): flattened columns
+/// such as `src.ip` are written as `src_ip`.
+fn avro_name(name: &str) -> String {
+    let n: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let name = if name.starts_with(|c: char| c.is_ascii_digit()) {
-        format!("_{name}")
+    if n.is_empty() || n.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("_{n}")
     } else {
-        name
+        n
+    }
+}
+
+/// `field` with its name, and the names inside structs, as Avro names.
+fn avro_field(field: &Field) -> vigil_engine::Result<Field> {
+    let data_type = match field.data_type() {
+        DataType::Struct(children) => DataType::Struct(avro_fields(children)?),
+        other => other.clone(),
     };
+    Ok(
+        Field::new(avro_name(field.name()), data_type, field.is_nullable())
+            .with_metadata(field.metadata().clone()),
+    )
+}
+
+fn avro_fields(fields: &Fields) -> vigil_engine::Result<Fields> {
+    let mut seen = HashMap::new();
+    let mut out = Vec::with_capacity(fields.len());
+    for f in fields {
+        let a = avro_field(f)?;
+        if let Some(other) = seen.insert(a.name().clone(), f.name().clone()) {
+            return Err(EngineError::User(format!(
+                "columns {other:?} and {:?} are both {:?} in Avro",
+                f.name(),
+                a.name()
+            )));
+        }
+        out.push(a);
+    }
+    Ok(out.into())
+}
+
+/// The Avro schema written for `input`: a record named after the topic.
+fn avro_schema_of(input: &SchemaRef, topic: &str) -> vigil_engine::Result<Schema> {
     let mut md = HashMap::new();
-    md.insert(AVRO_NAME_METADATA_KEY.to_string(), name);
+    md.insert(AVRO_NAME_METADATA_KEY.to_string(), avro_name(topic));
     md.insert(AVRO_NAMESPACE_METADATA_KEY.to_string(), "vigil".to_string());
-    let schema = Schema::new(input.fields().clone()).with_metadata(md);
+    let schema = Schema::new(avro_fields(input.fields())?).with_metadata(md);
     // Checked now: a column Avro cannot carry fails before anything runs.
     AvroSchema::try_from(&schema)?;
     Ok(schema)
