@@ -598,3 +598,44 @@ async fn a_second_group_member_takes_partitions_over_without_loss() {
         "both members read: {by_first} and {by_second}"
     );
 }
+
+#[test]
+fn secrets_from_the_environment_never_show_in_explain() {
+    let text = "\
+name: secure
+sources:
+  auth:
+    type: kafka
+    brokers: broker.example:9093
+    topics: [identity.authentication]
+    format: avro
+    registry: { url: \"https://registry.example\", username: vigil, password: \"${SR_PASSWORD}\" }
+    schema:
+      avro: schemas/security-events.avsc
+      avro_record: AuthenticationEvent
+      event_time: { field: time }
+    properties:
+      security.protocol: SASL_SSL
+      sasl.mechanism: SCRAM-SHA-512
+      sasl.username: vigil
+      sasl.password: ${KAFKA_PASSWORD}
+sinks:
+  out:
+    type: kafka
+    input: auth
+    brokers: broker.example:9093
+    topic: alerts
+    properties: { sasl.password: \"${KAFKA_PASSWORD}\" }
+";
+    let env = [
+        ("KAFKA_PASSWORD", "kafka-s3cr3t-value"),
+        ("SR_PASSWORD", "registry-s3cr3t-value"),
+    ];
+    let options = options_with(&env);
+    let plan = load_str("secure.yaml", text, &options).expect("valid");
+    let shown = plan.graph.explain();
+    assert!(shown.contains("identity.authentication"), "{shown}");
+    for (_, secret) in env {
+        assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
+    }
+}

@@ -34,6 +34,63 @@ pub enum ValueFormat {
     Avro,
 }
 
+/// Extra librdkafka settings (`security.protocol`, `sasl.*`, `ssl.*`, ...).
+///
+/// Secrets belong here (from the environment, `${KAFKA_PASSWORD}`), so the
+/// values of secret settings never appear in `Debug` output, and
+/// [`Properties::scrub`] removes them from client error messages.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Properties(pub BTreeMap<String, String>);
+
+impl Properties {
+    /// The settings, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter()
+    }
+
+    /// True for settings whose value is a secret.
+    pub fn is_secret(key: &str) -> bool {
+        const MARKS: &[&str] = &[
+            "password",
+            "secret",
+            "jaas",
+            "token",
+            "key.pem",
+            "private",
+            "credential",
+        ];
+        let key = key.to_ascii_lowercase();
+        MARKS.iter().any(|m| key.contains(m))
+    }
+
+    /// `message` with the value of every secret setting replaced.
+    pub fn scrub(&self, message: &str) -> String {
+        let mut out = message.to_string();
+        for (k, v) in &self.0 {
+            if Self::is_secret(k) && !v.is_empty() {
+                out = out.replace(v.as_str(), "<redacted>");
+            }
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if Self::is_secret(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
 /// How a Kafka sink writes record values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -123,7 +180,7 @@ pub struct KafkaSourceConfig {
     /// Extra librdkafka settings (`security.protocol`, `sasl.mechanism`, ...);
     /// take secrets from the environment with `${VAR}`.
     #[serde(default)]
-    pub properties: BTreeMap<String, String>,
+    pub properties: Properties,
 }
 
 fn default_batch_size() -> usize {
@@ -166,5 +223,39 @@ pub struct KafkaSinkConfig {
     pub subject: Option<String>,
     /// Extra librdkafka settings.
     #[serde(default)]
-    pub properties: BTreeMap<String, String>,
+    pub properties: Properties,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_settings_never_show() {
+        let props = Properties(
+            [
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "SCRAM-SHA-512"),
+                ("sasl.username", "vigil"),
+                ("sasl.password", "hunter2-very-secret"),
+                ("ssl.key.password", "another-secret"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        let shown = format!("{props:?}");
+        assert!(
+            shown.contains("SASL_SSL") && shown.contains("vigil"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("another-secret"),
+            "{shown}"
+        );
+        assert_eq!(
+            props.scrub("Invalid value \"hunter2-very-secret\" for sasl.password"),
+            "Invalid value \"<redacted>\" for sasl.password"
+        );
+    }
 }

@@ -12,8 +12,6 @@
 //! | `vigil.source`    | source node name |
 //! | `vigil.topic`, `vigil.partition`, `vigil.offset` | where the record was read |
 
-use std::collections::BTreeMap;
-
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{SchemaRef, UInt64Type};
 use async_trait::async_trait;
@@ -21,13 +19,14 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use vigil_engine::{EngineError, Sink, SinkFactory, TaskContext};
 
+use super::config::Properties;
 use super::sink::Producer;
 
 /// Builds the dead-letter sink of a Kafka source.
 #[derive(Debug)]
 pub struct KafkaDeadLetterSinkFactory {
     brokers: String,
-    properties: BTreeMap<String, String>,
+    properties: Properties,
     topic: Option<String>,
     pipeline: String,
 }
@@ -38,7 +37,7 @@ impl KafkaDeadLetterSinkFactory {
     pub fn new(
         pipeline: &str,
         brokers: &str,
-        properties: &BTreeMap<String, String>,
+        properties: &Properties,
         topic: Option<String>,
     ) -> Self {
         Self {

@@ -32,7 +32,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use vigil_engine::{EngineError, Sink, SinkFactory, TaskContext};
 
-use super::config::{KafkaSinkConfig, SinkFormat};
+use super::config::{KafkaSinkConfig, Properties, SinkFormat};
 use crate::avro::Registry;
 
 /// Deliveries awaited at once before more are queued.
@@ -272,10 +272,7 @@ pub(super) struct Producer {
 impl Producer {
     /// An idempotent producer (`acks=all`, lz4, murmur2 partitioning) for
     /// `brokers`, with `properties` on top.
-    pub(super) fn new(
-        brokers: &str,
-        properties: &std::collections::BTreeMap<String, String>,
-    ) -> vigil_engine::Result<Self> {
+    pub(super) fn new(brokers: &str, properties: &Properties) -> vigil_engine::Result<Self> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
@@ -284,11 +281,14 @@ impl Producer {
             .set("linger.ms", "5")
             .set("batch.size", "1000000")
             .set("partitioner", "murmur2_random");
-        for (k, v) in properties {
+        for (k, v) in properties.iter() {
             c.set(k, v);
         }
         let inner: FutureProducer = c.create().map_err(|e| {
-            EngineError::io("cannot create Kafka producer", std::io::Error::other(e))
+            EngineError::io(
+                "cannot create Kafka producer",
+                std::io::Error::other(properties.scrub(&e.to_string())),
+            )
         })?;
         Ok(Self {
             inner,

@@ -289,7 +289,7 @@ impl KafkaSourceFactory {
                     StartOffset::Latest => "latest",
                 },
             );
-        for (k, v) in &self.config.properties {
+        for (k, v) in self.config.properties.iter() {
             c.set(k, v);
         }
         c
@@ -317,7 +317,12 @@ impl SourceFactory for KafkaSourceFactory {
                 started: self.started.clone(),
                 closing: closing.clone(),
             })
-            .map_err(|e| kafka_error("cannot create Kafka consumer", e))?;
+            .map_err(|e| {
+                EngineError::io(
+                    "cannot create Kafka consumer",
+                    std::io::Error::other(self.config.properties.scrub(&e.to_string())),
+                )
+            })?;
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
