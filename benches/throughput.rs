@@ -8,8 +8,12 @@
 //! a dictionary column (the common `outcome = 'failure'` case), and generator +
 //! filter + a computed projection.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Instant;
+
+use support::{arg, spread};
 
 use vigil_connectors::generator::{GeneratorConfig, GeneratorSourceFactory, Stream};
 use vigil_connectors::null::NullSinkFactory;
@@ -107,15 +111,6 @@ fn run_once(shape: Shape, events: u64) -> (f64, u64) {
     (events as f64 / started.elapsed().as_secs_f64(), sunk)
 }
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     let events = arg("--events", 20_000_000);
     let runs = arg("--runs", 5) as usize;
@@ -124,15 +119,13 @@ fn main() {
         run_once(shape, events / 10); // warm-up
         let results: Vec<(f64, u64)> = (0..runs).map(|_| run_once(shape, events)).collect();
         let sunk = results[0].1;
-        let mut rates: Vec<f64> = results.into_iter().map(|r| r.0).collect();
-        rates.sort_by(f64::total_cmp);
-        let median = rates[rates.len() / 2];
+        let (median, min, max) = spread(results.into_iter().map(|r| r.0).collect());
         println!(
             "{:<42} median {:>7.2} M events/s   (min {:.2}, max {:.2}; {:.1}% of rows reach the sink)",
             shape.name(),
             median / 1e6,
-            rates[0] / 1e6,
-            rates[rates.len() - 1] / 1e6,
+            min / 1e6,
+            max / 1e6,
             100.0 * sunk as f64 / events as f64
         );
     }

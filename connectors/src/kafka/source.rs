@@ -38,6 +38,7 @@
 //! `kafka_timestamp`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -281,6 +282,10 @@ impl KafkaSourceFactory {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("session.timeout.ms", "10000")
+            // librdkafka stops fetching for fetch.queue.backoff.ms (1 s by
+            // default) when its local queue is full; a pipeline drains that
+            // queue in milliseconds, so a long pause leaves it starving.
+            .set("fetch.queue.backoff.ms", "10")
             .set("isolation.level", "read_committed")
             .set(
                 "auto.offset.reset",
@@ -532,12 +537,23 @@ struct Gathered {
     buf: Vec<u8>,
     spans: Vec<RecordSpan>,
     offsets: Vec<i64>,
-    keys: Vec<Option<String>>,
+    /// Keys of all records, one after the other, and where each record's
+    /// is (`None`: no key); one buffer instead of a string per record.
+    key_bytes: Vec<u8>,
+    key_spans: Vec<Option<Range<usize>>>,
     timestamps: Vec<Option<i64>>,
     /// Headers of all records, and where each record's end.
     header_keys: Vec<String>,
     header_values: Vec<Option<String>>,
     header_ends: Vec<usize>,
+}
+
+impl Gathered {
+    /// Record `r`'s key as text (bytes that are not UTF-8 are replaced).
+    fn key(&self, r: usize) -> Option<std::borrow::Cow<'_, str>> {
+        let span = self.key_spans[r].clone()?;
+        Some(String::from_utf8_lossy(&self.key_bytes[span]))
+    }
 }
 
 type TopicPartition = (String, i32);
@@ -750,8 +766,11 @@ impl KafkaSource {
             });
             g.buf.push(b'\n');
             g.offsets.push(msg.offset());
-            g.keys
-                .push(msg.key().map(|k| String::from_utf8_lossy(k).into_owned()));
+            g.key_spans.push(msg.key().map(|k| {
+                let start = g.key_bytes.len();
+                g.key_bytes.extend_from_slice(k);
+                start..g.key_bytes.len()
+            }));
             g.timestamps.push(msg.timestamp().to_millis());
             if let Some(headers) = msg.headers() {
                 for h in headers.iter() {
@@ -847,7 +866,7 @@ impl KafkaSource {
             rows.iter().map(|&r| g.offsets[r]),
         )));
         cols.push(Arc::new(StringArray::from_iter(
-            rows.iter().map(|&r| g.keys[r].as_deref()),
+            rows.iter().map(|&r| g.key(r)),
         )));
         cols.push(Arc::new(
             TimestampMillisecondArray::from_iter(rows.iter().map(|&r| g.timestamps[r]))
