@@ -50,6 +50,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_avro::schema::AvroSchema;
 use async_trait::async_trait;
+use futures::StreamExt;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -741,23 +742,38 @@ impl KafkaSource {
     }
 
     /// Reads up to `batch_size` messages, waiting at most ~50 ms in all.
-    async fn gather(&mut self) -> vigil_engine::Result<HashMap<TopicPartition, Gathered>> {
-        let mut out: HashMap<TopicPartition, Gathered> = HashMap::new();
+    ///
+    /// One message stream serves the whole call, and messages are grouped
+    /// by partition without allocating per message.
+    async fn gather(&mut self) -> vigil_engine::Result<Vec<(TopicPartition, Gathered)>> {
+        let mut out: Vec<(TopicPartition, Gathered)> = Vec::new();
         let mut n = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        let mut stream = self.consumer.stream();
         while n < self.batch_size {
-            let msg = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Err(_) => break,
-                Ok(Err(e)) => {
+            let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(Err(e))) => {
                     // Broker and transport errors are retried by librdkafka.
                     tracing::warn!(source = %self.name, error = %e, "kafka consumer error");
                     break;
                 }
-                Ok(Ok(m)) => m,
+                Ok(Some(Ok(m))) => m,
             };
-            let g = out
-                .entry((msg.topic().to_string(), msg.partition()))
-                .or_default();
+            let at = match out
+                .iter()
+                .position(|((t, p), _)| *p == msg.partition() && t == msg.topic())
+            {
+                Some(i) => i,
+                None => {
+                    out.push((
+                        (msg.topic().to_string(), msg.partition()),
+                        Gathered::default(),
+                    ));
+                    out.len() - 1
+                }
+            };
+            let g = &mut out[at].1;
             let start = g.buf.len();
             g.buf.extend_from_slice(msg.payload().unwrap_or_default());
             g.spans.push(RecordSpan {
@@ -790,16 +806,13 @@ impl KafkaSource {
     }
 
     /// Looks up the writer schemas of Avro records not met before.
-    async fn learn(
-        &mut self,
-        gathered: &HashMap<TopicPartition, Gathered>,
-    ) -> vigil_engine::Result<()> {
+    async fn learn(&mut self, gathered: &[(TopicPartition, Gathered)]) -> vigil_engine::Result<()> {
         if let ValueDecoder::Avro {
             decoder, registry, ..
         } = &mut self.decoder
         {
             let mut records: Vec<&[u8]> = Vec::new();
-            for g in gathered.values() {
+            for (_, g) in gathered {
                 for span in &g.spans {
                     records.push(&g.buf[span.bytes.clone()]);
                 }
