@@ -1,12 +1,15 @@
-//! Kafka: a consumer-group source and an idempotent producer sink, JSON on
-//! the wire, records straight into and out of Arrow batches.
+//! Kafka: a consumer-group source and an idempotent producer sink, JSON or
+//! Avro (Confluent wire format, Schema Registry) on the wire, records
+//! straight into and out of Arrow batches.
 
 mod config;
 mod dead_letter;
 mod sink;
 mod source;
 
-pub use config::{KafkaSinkConfig, KafkaSourceConfig, Start, StartOffset, ValueFormat};
+pub use config::{
+    KafkaSinkConfig, KafkaSourceConfig, Properties, SinkFormat, Start, StartOffset, ValueFormat,
+};
 pub use dead_letter::KafkaDeadLetterSinkFactory;
 pub use sink::KafkaSinkFactory;
 pub use source::KafkaSourceFactory;

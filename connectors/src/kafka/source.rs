@@ -27,15 +27,18 @@
 //! synchronously: once per checkpoint interval, and once more when the
 //! pipeline is stopped (a stop takes a final checkpoint).
 //! That makes delivery at-least-once for what leaves the pipeline; state held
-//! in windows becomes durable with persisted checkpoints. Offsets of revoked
-//! partitions are dropped, never committed over their new owner's.
+//! in windows becomes durable with persisted checkpoints. Offsets of handed
+//! over or lost partitions are dropped, never committed over their new
+//! owner's.
 //!
 //! # Decoding
-//! Values are JSON, decoded in per-partition chunks by [`JsonDecoder`];
-//! undecodable values go to the dead letters with `topic/partition` as their
-//! location and the offset as their line. Each row also carries
-//! `kafka_topic`, `kafka_partition`, `kafka_offset`, `kafka_key` and
-//! `kafka_timestamp`.
+//! Values are decoded in per-partition chunks: JSON by [`JsonDecoder`],
+//! Avro by [`AvroDecoder`] (writer schemas looked up in the registry before
+//! the chunk is decoded), string and bytes as one column. Undecodable values
+//! go to the dead letters with `topic/partition` as their location and the
+//! offset as their line. Each row also carries `kafka_topic`,
+//! `kafka_partition`, `kafka_offset`, `kafka_key`, `kafka_timestamp` and
+//! `kafka_headers`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Range;
