@@ -8,7 +8,7 @@
 //! a schedule: a brute force from one address against one user, a password
 //! spray from one address across many users, lateral movement of one account
 //! across many hosts. Because everything derives from the seed, the
-//! scenarios' ground truth is known ([`GeneratorConfig::ground_truth`]), which
+//! scenarios' ground truth is known ([`GeneratorSourceFactory::ground_truth`]), which
 //! is what end-to-end tests of detections assert against.
 //!
 //! Output is deterministic for a given seed and partition count, whatever the
