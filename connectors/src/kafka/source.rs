@@ -17,7 +17,10 @@
 //! unassigns it. The next owner starts exactly where this one stopped: no
 //! loss and, unless the hand-over times out ([`HANDOVER_TIMEOUT`]), no
 //! duplicates. The group waits for the unassign, as Kafka Streams' does for
-//! its revocation flush.
+//! its revocation flush. If the broker refuses that commit (some do while
+//! the group rebalances), the flushed position is kept in the process: a
+//! partition that comes back to it resumes there rather than at the older
+//! commit.
 //!
 //! # Offsets
 //! Offsets are never auto-committed. A checkpoint's snapshot records the next
@@ -87,6 +90,11 @@ pub struct KafkaSourceFactory {
     /// Partitions already positioned by `start` in this process, shared by
     /// all subtasks: a partition moving between subtasks is not rewound.
     started: Arc<Mutex<HashSet<TopicPartition>>>,
+    /// Positions of partitions this process flushed when handing them over
+    /// but could not commit (the group was rebalancing): if the partition
+    /// comes back to this process, reading resumes there, not at the older
+    /// commit. Shared by all subtasks.
+    resume: Arc<Mutex<HashMap<TopicPartition, i64>>>,
 }
 
 /// How record values become columns.
@@ -276,6 +284,7 @@ impl KafkaSourceFactory {
             event_time,
             start,
             started: Arc::default(),
+            resume: Arc::default(),
         })
     }
 
@@ -324,6 +333,7 @@ impl SourceFactory for KafkaSourceFactory {
                 events: events.clone(),
                 start: self.start,
                 started: self.started.clone(),
+                resume: self.resume.clone(),
                 closing: closing.clone(),
             })
             .map_err(|e| {
@@ -341,6 +351,7 @@ impl SourceFactory for KafkaSourceFactory {
             consumer,
             rebalances: events,
             closing,
+            resume: self.resume.clone(),
             handover: None,
             committed: HashMap::new(),
             decoder: match &self.codec {
@@ -417,6 +428,7 @@ struct RebalanceRecorder {
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
     start: Start,
     started: Arc<Mutex<HashSet<TopicPartition>>>,
+    resume: Arc<Mutex<HashMap<TopicPartition, i64>>>,
     /// Set when the consumer is closing: revocations then unassign at once
     /// (closing waits for it; the final checkpoint has committed already).
     closing: Arc<AtomicBool>,
@@ -432,8 +444,21 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl RebalanceRecorder {
-    /// Sets the start offset of partitions this process has not read yet.
+    /// Sets the start offset of partitions this process has not read yet,
+    /// and of partitions coming back after an uncommitted hand-over.
     fn position(&self, consumer: &BaseConsumer<Self>, list: &mut TopicPartitionList) {
+        let resumed: Vec<(TopicPartition, i64)> = {
+            let mut resume = self.resume.lock();
+            partitions_of(list)
+                .into_iter()
+                .filter_map(|tp| resume.remove(&tp).map(|o| (tp, o)))
+                .collect()
+        };
+        for (tp, o) in &resumed {
+            if let Err(e) = list.set_partition_offset(&tp.0, tp.1, Offset::Offset(*o)) {
+                tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot set resume offset");
+            }
+        }
         let fresh: Vec<TopicPartition> = {
             let mut started = self.started.lock();
             partitions_of(list)
@@ -567,6 +592,7 @@ struct KafkaSource {
     consumer: StreamConsumer<RebalanceRecorder>,
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
     closing: Arc<AtomicBool>,
+    resume: Arc<Mutex<HashMap<TopicPartition, i64>>>,
     /// Revoked partitions not yet let go.
     handover: Option<Handover>,
     /// The last offset committed for each partition.
@@ -683,13 +709,20 @@ impl KafkaSource {
                 .push_back(Queued::control(SourceEvent::CheckpointRequested));
             self.handover = Some(handover);
         } else {
-            self.let_go(handover);
+            self.let_go(handover, None);
         }
     }
 
     /// Unassigns handed-over partitions and forgets their offsets.
-    fn let_go(&mut self, handover: Handover) {
+    /// `flushed` holds the positions a completed checkpoint covers; those
+    /// its commit did not reach are kept to resume from if they come back.
+    fn let_go(&mut self, handover: Handover, flushed: Option<&HashMap<TopicPartition, i64>>) {
         for tp in &handover.partitions {
+            if let Some(&o) = flushed.and_then(|f| f.get(tp)) {
+                if self.committed.get(tp) != Some(&o) {
+                    self.resume.lock().insert(tp.clone(), o);
+                }
+            }
             self.forget(tp);
         }
         let result = if handover.cooperative {
@@ -739,7 +772,7 @@ impl KafkaSource {
         {
             if let Some(h) = self.handover.take() {
                 tracing::warn!(source = %self.name, partitions = h.partitions.len(), "revoked partitions handed over without their flush; the next owner re-reads from the last commit");
-                self.let_go(h);
+                self.let_go(h, None);
             }
         }
     }
@@ -1032,7 +1065,7 @@ impl Source for KafkaSource {
             .is_some_and(|c| c <= checkpoint)
         {
             if let Some(h) = self.handover.take() {
-                self.let_go(h);
+                self.let_go(h, Some(&offsets));
             }
         }
         Ok(())
