@@ -703,6 +703,7 @@ impl KafkaSource {
             // for the same, newer checkpoint.
             handover.partitions.extend(earlier.partitions);
             handover.cooperative &= earlier.cooperative;
+            unflushed = true;
         }
         if unflushed {
             self.queue
