@@ -101,6 +101,25 @@ fn full_name(name: &str, ns: &str) -> String {
     }
 }
 
+/// The full name of the named type (record, enum, fixed) object `o`
+/// declares in namespace `ns`, if it declares one.
+fn declared_name(o: &serde_json::Map<String, Value>, ns: &str) -> Option<String> {
+    let name = o.get("name").and_then(Value::as_str)?;
+    if !matches!(
+        o.get("type").and_then(Value::as_str),
+        Some("record" | "enum" | "fixed")
+    ) {
+        return None;
+    }
+    let own_ns = o.get("namespace").and_then(Value::as_str).unwrap_or(ns);
+    Some(full_name(name, own_ns))
+}
+
+/// The namespace part of a full name.
+fn namespace_of(full: &str) -> &str {
+    full.rsplit_once('.').map_or("", |(n, _)| n)
+}
+
 /// Records every named type (record, enum, fixed) in `v` under its full
 /// name, with the name written in full so it reads the same anywhere.
 fn collect_named(v: &Value, ns: &str, defs: &mut HashMap<String, Value>) {
@@ -108,19 +127,12 @@ fn collect_named(v: &Value, ns: &str, defs: &mut HashMap<String, Value>) {
         Value::Array(items) => items.iter().for_each(|i| collect_named(i, ns, defs)),
         Value::Object(o) => {
             let mut inner_ns = ns.to_string();
-            if let Some(name) = o.get("name").and_then(Value::as_str) {
-                if matches!(
-                    o.get("type").and_then(Value::as_str),
-                    Some("record" | "enum" | "fixed")
-                ) {
-                    let own_ns = o.get("namespace").and_then(Value::as_str).unwrap_or(ns);
-                    let full = full_name(name, own_ns);
-                    inner_ns = full.rsplit_once('.').map_or("", |(n, _)| n).to_string();
-                    let mut def = o.clone();
-                    def.insert("name".into(), Value::String(full.clone()));
-                    def.remove("namespace");
-                    defs.insert(full, Value::Object(def));
-                }
+            if let Some(full) = declared_name(o, ns) {
+                inner_ns = namespace_of(&full).to_string();
+                let mut def = o.clone();
+                def.insert("name".into(), Value::String(full.clone()));
+                def.remove("namespace");
+                defs.insert(full, Value::Object(def));
             }
             for key in ["type", "items", "values", "fields"] {
                 if let Some(child) = o.get(key) {
@@ -149,8 +161,7 @@ fn inline(
             };
             match defs.get(&full) {
                 Some(def) if defined.insert(full.clone()) => {
-                    let own_ns = full.rsplit_once('.').map_or("", |(n, _)| n).to_string();
-                    inline(def, &own_ns, defs, defined)
+                    inline(def, namespace_of(&full), defs, defined)
                 }
                 Some(_) => Value::String(full),
                 None => v.clone(),
@@ -161,13 +172,8 @@ fn inline(
         }
         Value::Object(o) => {
             let mut out = o.clone();
-            if let Some(name) = o.get("name").and_then(Value::as_str) {
-                if matches!(
-                    o.get("type").and_then(Value::as_str),
-                    Some("record" | "enum" | "fixed")
-                ) {
-                    defined.insert(full_name(name, ns));
-                }
+            if let Some(full) = declared_name(o, ns) {
+                defined.insert(full);
             }
             for key in ["type", "items", "values"] {
                 if let Some(child) = o.get(key) {

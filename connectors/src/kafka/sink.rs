@@ -113,7 +113,7 @@ impl SinkFactory for KafkaSinkFactory {
                     .subject
                     .clone()
                     .unwrap_or_else(|| format!("{}-value", self.config.topic)),
-                schema: avro_schema_of(&schema, &self.config.topic)?,
+                schema: Arc::new(avro_schema_of(&schema, &self.config.topic)?),
                 encoder: None,
             },
         };
@@ -196,7 +196,7 @@ enum Encoding {
     Avro {
         registry: Arc<Registry>,
         subject: String,
-        schema: Schema,
+        schema: SchemaRef,
         /// Built once the schema is registered (first write).
         encoder: Option<Box<Encoder>>,
     },
@@ -238,10 +238,10 @@ impl KafkaSink {
                 encoder,
             } => {
                 if encoder.is_none() {
-                    let json = AvroSchema::try_from(&*schema)?.json_string;
+                    let json = AvroSchema::try_from(schema.as_ref())?.json_string;
                     let id = registry.register(subject, &json).await?;
                     tracing::info!(subject = %subject, id, "avro schema registered");
-                    let built = WriterBuilder::new(schema.clone())
+                    let built = WriterBuilder::new(schema.as_ref().clone())
                         .with_fingerprint_strategy(FingerprintStrategy::Id(id))
                         .build_encoder::<AvroSoeFormat>()
                         .map_err(|e| EngineError::User(format!("cannot encode Avro: {e}")))?;
@@ -250,8 +250,8 @@ impl KafkaSink {
                 let Some(encoder) = encoder.as_mut() else {
                     return Err(EngineError::User("no Avro encoder".into()));
                 };
-                let values = batch.columns().to_vec();
-                let batch = RecordBatch::try_new(Arc::new(schema.clone()), values)?;
+                // The same columns under their Avro names.
+                let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())?;
                 encoder
                     .encode(&batch)
                     .map_err(|e| EngineError::User(format!("cannot encode Avro: {e}")))?;

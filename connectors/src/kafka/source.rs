@@ -1128,35 +1128,30 @@ fn decode_avro(
     }
     let mut out = Vec::with_capacity(decoded.batches.len());
     for (batch, rows) in decoded.batches {
-        let et = event_time;
-        let (batch, rows) = match () {
-            () if batch.column(et).null_count() > 0 => {
-                let times = batch.column(et);
-                let name = batch.schema().field(et).name().clone();
-                for (k, &r) in rows.iter().enumerate() {
-                    if times.is_null(k) {
-                        dead.push(
-                            location,
-                            Some(g.spans[r].line),
-                            DeadLetterError::MissingEventTime,
-                            &format!("missing event time field {name:?}"),
-                            records[r],
-                        );
-                    }
+        let times = batch.column(event_time).clone();
+        let (batch, rows) = if times.null_count() == 0 {
+            (batch, rows)
+        } else {
+            let name = batch.schema().field(event_time).name().clone();
+            let mut kept_rows = Vec::with_capacity(rows.len());
+            for (k, &r) in rows.iter().enumerate() {
+                if times.is_valid(k) {
+                    kept_rows.push(r);
+                } else {
+                    dead.push(
+                        location,
+                        Some(g.spans[r].line),
+                        DeadLetterError::MissingEventTime,
+                        &format!("missing event time field {name:?}"),
+                        records[r],
+                    );
                 }
-                let keep = arrow::compute::is_not_null(times)?;
-                let kept_rows = rows
-                    .iter()
-                    .enumerate()
-                    .filter(|(k, _)| keep.value(*k))
-                    .map(|(_, r)| *r)
-                    .collect();
-                (
-                    arrow::compute::filter_record_batch(&batch, &keep)?,
-                    kept_rows,
-                )
             }
-            _ => (batch, rows),
+            let keep = arrow::compute::is_not_null(&times)?;
+            (
+                arrow::compute::filter_record_batch(&batch, &keep)?,
+                kept_rows,
+            )
         };
         if batch.num_rows() == 0 {
             continue;
