@@ -19,6 +19,9 @@ pub enum OperatorError {
     /// An Arrow kernel failed.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// A query cannot run.
+    #[error("{0}")]
+    Sql(#[from] crate::sql::SqlError),
 }
 
 impl OperatorError {
@@ -68,6 +71,7 @@ impl From<OperatorError> for EngineError {
             OperatorError::DataFusion(d) => EngineError::DataFusion(d),
             OperatorError::Arrow(a) => EngineError::Arrow(a),
             OperatorError::Config(c) => EngineError::User(c.to_string()),
+            OperatorError::Sql(s) => EngineError::User(s.to_string()),
         }
     }
 }

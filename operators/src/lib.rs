@@ -9,11 +9,14 @@
 //! | `filter`    | keeps rows matching a SQL condition |
 //! | `project`   | computes columns with SQL expressions |
 //! | `threshold` | fires when a key reaches a count or a distinct count in a window |
+//! | `sql`       | a SQL query: row by row, or a windowed aggregate (`window`) |
 
 pub mod error;
 pub mod expr;
 pub mod filter;
 pub mod project;
+pub mod sql;
 pub mod threshold;
+pub mod window;
 
 pub use error::{OperatorError, Result};
