@@ -62,6 +62,38 @@ impl SqlError {
         .hint(hint)
     }
 
+    /// Places an error that DataFusion gave no position at the first word
+    /// of `sql` it names (`no field named usr`).
+    pub fn locate_in(mut self, sql: &str) -> Self {
+        if self.line.is_some() {
+            return self;
+        }
+        let Some(name) = self.message.strip_prefix("no field named ") else {
+            return self;
+        };
+        let name = name
+            .rsplit('.')
+            .next()
+            .unwrap_or(name)
+            .trim_matches('"')
+            .to_string();
+        let tokens = datafusion::sql::sqlparser::tokenizer::Tokenizer::new(
+            &datafusion::sql::sqlparser::dialect::GenericDialect {},
+            sql,
+        )
+        .tokenize_with_location();
+        if let Ok(tokens) = tokens {
+            let found = tokens.iter().find(|t| {
+                matches!(&t.token, datafusion::sql::sqlparser::tokenizer::Token::Word(w) if w.value.eq_ignore_ascii_case(&name))
+            });
+            if let Some(t) = found {
+                self.line = Some(t.span.start.line);
+                self.column = Some(t.span.start.column);
+            }
+        }
+        self
+    }
+
     /// The position as a prefix (`line 1, column 8: `), or nothing.
     pub fn position(&self) -> String {
         position(self.line, self.column)
@@ -75,7 +107,12 @@ impl SqlError {
             .map(|(m, _, _)| m)
             .unwrap_or_else(|| text.lines().next().unwrap_or_default().to_string());
         let message = tidy(&message);
+        let (message, did_you_mean) = match message.split_once(". Did you mean ") {
+            Some((m, d)) => (m.to_string(), Some(format!("did you mean {d}"))),
+            None => (message, None),
+        };
         let mut err = SqlError::new(message);
+        err.hint = did_you_mean;
         if let Some((_, line, column)) = parser_position(&text) {
             err.line = Some(line);
             err.column = Some(column);

@@ -274,11 +274,11 @@ pub fn plan_query(
     let plan = futures::executor::block_on(
         state.statement_to_plan(DFStatement::Statement(Box::new(statement))),
     )
-    .map_err(SqlError::from_datafusion)?;
+    .map_err(|e| SqlError::from_datafusion(e).locate_in(sql))?;
     let plan = state
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})
-        .map_err(SqlError::from_datafusion)?;
+        .map_err(|e| SqlError::from_datafusion(e).locate_in(sql))?;
     Lowering {
         state: &state,
         sql,
