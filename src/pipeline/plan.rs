@@ -23,7 +23,11 @@ use vigil_engine::{
 };
 use vigil_operators::filter::FilterFactory;
 use vigil_operators::project::ProjectFactory;
+use vigil_operators::sql::{
+    plan_query, Catalog, PlannedQuery, QueryOptions, SqlError, StatelessFactory, TableInfo,
+};
 use vigil_operators::threshold::ThresholdFactory;
+use vigil_operators::window::WindowAggregateFactory;
 use vigil_operators::OperatorError;
 
 use super::diagnostic::{did_you_mean, Diagnostic, Diagnostics};
@@ -110,9 +114,59 @@ impl From<OperatorError> for BuildError {
     fn from(e: OperatorError) -> Self {
         match e {
             OperatorError::Config(c) => BuildError::Field(c),
+            OperatorError::Sql(s) => s.into(),
             other => BuildError::Other(other.to_string()),
         }
     }
+}
+
+impl From<SqlError> for BuildError {
+    fn from(e: SqlError) -> Self {
+        BuildError::Field(ConfigError {
+            field: "query".into(),
+            message: format!("invalid query: {}{}", e.position(), e.message),
+            hint: e.hint,
+        })
+    }
+}
+
+/// The one table a SQL step reads, under the name its query uses.
+struct InputTable {
+    name: String,
+    schema: SchemaRef,
+    others: Vec<String>,
+}
+
+impl Catalog for InputTable {
+    fn table(&self, name: &str) -> Option<TableInfo> {
+        (name == self.name).then(|| TableInfo {
+            schema: self.schema.clone(),
+        })
+    }
+    fn names(&self) -> Vec<String> {
+        self.others.clone()
+    }
+}
+
+/// The event-time column of a SQL step's output: a window's `window_time`
+/// (its last instant, so a downstream window puts the row in the window it
+/// belongs to), else its end or start, else the input's if it passes through.
+fn sql_event_time(output: &SchemaRef, upstream: Option<String>) -> Option<String> {
+    ["window_time", "window_end", "window_start"]
+        .iter()
+        .map(|c| c.to_string())
+        .chain(upstream)
+        .find(|c| {
+            output.field_with_name(c).is_ok_and(|f| {
+                matches!(
+                    f.data_type(),
+                    arrow::datatypes::DataType::Timestamp(
+                        arrow::datatypes::TimeUnit::Millisecond,
+                        _
+                    )
+                )
+            })
+        })
 }
 
 struct Planner<'a> {
@@ -254,6 +308,64 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             .and_then(|(id, _)| built.values().find(|b| b.id == *id))
             .and_then(|b| b.event_time.clone());
         let parallelism = t.parallelism.unwrap_or(spec.parallelism);
+        if let TransformKind::Sql(c) = &t.kind {
+            let catalog = InputTable {
+                name: t.inputs.first().cloned().unwrap_or_default(),
+                schema: schema.clone(),
+                others: names.iter().map(|n| n.to_string()).collect(),
+            };
+            let options = QueryOptions {
+                name: t.name.clone(),
+                lateness_ms: c.lateness_ms(),
+            };
+            let planned = match plan_query(&c.query, &catalog, &options) {
+                Ok(p) => p,
+                Err(e) => {
+                    p.build_error(&t.path, &what, e);
+                    continue;
+                }
+            };
+            let added = match planned {
+                PlannedQuery::Stateless { stages, .. } => {
+                    let event_time = sql_event_time(&stages.output_schema(), upstream_time);
+                    let factory = Arc::new(StatelessFactory::new(&c.query, stages));
+                    graph
+                        .add_operator(&t.name, factory, parallelism, &inputs)
+                        .map(|id| (id, event_time))
+                }
+                PlannedQuery::Windowed {
+                    prepare, aggregate, ..
+                } => {
+                    let factory = WindowAggregateFactory::new(aggregate);
+                    let event_time = sql_event_time(&factory.spec().output_schema(), None);
+                    // Without keys, one subtask must see every row.
+                    let agg_parallelism = if factory.spec().key_columns.is_empty() {
+                        1
+                    } else {
+                        parallelism
+                    };
+                    let prep = Arc::new(StatelessFactory::new(&c.query, prepare));
+                    graph
+                        .add_operator(&format!("{}/prepare", t.name), prep, parallelism, &inputs)
+                        .and_then(|prep_id| {
+                            graph.add_operator(
+                                &t.name,
+                                Arc::new(factory),
+                                agg_parallelism,
+                                &[(prep_id, Port::Main)],
+                            )
+                        })
+                        .map(|id| (id, event_time))
+                }
+            };
+            match added {
+                Ok((id, event_time)) => {
+                    built.insert(t.name.clone(), Built { id, event_time });
+                }
+                Err(e) => p.at(&t.path, format!("{what}: {e}"), None),
+            }
+            continue;
+        }
         let made: Result<(Arc<dyn OperatorFactory>, Option<String>), OperatorError> = match &t.kind
         {
             TransformKind::Filter(c) => FilterFactory::new(c, schema)
@@ -270,6 +382,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                     )
                 })
             }
+            TransformKind::Sql(_) => continue,
         };
         match made {
             Ok((factory, event_time)) => {

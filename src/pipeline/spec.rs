@@ -34,6 +34,7 @@ use vigil_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use vigil_connectors::stdout::StdoutSinkConfig;
 use vigil_operators::filter::FilterConfig;
 use vigil_operators::project::ProjectConfig;
+use vigil_operators::sql::SqlConfig;
 use vigil_operators::threshold::ThresholdConfig;
 
 use super::diagnostic::{did_you_mean, Diagnostic, Diagnostics, Location};
@@ -43,7 +44,7 @@ use super::yaml::{self, loc};
 /// Source types, in one explicit list.
 pub const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka"];
 /// Transform types.
-pub const TRANSFORM_TYPES: &[&str] = &["filter", "project", "threshold"];
+pub const TRANSFORM_TYPES: &[&str] = &["filter", "project", "threshold", "sql"];
 /// Sink types.
 pub const SINK_TYPES: &[&str] = &["stdout", "file", "kafka", "null"];
 
@@ -102,6 +103,8 @@ pub enum TransformKind {
     Project(ProjectConfig),
     /// `threshold`.
     Threshold(ThresholdConfig),
+    /// `sql`.
+    Sql(SqlConfig),
 }
 
 /// A sink's own settings.
@@ -271,7 +274,7 @@ impl PipelineSpec {
 
 type Parser<K> = fn(&mut Ctx, &str, &str, &Node) -> Option<K>;
 
-fn section<K>(
+fn section<K: 'static>(
     ctx: &mut Ctx,
     top: &MarkedMappingNode,
     root: &Node,
@@ -353,6 +356,14 @@ fn section<K>(
         }
         let get = |k: &str| common.iter().find(|(n, _)| n == k).map(|(_, v)| v);
         let inputs: Vec<String> = match (get("input"), key) {
+            (Some(v), "transforms") if ty == "sql" => {
+                ctx.err(
+                    loc(v.span()),
+                    format!("unknown field \"input\" in {what}"),
+                    Some("a sql transform reads the tables its query names".into()),
+                );
+                Vec::new()
+            }
             (Some(v), "sources") => {
                 ctx.err(
                     loc(v.span()),
@@ -385,6 +396,7 @@ fn section<K>(
                 Vec::new()
             }
             (None, "sources") => Vec::new(),
+            (None, "transforms") if ty == "sql" => Vec::new(),
             (None, _) => {
                 ctx.err(
                     loc(name_node.span()),
@@ -422,6 +434,10 @@ fn section<K>(
         let Some(kind) = parse(ctx, ty, &what, &rest_node) else {
             continue;
         };
+        let inputs = match sql_inputs(ctx, &kind, &rest_node, &what) {
+            Some(tables) => tables,
+            None => inputs,
+        };
         out.push(NodeSpec {
             name: name.clone(),
             path: format!("{key}.{name}"),
@@ -432,6 +448,25 @@ fn section<K>(
         });
     }
     out
+}
+
+/// The tables a `sql` transform's query reads are its inputs.
+fn sql_inputs<K: 'static>(ctx: &mut Ctx, kind: &K, node: &Node, what: &str) -> Option<Vec<String>> {
+    let TransformKind::Sql(cfg) = (kind as &dyn std::any::Any).downcast_ref::<TransformKind>()?
+    else {
+        return None;
+    };
+    match vigil_operators::sql::tables_of(&cfg.query) {
+        Ok(tables) => Some(tables),
+        Err(e) => {
+            let at = node
+                .as_mapping()
+                .and_then(|m| m.get_node("query"))
+                .and_then(|q| loc(q.span()));
+            ctx.err(at, format!("invalid query in {what}: {e}"), e.hint.clone());
+            Some(Vec::new())
+        }
+    }
 }
 
 fn typed<T: serde::de::DeserializeOwned>(ctx: &mut Ctx, node: &Node, what: &str) -> Option<T> {
@@ -456,6 +491,7 @@ fn parse_transform(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<T
     Some(match ty {
         "filter" => TransformKind::Filter(typed(ctx, node, what)?),
         "project" => TransformKind::Project(typed(ctx, node, what)?),
+        "sql" => TransformKind::Sql(typed(ctx, node, what)?),
         _ => TransformKind::Threshold(typed(ctx, node, what)?),
     })
 }

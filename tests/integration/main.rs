@@ -9,6 +9,7 @@ mod pipeline_errors;
 mod registry;
 mod runtime;
 mod sensor_files;
+mod sql;
 mod tansu;
 
 use std::collections::HashMap;

@@ -13,11 +13,13 @@
 //! * [`stages`]: the stateless part, run per batch;
 //! * [`error`]: errors with their position in the query and a hint.
 
+pub mod config;
 pub mod error;
 pub mod planner;
 pub mod rewrite;
 pub mod stages;
 
+pub use config::SqlConfig;
 pub use error::SqlError;
 pub use planner::{plan_query, tables_of, Catalog, PlannedQuery, QueryOptions, TableInfo};
 pub use stages::{Stage, Stages, StatelessFactory};
