@@ -1,7 +1,7 @@
 //! The `vigil` command.
 //!
 //! `validate`, `explain` and `run` take a pipeline file; `demo` runs the
-//! embedded demo pipeline. Exit codes: 0 success, 1 the pipeline failed while
+//! embedded demo pipeline; `sql` runs one query and prints its rows. Exit codes: 0 success, 1 the pipeline failed while
 //! running, 2 the pipeline file is invalid (nothing was started).
 
 use std::path::{Path, PathBuf};
@@ -57,6 +57,32 @@ enum Command {
     },
     /// Run the embedded demo: generated logins with injected attacks, detected live.
     Demo {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Run one SQL query over a stream and print its rows as windows close.
+    ///
+    /// Tables are the sources and steps of --pipeline (by default the
+    /// embedded demo's generated `auth` stream), and any the script declares
+    /// with CREATE TABLE ... WITH ('connector' = 'file' | 'generator' | 'kafka', ...).
+    Sql {
+        /// The query (or `CREATE TABLE ...; SELECT ...`).
+        query: Option<String>,
+        /// Read the script from this file instead.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+        /// A pipeline file whose sources and steps are the tables.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        /// Late rows update windows this long after their end.
+        #[arg(long, value_parser = humantime_duration)]
+        allowed_lateness: Option<Duration>,
+        /// Print JSON lines instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Print the plan instead of running it.
+        #[arg(long)]
+        explain: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -192,6 +218,50 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Run { file, run } => {
             run_plan(plan_file(file, &options(&run.dead_letter_dir))?, run)
+        }
+        Command::Sql {
+            query,
+            file,
+            pipeline,
+            allowed_lateness,
+            json,
+            explain,
+            run,
+        } => {
+            let script = match (query, file) {
+                (Some(q), None) => q.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+                _ => {
+                    return Err(Failure::Failed(anyhow::anyhow!(
+                        "give the query as an argument or with --file, not both"
+                    )))
+                }
+            };
+            let pipeline_text = pipeline
+                .as_ref()
+                .map(|p| {
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read {}", p.display()))
+                        .map(|t| (p.display().to_string(), t))
+                })
+                .transpose()?;
+            let request = pipeline::query::QueryRequest {
+                script: &script,
+                pipeline: pipeline_text
+                    .as_ref()
+                    .map(|(f, t)| (f.as_str(), t.as_str())),
+                allowed_lateness: *allowed_lateness,
+                json: *json,
+            };
+            let plan = pipeline::query::plan_query_script(&request, &options(&run.dead_letter_dir))
+                .map_err(Failure::Invalid)?;
+            if *explain {
+                println!("pipeline {}", plan.name);
+                print!("{}", plan.graph.explain());
+                return Ok(());
+            }
+            run_plan(plan, run)
         }
         Command::Demo { run } => {
             let plan = pipeline::load_str(

@@ -13,11 +13,12 @@
 //!    checked), producing the engine [`Graph`](vigil_engine::Graph).
 //!
 //! Nothing runs until all four have succeeded, so a bad file never starts
-//! half a pipeline.
+//! half a pipeline. [`query`] builds the pipeline of `vigil sql` the same way.
 
 pub mod diagnostic;
 pub mod env;
 pub mod plan;
+pub mod query;
 pub mod spec;
 mod yaml;
 

@@ -693,7 +693,9 @@ impl Lowering<'_> {
                 }
             }
         }
-        needed.sort_unstable();
+        // Every column reaches the aggregate, so a late row goes to the late
+        // output whole, as the query's FROM and WHERE produced it.
+        needed = (0..input_df.fields().len()).collect();
         // The aggregate's input: needed columns, then computed keys.
         let mut fields: Vec<(Option<TableReference>, Arc<Field>)> = needed
             .iter()
