@@ -121,14 +121,14 @@ fn split(script: &str) -> Result<(Map<String, Json>, String), Diagnostics> {
                 )
             })?;
         match parsed.pop_front() {
-            Some(DFStatement::Statement(s)) => {
-                match *s {
-                    Statement::CreateTable(t) => {
-                        let name = t.name.to_string().trim_matches('"').to_string();
-                        let source = source_of(&name, &t.columns, &t.table_options)?;
-                        sources.insert(name, source);
-                    }
-                    other => return Err(error(
+            Some(DFStatement::Statement(s)) => match *s {
+                Statement::CreateTable(t) => {
+                    let name = t.name.to_string().trim_matches('"').to_string();
+                    let source = source_of(&name, &t.columns, &t.table_options)?;
+                    sources.insert(name, source);
+                }
+                other => {
+                    return Err(error(
                         format!(
                             "statement {}: only CREATE TABLE and one SELECT are accepted, not {}",
                             i + 1,
@@ -140,9 +140,9 @@ fn split(script: &str) -> Result<(Map<String, Json>, String), Diagnostics> {
                                 .join(" ")
                         ),
                         None,
-                    )),
+                    ))
                 }
-            }
+            },
             _ => {
                 return Err(error(
                     format!(

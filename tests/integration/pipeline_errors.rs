@@ -192,3 +192,62 @@ fn the_cli_exits_non_zero_and_names_the_location() {
     );
     assert!(out.stdout.is_empty(), "nothing ran");
 }
+
+const SQL: &str = "\
+name: t
+sources:
+  auth:
+    type: generator
+    stream: auth
+    count: 10
+transforms:
+  per_minute:
+    type: sql
+    query: |
+      SELECT window_start, usr, count(*) AS n
+      FROM auth GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), user
+sinks:
+  out:
+    type: stdout
+    input: per_minute
+";
+
+#[test]
+fn a_bad_query_names_the_query_field_and_its_position_in_the_query() {
+    assert_eq!(
+        error_of(SQL),
+        "p.yaml:11:7: transform \"per_minute\": invalid query: line 1, column 22: no field named usr\n  hint: possible column auth.user"
+    );
+}
+
+#[test]
+fn a_query_a_stream_cannot_answer_is_refused_before_anything_starts() {
+    let text = SQL
+        .replace(
+            "FROM auth GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), user",
+            "FROM auth GROUP BY user",
+        )
+        .replace("window_start, usr", "user");
+    let e = error_of(&text);
+    assert!(
+        e.contains("GROUP BY without a window is not supported on a stream"),
+        "{e}"
+    );
+    assert!(e.contains("hint: group by a window"), "{e}");
+}
+
+#[test]
+fn a_sql_step_reads_the_tables_its_query_names_and_has_no_input() {
+    let text = SQL
+        .replace("usr", "user")
+        .replace("    type: sql\n", "    type: sql\n    input: auth\n");
+    let e = error_of(&text);
+    assert!(
+        e.contains("unknown field \"input\" in transform \"per_minute\""),
+        "{e}"
+    );
+    let unknown = SQL.replace("usr", "user").replace("FROM auth", "FROM atuh");
+    let e = error_of(&unknown);
+    assert!(e.contains("unknown input \"atuh\""), "{e}");
+    assert!(e.contains("did you mean \"auth\""), "{e}");
+}

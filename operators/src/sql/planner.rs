@@ -753,6 +753,7 @@ impl Lowering<'_> {
             .aggr_expr
             .iter()
             .map(|e| {
+                let e = &undictionary_arguments(e, &reduced_df)?;
                 let lowered = LoweredAggregateBuilder::new(
                     e,
                     &reduced_df,
@@ -762,10 +763,22 @@ impl Lowering<'_> {
                 )
                 .build()
                 .map_err(plan_error)?;
-                Ok(AggregateCall {
+                // Accumulators are made here once, so an aggregate that cannot
+                // take its argument's type fails now, not when data arrives.
+                let call = AggregateCall {
                     expr: lowered.aggregate,
                     filter: lowered.filter,
-                })
+                };
+                call.accumulator()
+                    .and_then(|_| call.groups_accumulator())
+                    .map_err(|err| {
+                        SqlError::new(format!(
+                            "{}: {}",
+                            e.human_display(),
+                            SqlError::from_datafusion(err).message
+                        ))
+                    })?;
+                Ok(call)
             })
             .collect::<Result<Vec<_>, SqlError>>()?;
         let aggregate_schema: SchemaRef = Arc::new(agg.schema.as_arrow().clone());
@@ -800,6 +813,35 @@ impl Lowering<'_> {
             aggregate: spec,
         })
     }
+}
+
+/// Aggregate arguments of dictionary type are read as their values: several
+/// of DataFusion's aggregates (approx_distinct, percentiles) accept only
+/// plain types, and sources hand strings over dictionary-encoded.
+fn undictionary_arguments(e: &LExpr, schema: &DFSchema) -> Result<LExpr, SqlError> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::logical_expr::{expr::AggregateFunction, Cast};
+    e.clone()
+        .transform_up(|node| {
+            let LExpr::AggregateFunction(mut f) = node else {
+                return Ok(Transformed::no(node));
+            };
+            let mut changed = false;
+            for arg in f.params.args.iter_mut() {
+                if let DataType::Dictionary(_, value) = arg.get_type(schema)? {
+                    *arg = LExpr::Cast(Cast::new(Box::new(arg.clone()), *value));
+                    changed = true;
+                }
+            }
+            let node = LExpr::AggregateFunction(AggregateFunction { ..f });
+            Ok(if changed {
+                Transformed::yes(node)
+            } else {
+                Transformed::no(node)
+            })
+        })
+        .map(|t| t.data)
+        .map_err(plan_error)
 }
 
 enum KeySource {

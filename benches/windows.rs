@@ -1,0 +1,186 @@
+//! Windowed aggregation benchmark: generator → SQL window → null sink on one
+//! core, beside DataFusion's batch `GROUP BY` of the same rows.
+//!
+//! The streaming side is a real pipeline file (planned by the same loader as
+//! `vigil run`) on a current-thread runtime: the in-memory generator flat
+//! out, `TUMBLE(1 min)` (or `HOP(10 s, 1 min)`) count by (tenant, source ip),
+//! a null sink. The batch side collects the same generated rows into memory
+//! first, then times DataFusion answering the equivalent query over them
+//! with one partition on a current-thread runtime. The ratio is the figure
+//! that survives machine noise. Run with `cargo bench --bench windows`
+//! (add `-- --events N --runs R`).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use support::{arg, spread};
+
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use vigil::pipeline::{load_str, PlanOptions};
+use vigil::run::{run, Progress, RunOptions};
+
+const TUMBLE: &str = "SELECT window_start, window_end, tenant_id, src_ip, count(*) AS events \
+     FROM auth GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), tenant_id, src_ip";
+const HOP: &str = "SELECT window_start, window_end, tenant_id, src_ip, count(*) AS events \
+     FROM auth GROUP BY HOP(ts, INTERVAL '10' SECOND, INTERVAL '1' MINUTE), tenant_id, src_ip";
+
+const BATCH_TUMBLE: &str = "SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, tenant_id, src_ip, count(*) AS events \
+     FROM auth GROUP BY 1, tenant_id, src_ip";
+const BATCH_HOP: &str =
+    "SELECT date_bin(INTERVAL '10 seconds', ts) - o.i * INTERVAL '10 seconds' AS window_start, \
+     tenant_id, src_ip, count(*) AS events \
+     FROM auth CROSS JOIN (VALUES (0), (1), (2), (3), (4), (5)) AS o(i) \
+     GROUP BY 1, tenant_id, src_ip";
+
+fn pipeline(events: u64, sink: &str, query: Option<&str>) -> String {
+    let (transforms, input) = match query {
+        Some(q) => (
+            format!("transforms:\n  w:\n    type: sql\n    query: \"{q}\"\n"),
+            "w",
+        ),
+        None => (String::new(), "auth"),
+    };
+    format!(
+        "\
+name: bench
+sources:
+  auth:
+    type: generator
+    stream: auth
+    seed: 7
+    partitions: 1
+    count: {events}
+    event_rate: 20000
+    start_time: 2026-01-01T00:00:00Z
+    batch_size: 8192
+{transforms}sinks:
+  out: {{ type: {sink}, input: {input} }}
+"
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[allow(clippy::disallowed_methods)] // a benchmark measures wall time
+/// One streaming run: events/s and result rows.
+fn stream_once(query: &str, events: u64) -> (f64, usize) {
+    let rt = runtime();
+    let mut plan = load_str(
+        "bench.yaml",
+        &pipeline(events, "null", Some(query)),
+        &PlanOptions::default(),
+    )
+    .expect("valid pipeline");
+    let out = plan.capture("out").expect("sink");
+    let started = Instant::now();
+    rt.block_on(async {
+        run(
+            &plan,
+            RunOptions {
+                progress: Progress::Off,
+                checkpoint_interval: None,
+                ..RunOptions::default()
+            },
+        )
+        .await
+        .expect("runs")
+    });
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    let rows = out.lock().iter().map(|b| b.num_rows()).sum();
+    (rate, rows)
+}
+
+/// The generated rows, in memory.
+fn generated(events: u64) -> Vec<RecordBatch> {
+    let rt = runtime();
+    let mut plan = load_str(
+        "bench.yaml",
+        &pipeline(events, "null", None),
+        &PlanOptions::default(),
+    )
+    .expect("valid pipeline");
+    let out = plan.capture("out").expect("sink");
+    rt.block_on(async {
+        run(
+            &plan,
+            RunOptions {
+                progress: Progress::Off,
+                checkpoint_interval: None,
+                ..RunOptions::default()
+            },
+        )
+        .await
+        .expect("runs")
+    });
+    let batches = out.lock().clone();
+    batches
+}
+
+#[allow(clippy::disallowed_methods)] // a benchmark measures wall time
+/// One batch run over rows in memory: rows/s and result rows.
+fn batch_once(query: &str, batches: &[RecordBatch]) -> (f64, usize) {
+    let rt = runtime();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+    let table = MemTable::try_new(batches[0].schema(), vec![batches.to_vec()]).expect("table");
+    ctx.register_table("auth", Arc::new(table))
+        .expect("register");
+    let started = Instant::now();
+    let out = rt.block_on(async {
+        ctx.sql(query)
+            .await
+            .expect("plans")
+            .collect()
+            .await
+            .expect("runs")
+    });
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    (rate, out.iter().map(|b| b.num_rows()).sum())
+}
+
+fn main() {
+    let events = arg("--events", 10_000_000);
+    let runs = arg("--runs", 5) as usize;
+    println!(
+        "vigil windows, one core (current-thread runtime), {events} generated auth events per run, median of {runs} runs"
+    );
+    let batches = generated(events);
+    for (name, streaming, batch) in [
+        (
+            "TUMBLE(1 min) count by (tenant, src_ip)",
+            TUMBLE,
+            BATCH_TUMBLE,
+        ),
+        ("HOP(10 s, 1 min) count by (tenant, src_ip)", HOP, BATCH_HOP),
+    ] {
+        stream_once(streaming, events / 10); // warm-up
+        let s: Vec<(f64, usize)> = (0..runs).map(|_| stream_once(streaming, events)).collect();
+        let b: Vec<(f64, usize)> = (0..runs).map(|_| batch_once(batch, &batches)).collect();
+        let (s_rows, b_rows) = (s[0].1, b[0].1);
+        let (sm, smin, smax) = spread(s.into_iter().map(|r| r.0).collect());
+        let (bm, bmin, bmax) = spread(b.into_iter().map(|r| r.0).collect());
+        println!("{name}");
+        println!(
+            "  vigil stream (generator included)   median {:>6.2} M events/s  (min {:.2}, max {:.2}; {s_rows} window rows)",
+            sm / 1e6,
+            smin / 1e6,
+            smax / 1e6
+        );
+        println!(
+            "  datafusion batch GROUP BY, 1 part.  median {:>6.2} M rows/s    (min {:.2}, max {:.2}; {b_rows} rows)",
+            bm / 1e6,
+            bmin / 1e6,
+            bmax / 1e6
+        );
+        println!("  ratio stream / batch                 {:.2}", sm / bm);
+    }
+}
