@@ -235,6 +235,25 @@ pub fn plan_query(
     options: &QueryOptions,
 ) -> Result<PlannedQuery, SqlError> {
     let (statement, windows) = parse(sql)?;
+    if let Statement::Query(q) = &statement {
+        if let Some(with) = &q.with {
+            for w in &windows {
+                if with
+                    .cte_tables
+                    .iter()
+                    .any(|c| c.alias.name.value.eq_ignore_ascii_case(&w.base))
+                {
+                    return Err(SqlError::at(
+                        format!("{:?} is a WITH query; a window reads a table", w.base),
+                        w.span,
+                    )
+                    .hint(
+                        "window the table inside the WITH query, or use one SQL step per stage",
+                    ));
+                }
+            }
+        }
+    }
     let tables = base_tables(&statement, &windows);
     let table = match tables.as_slice() {
         [one] => one.clone(),

@@ -164,4 +164,9 @@ fn bad_sql_is_reported_with_its_position_and_a_hint() {
 
     let e = refused("SELECT count(*) FROM auth GROUP BY TUMBLE(ts, INTERVAL '1' MONTH)");
     assert!(e.message.contains("months"), "{e}");
+
+    let e = refused(
+        "WITH x AS (SELECT * FROM auth WHERE bytes > 1) SELECT count(*) FROM x GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE)",
+    );
+    assert!(e.message.contains("WITH query"), "{e}");
 }
