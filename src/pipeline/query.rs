@@ -15,7 +15,8 @@
 //!
 //! A `CREATE TABLE` becomes a source of the same connector a pipeline file
 //! would declare, its columns the source's `schema.fields` and its options
-//! the source's settings (dotted keys nest: `'schema.flatten' = 'true'`), so
+//! the source's settings (dotted keys nest: `'schema.flatten' = 'true'`;
+//! `'properties.<librdkafka key>'` are Kafka client settings), so
 //! DDL and pipeline files accept exactly the same things and report the
 //! same errors. The query becomes a `sql` step printing to stdout; steps of
 //! the pipeline that the query does not read are left out.
@@ -225,6 +226,15 @@ fn source_of(
         match key.as_str() {
             "connector" => connector = value.as_str().map(str::to_string),
             "event_time" => insert(&mut node, "schema.event_time.field", value),
+            // librdkafka settings are dotted themselves.
+            k if k.starts_with("properties.") => {
+                let props = node
+                    .entry("properties")
+                    .or_insert_with(|| Json::Object(Map::new()));
+                if let Json::Object(m) = props {
+                    m.insert(k["properties.".len()..].to_string(), value);
+                }
+            }
             "topics" => {
                 let list: Vec<Json> = value
                     .as_str()

@@ -646,3 +646,76 @@ sinks:
         assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vigil_sql_reads_a_kafka_topic_declared_with_ddl_and_emits_windows_as_they_close() {
+    use vigil::pipeline::query::{plan_query_script, QueryRequest};
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("auth", 3, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers).await;
+    let script = format!(
+        "CREATE TABLE auth (ts TIMESTAMP, user STRING, outcome STRING) WITH (
+  'connector' = 'kafka', 'brokers' = '{brokers}', 'topics' = 'auth', 'start' = 'earliest',
+  'group_id' = 'sql-ddl', 'properties.session.timeout.ms' = '6000',
+  'event_time' = 'ts', 'schema.event_time.format' = 'epoch_ms');
+SELECT window_start, outcome, count(*) AS n FROM auth
+GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), outcome"
+    );
+    let request = QueryRequest {
+        script: &script,
+        pipeline: None,
+        allowed_lateness: None,
+        json: false,
+    };
+    let mut plan = plan_query_script(&request, &options_with(&[])).expect("plans");
+    let rows = plan.capture("rows").expect("printing sink");
+    let launched = crate::launch(&plan.graph, RuntimeOptions::default());
+    // 300 records one second apart: the minutes [0, 4) close; the fifth
+    // waits for records past it, which never come.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let count = || rows.lock().iter().map(|b| b.num_rows()).sum::<usize>();
+    while count() < 8 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    launched.finish().await;
+    let mut got: Vec<(String, i64)> = rows
+        .lock()
+        .iter()
+        .flat_map(|b| {
+            let outcome =
+                arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8).expect("utf8");
+            let outcome = outcome
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .expect("strings")
+                .clone();
+            let n = b
+                .column(2)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .expect("counts")
+                .clone();
+            (0..b.num_rows())
+                .map(move |i| (outcome.value(i).to_string(), n.value(i)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("failure", 20),
+            ("failure", 20),
+            ("failure", 20),
+            ("failure", 20),
+            ("success", 40),
+            ("success", 40),
+            ("success", 40),
+            ("success", 40)
+        ]
+        .iter()
+        .map(|(o, n)| (o.to_string(), *n))
+        .collect::<Vec<_>>()
+    );
+}
