@@ -327,7 +327,11 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             };
             let added = match planned {
                 PlannedQuery::Stateless { stages, .. } => {
-                    let event_time = sql_event_time(&stages.output_schema(), upstream_time);
+                    // Rows keep their own event time when it passes through.
+                    let output = stages.output_schema();
+                    let event_time = upstream_time
+                        .filter(|c| output.field_with_name(c).is_ok())
+                        .or_else(|| sql_event_time(&output, None));
                     let factory = Arc::new(StatelessFactory::new(&c.query, stages));
                     graph
                         .add_operator(&t.name, factory, parallelism, &inputs)

@@ -202,7 +202,12 @@ impl Sessions {
             .iter()
             .map(|&c| batch.column(c).clone())
             .collect();
-        let rows = self.converter.convert_columns(&key_arrays)?;
+        // Without keys every row has the one (empty) key.
+        let rows = if key_arrays.is_empty() {
+            None
+        } else {
+            Some(self.converter.convert_columns(&key_arrays)?)
+        };
         // (key, time, row), rows without event time are late.
         let mut order: Vec<(u32, i64, u32)> = Vec::with_capacity(n);
         let mut late: Vec<u32> = Vec::new();
@@ -211,7 +216,10 @@ impl Sessions {
                 late.push(i as u32);
                 continue;
             }
-            let key = self.key_id(rows.row(i).as_ref());
+            let key = match &rows {
+                Some(r) => self.key_id(r.row(i).as_ref()),
+                None => self.key_id(&[]),
+            };
             order.push((key, ts.value(i), i as u32));
         }
         order.sort_unstable();

@@ -354,3 +354,25 @@ fn window_state_survives_snapshot_and_restore() {
         assert!(out.contains("bob   | 1"), "{sql}: {out}");
     }
 }
+
+#[test]
+fn a_session_without_keys_is_one_session_for_the_whole_stream() {
+    let sql = "SELECT window_start, window_end, count(*) AS n FROM auth \
+               GROUP BY SESSION(ts, INTERVAL '10' SECOND)";
+    let mut h = Harness::new(sql, 0);
+    h.feed(rows(&[
+        (0, "t", "a", "ip", 1),
+        (5, "t", "b", "ip", 1),
+        (30, "t", "c", "ip", 1),
+    ]));
+    h.watermark(100);
+    assert_eq!(
+        h.take(),
+        "+----------------------+----------------------+---+
+| window_start         | window_end           | n |
++----------------------+----------------------+---+
+| 1970-01-01T00:00:00Z | 1970-01-01T00:00:15Z | 2 |
+| 1970-01-01T00:00:30Z | 1970-01-01T00:00:40Z | 1 |
++----------------------+----------------------+---+"
+    );
+}
