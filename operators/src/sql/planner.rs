@@ -632,6 +632,7 @@ impl Lowering<'_> {
         let mut group = Vec::new();
         let mut needed: Vec<usize> = Vec::new();
         let mut key_sources: Vec<KeySource> = Vec::new();
+        let mut key_labels: Vec<String> = Vec::new();
         let mut has_window = false;
         for g in &agg.group_expr {
             if let LExpr::GroupingSet(_) = g {
@@ -661,6 +662,23 @@ impl Lowering<'_> {
                 .hint("GROUP BY window_start, window_end, ..."));
             }
             let k = key_sources.len();
+            key_labels.push(match g {
+                LExpr::Column(c) => c.name.clone(),
+                other => other.human_display().to_string(),
+            });
+            // Dictionary-encoded keys (as sources hand strings over) are
+            // grouped by value: hashing and comparing plain strings column
+            // by column is about three times faster than DataFusion's row
+            // format, which dictionaries would otherwise need.
+            let g = &match g {
+                LExpr::Column(_) => match g.get_type(&input_df).map_err(plan_error)? {
+                    DataType::Dictionary(_, value) => LExpr::Cast(
+                        datafusion::logical_expr::Cast::new(Box::new(g.clone()), *value),
+                    ),
+                    _ => g.clone(),
+                },
+                other => other.clone(),
+            };
             match g {
                 LExpr::Column(c) => {
                     let i = input_df
@@ -820,6 +838,7 @@ impl Lowering<'_> {
             window_start_column: (!session).then_some(anchor_in_reduced),
             time_column: anchor_in_reduced,
             key_columns,
+            key_labels,
             group,
             aggregates,
             aggregate_schema,

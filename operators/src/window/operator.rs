@@ -59,7 +59,7 @@ impl OperatorFactory for WindowAggregateFactory {
     }
     fn describe(&self) -> String {
         let s = &self.spec;
-        let keys = s.key_names();
+        let keys = &s.key_labels;
         let lateness = if s.lateness_ms > 0 {
             format!(
                 ", allowed lateness {}",

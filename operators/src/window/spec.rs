@@ -151,6 +151,8 @@ pub struct WindowAggregateSpec {
     pub time_column: usize,
     /// Columns of `input` holding the grouping keys, in key order.
     pub key_columns: Vec<usize>,
+    /// The grouping keys as the query writes them, for `vigil explain`.
+    pub key_labels: Vec<String>,
     /// The aggregate's group columns, in output order.
     pub group: Vec<GroupColumn>,
     /// The aggregate calls, in output order.
