@@ -59,7 +59,7 @@ fn input(seed: u64, n: usize, span_ms: i64, users: u64) -> Vec<Row> {
         .map(|_| {
             let ts = T0 + rng.below(span_ms as u64) as i64;
             let u = rng.below(users);
-            let user = if u % 7 == 0 {
+            let user = if u.is_multiple_of(7) {
                 format!("U{u}")
             } else {
                 format!("u{u}")

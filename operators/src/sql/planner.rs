@@ -83,7 +83,7 @@ pub enum PlannedQuery {
         /// Stateless work before the aggregate, ending with the key columns.
         prepare: Stages,
         /// The aggregate and what follows it.
-        aggregate: WindowAggregateSpec,
+        aggregate: Box<WindowAggregateSpec>,
     },
 }
 
@@ -681,9 +681,7 @@ impl Lowering<'_> {
             };
             match g {
                 LExpr::Column(c) => {
-                    let i = input_df
-                        .index_of_column(c)
-                        .map_err(|e| plan_error(e.into()))?;
+                    let i = input_df.index_of_column(c).map_err(plan_error)?;
                     key_sources.push(KeySource::Column(i));
                     if !needed.contains(&i) {
                         needed.push(i);
@@ -722,9 +720,7 @@ impl Lowering<'_> {
                         "{a}: a session's bounds are known only when it closes"
                     )));
                 }
-                let i = input_df
-                    .index_of_column(c)
-                    .map_err(|e| plan_error(e.into()))?;
+                let i = input_df.index_of_column(c).map_err(plan_error)?;
                 if !needed.contains(&i) {
                     needed.push(i);
                 }
@@ -738,7 +734,7 @@ impl Lowering<'_> {
             .iter()
             .map(|&i| {
                 let (q, f) = input_df.qualified_field(i);
-                (q.cloned(), f.clone().into())
+                (q.cloned(), f.clone())
             })
             .collect();
         let mut prepare_exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
@@ -848,7 +844,7 @@ impl Lowering<'_> {
         Ok(PlannedQuery::Windowed {
             table,
             prepare,
-            aggregate: spec,
+            aggregate: Box::new(spec),
         })
     }
 }

@@ -21,10 +21,8 @@ pub struct WindowAggregateFactory {
 
 impl WindowAggregateFactory {
     /// A factory for `spec`, as the SQL planner made it.
-    pub fn new(spec: WindowAggregateSpec) -> Self {
-        Self {
-            spec: Arc::new(spec),
-        }
+    pub fn new(spec: impl Into<Arc<WindowAggregateSpec>>) -> Self {
+        Self { spec: spec.into() }
     }
 
     /// What it computes.

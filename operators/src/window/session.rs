@@ -73,6 +73,16 @@ pub struct Sessions {
     metrics: Arc<TaskMetrics>,
 }
 
+/// Intervals that overlap: one session after the sweep.
+struct Swept {
+    start: i64,
+    end: i64,
+    /// Open sessions it absorbs.
+    olds: Vec<usize>,
+    /// Clusters of new rows it takes.
+    news: Vec<std::ops::Range<usize>>,
+}
+
 /// Something swept together: an open session or a cluster of new rows.
 enum Item {
     Old(usize),
@@ -314,22 +324,33 @@ impl Sessions {
         }
         items.sort_by_key(|(s, _, _)| *s);
         // Sweep: overlapping intervals become one session.
-        let mut groups: Vec<(i64, i64, Vec<usize>, Vec<std::ops::Range<usize>>)> = Vec::new();
+        let mut groups: Vec<Swept> = Vec::new();
         for (start, end, item) in items {
-            let merge = groups.last().is_some_and(|g| start < g.1);
+            let merge = groups.last().is_some_and(|g| start < g.end);
             if !merge {
-                groups.push((start, end, Vec::new(), Vec::new()));
+                groups.push(Swept {
+                    start,
+                    end,
+                    olds: Vec::new(),
+                    news: Vec::new(),
+                });
             }
             let Some(g) = groups.last_mut() else {
                 continue;
             };
-            g.1 = g.1.max(end);
+            g.end = g.end.max(end);
             match item {
-                Item::Old(slot) => g.2.push(slot),
-                Item::New(r) => g.3.push(r),
+                Item::Old(slot) => g.olds.push(slot),
+                Item::New(r) => g.news.push(r),
             }
         }
-        for (start, end, olds, news) in groups {
+        for Swept {
+            start,
+            end,
+            olds,
+            news,
+        } in groups
+        {
             if news.is_empty() {
                 continue;
             }
