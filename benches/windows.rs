@@ -80,44 +80,10 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-#[allow(clippy::disallowed_methods)] // a benchmark measures wall time
-/// One streaming run: events/s and result rows.
-fn stream_once(query: &str, events: u64) -> (f64, usize) {
+/// Runs a pipeline file to its end; returns what its sink `out` received.
+fn run_captured(text: &str) -> Vec<RecordBatch> {
     let rt = runtime();
-    let mut plan = load_str(
-        "bench.yaml",
-        &pipeline(events, "null", Some(query)),
-        &PlanOptions::default(),
-    )
-    .expect("valid pipeline");
-    let out = plan.capture("out").expect("sink");
-    let started = Instant::now();
-    rt.block_on(async {
-        run(
-            &plan,
-            RunOptions {
-                progress: Progress::Off,
-                checkpoint_interval: None,
-                ..RunOptions::default()
-            },
-        )
-        .await
-        .expect("runs")
-    });
-    let rate = events as f64 / started.elapsed().as_secs_f64();
-    let rows = out.lock().iter().map(|b| b.num_rows()).sum();
-    (rate, rows)
-}
-
-/// The generated rows, in memory.
-fn generated(events: u64) -> Vec<RecordBatch> {
-    let rt = runtime();
-    let mut plan = load_str(
-        "bench.yaml",
-        &pipeline(events, "null", None),
-        &PlanOptions::default(),
-    )
-    .expect("valid pipeline");
+    let mut plan = load_str("bench.yaml", text, &PlanOptions::default()).expect("valid pipeline");
     let out = plan.capture("out").expect("sink");
     rt.block_on(async {
         run(
@@ -133,6 +99,21 @@ fn generated(events: u64) -> Vec<RecordBatch> {
     });
     let batches = out.lock().clone();
     batches
+}
+
+#[allow(clippy::disallowed_methods)] // a benchmark measures wall time
+/// One streaming run: events/s and result rows.
+fn stream_once(query: &str, events: u64) -> (f64, usize) {
+    let text = pipeline(events, "null", Some(query));
+    let started = Instant::now();
+    let out = run_captured(&text);
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    (rate, out.iter().map(|b| b.num_rows()).sum())
+}
+
+/// The generated rows, in memory.
+fn generated(events: u64) -> Vec<RecordBatch> {
+    run_captured(&pipeline(events, "null", None))
 }
 
 #[allow(clippy::disallowed_methods)] // a benchmark measures wall time

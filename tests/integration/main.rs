@@ -19,6 +19,19 @@ use tokio::task::JoinSet;
 use vigil::pipeline::PlanOptions;
 use vigil_engine::{start, Graph, MetricsRegistry, RuntimeOptions, StopHandle};
 
+/// Runs a planned pipeline to its end, without progress output.
+pub async fn run_to_end(plan: &vigil::pipeline::Plan) -> vigil::run::Summary {
+    vigil::run::run(
+        plan,
+        vigil::run::RunOptions {
+            progress: vigil::run::Progress::Off,
+            ..vigil::run::RunOptions::default()
+        },
+    )
+    .await
+    .expect("runs")
+}
+
 /// Plan options with a fixed environment instead of the process's.
 pub fn options_with(env: &[(&str, &str)]) -> PlanOptions {
     let map: HashMap<String, String> = env

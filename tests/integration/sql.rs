@@ -18,9 +18,8 @@ use arrow::util::pretty::pretty_format_batches;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use vigil::pipeline::load_str;
-use vigil::run::{run, Progress, RunOptions};
 
-use crate::options_with;
+use crate::{options_with, run_to_end};
 
 /// 2026-01-01T00:00:00Z in milliseconds.
 const T0: i64 = 1_767_225_600_000;
@@ -229,15 +228,7 @@ sinks:
     );
     let mut plan = load_str("oracle.yaml", &text, &options_with(&[])).expect("valid pipeline");
     let out = plan.capture("out").expect("sink");
-    let summary = run(
-        &plan,
-        RunOptions {
-            progress: Progress::Off,
-            ..RunOptions::default()
-        },
-    )
-    .await
-    .expect("runs");
+    let summary = run_to_end(&plan).await;
     let batches = out.lock().clone();
     (normalized(&batches), summary.late)
 }
@@ -347,15 +338,7 @@ GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), user;",
     };
     let mut plan = plan_query_script(&request, &options_with(&[])).expect("plans");
     let out = plan.capture("rows").expect("the printing sink");
-    run(
-        &plan,
-        RunOptions {
-            progress: Progress::Off,
-            ..RunOptions::default()
-        },
-    )
-    .await
-    .expect("runs");
+    run_to_end(&plan).await;
     let got = normalized(&out.lock());
     let expected = oracle(
         &rows,
@@ -422,15 +405,7 @@ sinks:
     let mut plan = load_str("lateness.yaml", &text, &options_with(&[])).expect("valid");
     let rows = plan.capture("rows").expect("rows");
     let too_late = plan.capture("too_late").expect("late sink");
-    let summary = run(
-        &plan,
-        RunOptions {
-            progress: Progress::Off,
-            ..RunOptions::default()
-        },
-    )
-    .await
-    .expect("runs");
+    let summary = run_to_end(&plan).await;
     let late: Vec<String> = normalized(&too_late.lock());
     assert_eq!(summary.late, 1, "one row is beyond the lateness: {late:?}");
     assert_eq!(late.len(), 2, "header and the row at 10 s: {late:?}");
