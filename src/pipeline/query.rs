@@ -92,8 +92,9 @@ fn statements(script: &str) -> Result<Vec<String>, Diagnostics> {
     Ok(out.into_iter().filter(|s| !s.trim().is_empty()).collect())
 }
 
-/// A script's DDL as a pipeline's `sources` section, and its query.
-fn split(script: &str) -> Result<(Map<String, Json>, String), Diagnostics> {
+/// A script's DDL as a pipeline's `sources` section, and its query (which
+/// must be the last statement, when there is one).
+fn split(script: &str) -> Result<(Map<String, Json>, Option<String>), Diagnostics> {
     let mut sources = Map::new();
     let mut query = None;
     let parts = statements(script)?;
@@ -155,8 +156,56 @@ fn split(script: &str) -> Result<(Map<String, Json>, String), Diagnostics> {
             }
         }
     }
-    let query = query.ok_or_else(|| error("the script has no SELECT", None))?;
     Ok((sources, query))
+}
+
+/// The sources a script of `CREATE TABLE` statements declares, checked as a
+/// pipeline file's sources are (`tables:` in a pipeline file, and the DDL
+/// of `vigil sql`).
+pub fn ddl_tables(
+    script: &str,
+    env: &super::env::Env,
+) -> Result<Vec<NodeSpec<super::spec::SourceKind>>, Diagnostics> {
+    let (ddl, query) = split(script)?;
+    if query.is_some() {
+        return Err(error(
+            "tables holds only CREATE TABLE statements",
+            Some("queries are sql steps under transforms".into()),
+        ));
+    }
+    tables_spec(ddl, env).map(|t| t.map(|t| t.sources).unwrap_or_default())
+}
+
+/// DDL tables as a pipeline file of their own (JSON is YAML), so they are
+/// checked exactly as a file's sources are.
+fn tables_spec(
+    ddl: Map<String, Json>,
+    env: &super::env::Env,
+) -> Result<Option<PipelineSpec>, Diagnostics> {
+    if ddl.is_empty() {
+        return Ok(None);
+    }
+    let first = ddl.keys().next().cloned().unwrap_or_default();
+    let text = json!({
+        "name": "sql",
+        "sources": ddl,
+        "sinks": { "_": { "type": "null", "input": first } },
+    })
+    .to_string();
+    // Positions in that generated text would mislead: name the table.
+    PipelineSpec::parse(SCRIPT, &text, env)
+        .map(Some)
+        .map_err(|d| {
+            Diagnostics(
+                d.0.into_iter()
+                    .map(|mut e| {
+                        e.location = None;
+                        e.message = e.message.replace("in source \"", "in table \"");
+                        e
+                    })
+                    .collect(),
+            )
+        })
 }
 
 fn field_type(t: &SqlType) -> Option<&'static str> {
@@ -284,33 +333,8 @@ pub fn plan_query_script(
     options: &PlanOptions,
 ) -> Result<Plan, Diagnostics> {
     let (ddl, query) = split(request.script)?;
-    // DDL tables as a pipeline file of their own (JSON is YAML), so they
-    // are checked exactly as a file's sources are.
-    let tables = if ddl.is_empty() {
-        None
-    } else {
-        let first = ddl.keys().next().cloned().unwrap_or_default();
-        let text = json!({
-            "name": "sql",
-            "sources": ddl,
-            "sinks": { "_": { "type": "null", "input": first } },
-        })
-        .to_string();
-        // Positions in that generated text would mislead: name the table.
-        Some(
-            PipelineSpec::parse(SCRIPT, &text, &*options.env).map_err(|d| {
-                Diagnostics(
-                    d.0.into_iter()
-                        .map(|mut e| {
-                            e.location = None;
-                            e.message = e.message.replace("in source \"", "in table \"");
-                            e
-                        })
-                        .collect(),
-                )
-            })?,
-        )
-    };
+    let query = query.ok_or_else(|| error("the script has no SELECT", None))?;
+    let tables = tables_spec(ddl, &*options.env)?;
     let (mut spec, tables) = match (request.pipeline, tables) {
         (Some((file, text)), tables) => (PipelineSpec::parse(file, text, &*options.env)?, tables),
         (None, None) => (

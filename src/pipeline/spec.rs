@@ -19,6 +19,10 @@
 //!     input: [failed]
 //! ```
 //!
+//! Sources may also be declared as SQL tables under `tables:` (a script of
+//! `CREATE TABLE … WITH ('connector' = …)` statements, see
+//! [`super::query`]).
+//!
 //! Keys common to every node (`type`, `input`, `parallelism`, `watermark`)
 //! are read here; the rest of each node goes to the connector's or operator's
 //! own config type, which rejects unknown keys.
@@ -52,6 +56,7 @@ const TOP_KEYS: &[&str] = &[
     "name",
     "description",
     "parallelism",
+    "tables",
     "sources",
     "transforms",
     "sinks",
@@ -233,15 +238,52 @@ impl PipelineSpec {
             .get_node("parallelism")
             .and_then(|n| scalar_usize(&mut ctx, n, "parallelism"))
             .unwrap_or(1);
-        let sources = section(
+        let mut sources = section(
             &mut ctx,
             top,
             &root,
             "sources",
-            true,
+            top.get_node("tables").is_none(),
             SOURCE_TYPES,
             parse_source,
         );
+        // Sources declared as SQL tables.
+        if let Some(node) = top.get_node("tables") {
+            match node.as_scalar() {
+                Some(script) => match super::query::ddl_tables(script.as_str(), env) {
+                    Ok(tables) => {
+                        for t in tables {
+                            if sources.iter().any(|s| s.name == t.name) {
+                                ctx.err(
+                                    loc(node.span()),
+                                    format!("table {:?} is also a source", t.name),
+                                    None,
+                                );
+                            } else {
+                                sources.push(t);
+                            }
+                        }
+                    }
+                    Err(d) => {
+                        for e in d.0 {
+                            ctx.err(
+                                loc(node.span()),
+                                format!("in tables: {}", e.message),
+                                e.hint,
+                            );
+                        }
+                    }
+                },
+                None => ctx.err(
+                    loc(node.span()),
+                    "tables must be SQL text: CREATE TABLE statements",
+                    Some(
+                        "tables: |\n  CREATE TABLE auth (...) WITH ('connector' = 'file', ...);"
+                            .into(),
+                    ),
+                ),
+            }
+        }
         let transforms = section(
             &mut ctx,
             top,

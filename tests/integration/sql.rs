@@ -430,3 +430,47 @@ sinks:
     }
     assert_eq!(last.values().sum::<i64>() + summary.late as i64, total);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_file_can_declare_its_sources_as_sql_tables() {
+    let rows = input(6, 500, 4 * 60_000, 5);
+    let dir = write_partitions(&rows);
+    let text = format!(
+        "\
+name: ddl
+tables: |
+  CREATE TABLE logins (ts TIMESTAMP, tenant STRING, user STRING, src_ip STRING, bytes BIGINT)
+  WITH ('connector' = 'file', 'path' = '{}', 'event_time' = 'ts',
+        'schema.event_time.format' = 'epoch_ms', 'watermark.out_of_orderness' = '5s');
+transforms:
+  per_minute:
+    type: sql
+    query: |
+      SELECT window_start, tenant, count(*) AS n, sum(bytes) AS b FROM logins
+      GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), tenant
+sinks:
+  out: {{ type: null, input: per_minute }}
+",
+        dir.path().display()
+    );
+    let mut plan = load_str("ddl.yaml", &text, &options_with(&[])).expect("valid pipeline");
+    let out = plan.capture("out").expect("sink");
+    run_to_end(&plan).await;
+    let expected = oracle(
+        &rows,
+        "SELECT CAST(ts AS BIGINT) / 60000 * 60000 AS window_start, tenant, count(*) AS n, sum(bytes) AS b
+FROM auth GROUP BY 1, tenant",
+    )
+    .await;
+    assert_eq!(normalized(&out.lock()), expected);
+
+    let bad = text.replace("'path'", "'pth'");
+    let e = load_str("ddl.yaml", &bad, &options_with(&[]))
+        .err()
+        .expect("rejected")
+        .to_string();
+    assert!(
+        e.starts_with("ddl.yaml:3:3: in tables: unknown field \"pth\" in table \"logins\""),
+        "{e}"
+    );
+}
