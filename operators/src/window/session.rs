@@ -53,6 +53,9 @@ struct Session {
     end: i64,
     accumulators: Vec<Box<dyn Accumulator>>,
     fired: bool,
+    /// Due time of the timer entry this session relies on: never later than
+    /// its real due time (see [`Sessions::on_watermark`]).
+    timer: i64,
 }
 
 /// Session window state of one subtask.
@@ -67,7 +70,9 @@ pub struct Sessions {
     slots: Vec<Option<Session>>,
     free: Vec<usize>,
     /// (due time, slot): a session fires at its end, and is freed at its
-    /// end plus the allowed lateness.
+    /// end plus the allowed lateness. Entries are lazy: a session whose end
+    /// moves later keeps its entry, which is re-armed when it comes due, so
+    /// a row that extends a session costs no timer update.
     timers: BTreeSet<(i64, usize)>,
     watermark: Option<EventTime>,
     metrics: Arc<TaskMetrics>,
@@ -172,8 +177,9 @@ impl Sessions {
             .ok_or_else(|| OperatorError::config("query", "internal: session vanished", None))
     }
 
-    fn insert(&mut self, s: Session) -> usize {
+    fn insert(&mut self, mut s: Session) -> usize {
         let due = self.due(&s);
+        s.timer = due;
         let i = match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some(s);
@@ -192,11 +198,21 @@ impl Sessions {
         let s = self.slots[i]
             .take()
             .ok_or_else(|| OperatorError::config("query", "internal: session vanished", None))?;
-        let due = self.due(&s);
-        self.timers.remove(&(due, i));
         self.by_key[s.key as usize].retain(|&j| j != i);
         self.free.push(i);
         Ok(s)
+    }
+
+    /// Arms an earlier timer when a session's due time moved earlier (a
+    /// fired session un-fired by a late row).
+    fn retime(&mut self, slot: usize) -> Result<()> {
+        let s = self.slot(slot)?;
+        let due = self.due(s);
+        if due < s.timer {
+            self.timers.insert((due, slot));
+            self.slot_mut(slot)?.timer = due;
+        }
+        Ok(())
     }
 
     /// Adds a batch of rows.
@@ -371,6 +387,7 @@ impl Sessions {
                     end,
                     accumulators,
                     fired: false,
+                    timer: 0,
                 });
                 self.by_key[key as usize].push(slot);
                 if end <= watermark {
@@ -391,6 +408,29 @@ impl Sessions {
                         retracts.push(self.evaluate(&[slot])?);
                     }
                 }
+            }
+            if olds.len() == 1 {
+                // One session grows: update it where it is.
+                let s = self.slot_mut(target)?;
+                update(&mut s.accumulators, args, masks, &picked)?;
+                let was_fired = s.fired;
+                s.start = start;
+                s.end = end;
+                if changes_bounds {
+                    s.fired = false;
+                }
+                self.retime(target)?;
+                if old_start != start {
+                    let slots = &self.slots;
+                    self.by_key[key as usize]
+                        .sort_by_key(|&j| slots[j].as_ref().map_or(i64::MAX, |s| s.start));
+                }
+                if was_fired && !changes_bounds {
+                    updates.push(self.evaluate(&[target])?);
+                } else if end <= watermark {
+                    self.fire(target, inserts)?;
+                }
+                continue;
             }
             let mut merged = Vec::new();
             for &slot in &olds[1..] {
@@ -432,13 +472,8 @@ impl Sessions {
     /// Marks a session emitted: freed now without lateness, else kept.
     fn fire(&mut self, slot: usize, inserts: &mut Vec<usize>) -> Result<()> {
         inserts.push(slot);
-        let s = self.slot(slot)?;
-        let old = self.due(s);
-        self.timers.remove(&(old, slot));
-        let s = self.slot_mut(slot)?;
-        s.fired = true;
-        let due = s.end.saturating_add(self.spec.lateness_ms);
-        self.timers.insert((due, slot));
+        // Its due time moves later: the existing timer entry still holds.
+        self.slot_mut(slot)?.fired = true;
         Ok(())
     }
 
@@ -497,23 +532,41 @@ impl Sessions {
         self.watermark = Some(watermark);
         let mut fire = Vec::new();
         let mut drop = Vec::new();
+        let lateness = self.spec.lateness_ms;
         while let Some(&(due, slot)) = self.timers.first() {
             if due > watermark {
                 break;
             }
             self.timers.pop_first();
-            let s = self.slot(slot)?;
-            let expired = s.end.saturating_add(self.spec.lateness_ms) <= watermark;
+            // An entry of a freed session, of a slot's earlier occupant, or
+            // one superseded by an earlier timer: nothing to do.
+            let Some(s) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            if s.timer != due {
+                continue;
+            }
+            let actual = if s.fired {
+                s.end.saturating_add(lateness)
+            } else {
+                s.end
+            };
+            if actual > watermark {
+                // The session grew since this entry was armed.
+                s.timer = actual;
+                self.timers.insert((actual, slot));
+                continue;
+            }
             if !s.fired {
                 fire.push(slot);
             }
-            if expired {
+            if s.end.saturating_add(lateness) <= watermark {
                 drop.push(slot);
             } else {
                 // Fired now, freed once the lateness has passed.
-                let due = s.end.saturating_add(self.spec.lateness_ms);
-                self.timers.insert((due, slot));
-                self.slot_mut(slot)?.fired = true;
+                s.fired = true;
+                s.timer = s.end.saturating_add(lateness);
+                self.timers.insert((s.timer, slot));
             }
         }
         if !fire.is_empty() {
@@ -522,12 +575,6 @@ impl Sessions {
             out.emit(with_op(&self.spec, batch, Op::Insert)?);
         }
         for slot in drop {
-            // Its timer is already gone; mark it so `remove` finds none.
-            if let Some(s) = self.slots[slot].as_mut() {
-                s.fired = true;
-            }
-            let due = self.slot(slot)?.end.saturating_add(self.spec.lateness_ms);
-            self.timers.remove(&(due, slot));
             self.remove(slot)?;
         }
         // Keys with no session left free their entry.
@@ -697,6 +744,7 @@ impl Sessions {
                 end: ends.value(row),
                 accumulators,
                 fired: fired.value(row),
+                timer: 0,
             });
             self.by_key[key as usize].push(slot);
         }
