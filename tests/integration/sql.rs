@@ -287,6 +287,27 @@ HAVING count(*) >= 3",
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hopping_windows_read_through_a_subquery_are_expanded_per_window_and_equal_the_batch_group_by(
+) {
+    // A subquery that passes the window columns through makes every row
+    // arrive once per window (the other hopping test aggregates by pane).
+    check(
+        input(7, 2000, 5 * 60_000, 12),
+        "SELECT window_start, window_end, u, count(*) AS n, max(bytes) AS hi
+FROM (SELECT window_start, window_end, lower(user) AS u, bytes
+      FROM TABLE(HOP(TABLE auth, DESCRIPTOR(ts), INTERVAL '10' SECONDS, INTERVAL '1' MINUTE)))
+GROUP BY window_start, window_end, u",
+        "WITH e AS (
+  SELECT *, CAST(ts AS BIGINT) / 10000 * 10000 - o.i * 10000 AS ws
+  FROM auth CROSS JOIN (VALUES (0), (1), (2), (3), (4), (5)) AS o(i))
+SELECT ws AS window_start, ws + 60000 AS window_end, lower(user) AS u, count(*) AS n, max(bytes) AS hi
+FROM e WHERE CAST(ts AS BIGINT) < ws + 60000
+GROUP BY ws, lower(user)",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_windows_equal_sessions_computed_in_batch() {
     check(
         input(3, 800, 20 * 60_000, 20),

@@ -533,6 +533,7 @@ impl Lowering<'_> {
                     Stage::Window {
                         time: *time,
                         kind: w.kind,
+                        panes: false,
                         schema: schema.clone(),
                     },
                     schema.clone(),
@@ -772,7 +773,20 @@ impl Lowering<'_> {
             DFSchema::new_with_metadata(fields, Default::default()).map_err(plan_error)?;
         let reduced: SchemaRef = Arc::new(reduced_df.as_arrow().clone());
         // Computed keys are referenced by the aggregate under their new names.
+        // A hopping window whose rows reach the aggregate as they are (no
+        // subquery computing from window columns) is aggregated by pane:
+        // each row once, windows merged from panes as they close.
+        let panes = matches!(window.kind, WindowKind::Hop { .. })
+            && self.options.lateness_ms == 0
+            && below.iter().all(|n| match n {
+                LogicalPlan::Filter(f) => !window_columns_in(&f.predicate),
+                LogicalPlan::SubqueryAlias(_) => true,
+                _ => false,
+            });
         let mut prepare = scan_stages;
+        if panes {
+            prepare.use_panes();
+        }
         let rest = self.stages(&below, prepare.output_schema())?;
         append(&mut prepare, rest);
         prepare.push(
@@ -832,6 +846,7 @@ impl Lowering<'_> {
             kind: window.kind,
             input: reduced,
             window_start_column: (!session).then_some(anchor_in_reduced),
+            panes,
             time_column: anchor_in_reduced,
             key_columns,
             key_labels,

@@ -47,6 +47,10 @@ pub enum Stage {
         time: usize,
         /// The window.
         kind: WindowKind,
+        /// Hopping windows aggregated by pane: each row once, with the
+        /// start of its slide-wide pane (which is also its latest window's
+        /// start), instead of once per window.
+        panes: bool,
         /// The input's schema with the three window columns.
         schema: SchemaRef,
     },
@@ -94,6 +98,15 @@ impl Stages {
         self.stages.iter().any(|(s, _)| matches!(s, Stage::Sort(_)))
     }
 
+    /// Hopping windows are assigned by pane (see [`Stage::Window`]).
+    pub fn use_panes(&mut self) {
+        for (stage, _) in self.stages.iter_mut() {
+            if let Stage::Window { panes, .. } = stage {
+                *panes = true;
+            }
+        }
+    }
+
     /// Whether the chain drops rows.
     pub fn filters(&self) -> bool {
         self.stages
@@ -130,9 +143,12 @@ impl Stages {
                     )?
                 }
                 Stage::Rename(schema) => batch.with_schema(schema.clone())?,
-                Stage::Window { time, kind, schema } => {
-                    assign_windows(&batch, *time, *kind, schema)?
-                }
+                Stage::Window {
+                    time,
+                    kind,
+                    panes,
+                    schema,
+                } => assign_windows(&batch, *time, *kind, *panes, schema)?,
                 Stage::Sort(exprs) => {
                     let n = batch.num_rows();
                     let columns = exprs
@@ -161,6 +177,7 @@ fn assign_windows(
     batch: &RecordBatch,
     time: usize,
     kind: WindowKind,
+    panes: bool,
     schema: &SchemaRef,
 ) -> datafusion::error::Result<RecordBatch> {
     let ts = batch
@@ -195,6 +212,13 @@ fn assign_windows(
             let starts = ts
                 .iter()
                 .map(|t| t.map(|t| t - t.rem_euclid(size_ms)))
+                .collect();
+            (batch.clone(), starts, size_ms)
+        }
+        WindowKind::Hop { size_ms, slide_ms } if panes => {
+            let starts = ts
+                .iter()
+                .map(|t| t.map(|t| t - t.rem_euclid(slide_ms)))
                 .collect();
             (batch.clone(), starts, size_ms)
         }

@@ -50,12 +50,17 @@ struct Window {
     fired: bool,
     /// Groups changed since the last emission (fired windows only).
     dirty: Vec<bool>,
+    /// A pane's keys and accumulator states as last read out, until rows
+    /// change it (panes of hopping windows: each window reads its panes).
+    read: Option<(Vec<ArrayRef>, Vec<ArrayRef>)>,
 }
 
 /// Tumbling or hopping window state of one subtask.
 pub struct FixedWindows {
     spec: Arc<WindowAggregateSpec>,
     size: i64,
+    /// Distance between window starts (the pane width in pane mode).
+    slide: i64,
     key_schema: SchemaRef,
     windows: BTreeMap<i64, Window>,
     watermark: Option<EventTime>,
@@ -69,10 +74,15 @@ impl FixedWindows {
         let size = spec.kind.size_ms().ok_or_else(|| {
             OperatorError::config("query", "internal: a session is not a fixed window", None)
         })?;
+        let slide = match spec.kind {
+            super::WindowKind::Hop { slide_ms, .. } => slide_ms,
+            _ => size,
+        };
         Ok(Self {
             key_schema: spec.key_schema(),
             spec,
             size,
+            slide,
             windows: BTreeMap::new(),
             watermark: None,
             metrics,
@@ -98,6 +108,7 @@ impl FixedWindows {
             accumulators,
             fired: false,
             dirty: Vec::new(),
+            read: None,
         })
     }
 
@@ -209,6 +220,7 @@ impl FixedWindows {
             .windows
             .get_mut(&start)
             .ok_or_else(|| OperatorError::config("query", "internal: window vanished", None))?;
+        window.read = None;
         let ids = &mut self.group_ids;
         match &mut window.keys {
             Some(keys) => {
@@ -244,7 +256,10 @@ impl FixedWindows {
     /// The watermark advanced: emit windows that ended, free those past
     /// their lateness.
     pub fn on_watermark(&mut self, watermark: EventTime, out: &mut Collector) -> Result<()> {
-        self.watermark = Some(watermark);
+        let previous = self.watermark.replace(watermark);
+        if self.spec.panes {
+            return self.close_from_panes(previous, watermark, out);
+        }
         let lateness = self.spec.lateness_ms;
         let ready: Vec<i64> = self
             .windows
@@ -273,6 +288,89 @@ impl FixedWindows {
                 let batch = finish(&self.spec, rows)?;
                 out.emit(with_op(&self.spec, batch, Op::Insert)?);
             }
+        }
+        Ok(())
+    }
+
+    /// Pane mode: emits every window that ended since the last watermark,
+    /// merged from its panes, then frees the panes no window needs.
+    fn close_from_panes(
+        &mut self,
+        previous: Option<EventTime>,
+        watermark: EventTime,
+        out: &mut Collector,
+    ) -> Result<()> {
+        let (size, slide) = (self.size, self.slide);
+        let mut starts = std::collections::BTreeSet::new();
+        for &p in self.windows.keys() {
+            // The windows holding pane p start in (p - size, p].
+            let mut s = p;
+            while s > p - size {
+                let end = s + size;
+                if end <= watermark && previous.is_none_or(|w| end > w) {
+                    starts.insert(s);
+                }
+                s -= slide;
+            }
+        }
+        let spec = self.spec.clone();
+        for s in starts {
+            let (mut keys, mut accumulators) = fresh_parts(&spec, &self.key_schema)?;
+            let mut groups = 0;
+            let mut ids = Vec::new();
+            let panes: Vec<i64> = self.windows.range(s..s + size).map(|(p, _)| *p).collect();
+            for p in panes {
+                let Some(pane) = self.windows.get_mut(&p) else {
+                    continue;
+                };
+                let n = pane.groups;
+                let (pane_keys, states) = read(&spec, &self.key_schema, pane)?;
+                match &mut keys {
+                    Some(k) => {
+                        k.intern(&pane_keys, &mut ids).map_err(Box::new)?;
+                        groups = k.len();
+                    }
+                    None => {
+                        ids.clear();
+                        ids.resize(n, 0);
+                        groups = 1;
+                    }
+                }
+                let mut at = 0;
+                for (call, acc) in spec.aggregates.iter().zip(accumulators.iter_mut()) {
+                    let width = call.expr.state_fields().map_err(Box::new)?.len();
+                    acc.merge_batch(&states[at..at + width], &ids, groups)
+                        .map_err(Box::new)?;
+                    at += width;
+                }
+            }
+            if groups == 0 {
+                continue;
+            }
+            let keys = match &mut keys {
+                Some(k) => k.emit(EmitTo::All).map_err(Box::new)?,
+                None => Vec::new(),
+            };
+            let values = accumulators
+                .iter_mut()
+                .map(|a| a.evaluate(EmitTo::All))
+                .collect::<datafusion::error::Result<Vec<_>>>()
+                .map_err(Box::new)?;
+            let rows = ResultRows {
+                starts: vec![s; groups],
+                ends: vec![s + size; groups],
+                keys,
+                values,
+            };
+            let batch = finish(&spec, rows)?;
+            out.emit(with_op(&spec, batch, Op::Insert)?);
+        }
+        // A pane's last window starts at the pane: once it ended, free it.
+        while let Some(entry) = self.windows.first_entry() {
+            if entry.key().saturating_add(size) > watermark {
+                break;
+            }
+            entry.remove();
         }
         Ok(())
     }
@@ -384,6 +482,22 @@ fn fresh_parts(spec: &WindowAggregateSpec, key_schema: &SchemaRef) -> Result<Par
         .collect::<datafusion::error::Result<Vec<_>>>()
         .map_err(Box::new)?;
     Ok((keys, accumulators))
+}
+
+/// A pane's keys and states, read out once and kept until it changes.
+fn read(
+    spec: &WindowAggregateSpec,
+    key_schema: &SchemaRef,
+    pane: &mut Window,
+) -> Result<(Vec<ArrayRef>, Vec<ArrayRef>)> {
+    if let Some(r) = &pane.read {
+        return Ok(r.clone());
+    }
+    let n = pane.groups;
+    let (keys, states) = take_state(spec, key_schema, pane)?;
+    load(spec, pane, &keys, &states, n)?;
+    pane.read = Some((keys.clone(), states.clone()));
+    Ok((keys, states))
 }
 
 /// Evaluates a window and releases it.

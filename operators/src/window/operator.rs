@@ -66,8 +66,9 @@ impl OperatorFactory for WindowAggregateFactory {
         } else {
             String::new()
         };
+        let panes = if s.panes { " in panes" } else { "" };
         format!(
-            "window aggregate {} by ({}){lateness}: {}",
+            "window aggregate {}{panes} by ({}){lateness}: {}",
             s.kind.describe(),
             keys.join(", "),
             one_line(&s.sql)

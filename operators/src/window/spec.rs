@@ -149,6 +149,9 @@ pub struct WindowAggregateSpec {
     pub window_start_column: Option<usize>,
     /// The event-time column (sessions are built from it).
     pub time_column: usize,
+    /// Hopping windows only: rows arrive once, with their pane's start in
+    /// the window start column, and windows are merged from panes.
+    pub panes: bool,
     /// Columns of `input` holding the grouping keys, in key order.
     pub key_columns: Vec<usize>,
     /// The grouping keys as the query writes them, for `vigil explain`.
