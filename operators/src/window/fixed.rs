@@ -19,6 +19,16 @@
 //! incrementally. A window whose end has passed is evaluated in one call and
 //! its memory released, so state holds only windows that can still change.
 //!
+//! Hopping windows are kept by *pane* when the rows reach the aggregate as
+//! they are (no subquery computing from window columns, no lateness): every
+//! row carries the start of its slide-wide pane and is interned once, into
+//! that pane; when a window ends, the states of its `size / slide` panes
+//! (each read out once and kept until it changes) are merged into a fresh
+//! table and evaluated, and a pane is freed once its last window has ended.
+//! A row whose earlier windows have already ended counts in those still
+//! open; it is late only when all of them have ended. Otherwise each row
+//! arrives once per window it is in and windows are kept as above.
+//!
 //! With allowed lateness, a window is evaluated without being consumed: its
 //! state is read out and merged back, so a late row can update it and the
 //! changed groups are emitted again as `update`s.
