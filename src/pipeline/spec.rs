@@ -505,7 +505,7 @@ fn sql_inputs<K: 'static>(ctx: &mut Ctx, kind: &K, node: &Node, what: &str) -> O
                 .as_mapping()
                 .and_then(|m| m.get_node("query"))
                 .and_then(|q| loc(q.span()));
-            ctx.err(at, format!("invalid query in {what}: {e}"), e.hint.clone());
+            ctx.err(at, format!("{what}: invalid query: {e}"), e.hint.clone());
             Some(Vec::new())
         }
     }

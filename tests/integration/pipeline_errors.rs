@@ -251,3 +251,13 @@ fn a_sql_step_reads_the_tables_its_query_names_and_has_no_input() {
     assert!(e.contains("unknown input \"atuh\""), "{e}");
     assert!(e.contains("did you mean \"auth\""), "{e}");
 }
+
+#[test]
+fn a_query_that_does_not_parse_names_the_query_field_and_the_position() {
+    let text = SQL.replace("count(*) AS n", "count(*) AS AS n");
+    let e = error_of(&text);
+    assert!(
+        e.starts_with("p.yaml:11:7: transform \"per_minute\": invalid query: line 1, column 42: expected: end of statement, found: n"),
+        "{e}"
+    );
+}

@@ -72,6 +72,7 @@ impl SqlError {
             return self;
         };
         let name = name
+            .trim_end_matches('.')
             .rsplit('.')
             .next()
             .unwrap_or(name)
@@ -109,7 +110,7 @@ impl SqlError {
         let message = tidy(&message);
         let (message, did_you_mean) = match message.split_once(". Did you mean ") {
             Some((m, d)) => (m.to_string(), Some(format!("did you mean {d}"))),
-            None => (message, None),
+            None => (message.trim_end_matches('.').to_string(), None),
         };
         let mut err = SqlError::new(message);
         err.hint = did_you_mean;

@@ -634,13 +634,8 @@ impl VisitorMut for Rewriter {
         };
         for item in select.projection.iter_mut() {
             match item {
-                SelectItem::UnnamedExpr(e) => {
-                    let before = e.to_string();
-                    aux(e);
-                    if before != e.to_string() {
-                        // Keep Flink's column name: TUMBLE_START(...) shows as window_start.
-                    }
-                }
+                // TUMBLE_START(...) becomes window_start, named so.
+                SelectItem::UnnamedExpr(e) => aux(e),
                 SelectItem::ExprWithAlias { expr, .. } => aux(expr),
                 _ => {}
             }
