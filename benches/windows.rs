@@ -46,7 +46,7 @@ const BATCH_HOP_STRINGS: &str = "SELECT CAST(ts AS BIGINT) / 10000 * 10000 - o.i
      FROM auth CROSS JOIN (VALUES (0), (1), (2), (3), (4), (5)) AS o(i) \
      GROUP BY 1, 2, 3";
 
-fn pipeline(events: u64, sink: &str, query: Option<&str>) -> String {
+fn pipeline(events: u64, query: Option<&str>) -> String {
     let (transforms, input) = match query {
         Some(q) => (
             format!("transforms:\n  w:\n    type: sql\n    query: \"{q}\"\n"),
@@ -68,7 +68,7 @@ sources:
     start_time: 2026-01-01T00:00:00Z
     batch_size: 8192
 {transforms}sinks:
-  out: {{ type: {sink}, input: {input} }}
+  out: {{ type: null, input: {input} }}
 "
     )
 }
@@ -104,7 +104,7 @@ fn run_captured(text: &str) -> Vec<RecordBatch> {
 #[allow(clippy::disallowed_methods)] // a benchmark measures wall time
 /// One streaming run: events/s and result rows.
 fn stream_once(query: &str, events: u64) -> (f64, usize) {
-    let text = pipeline(events, "null", Some(query));
+    let text = pipeline(events, Some(query));
     let started = Instant::now();
     let out = run_captured(&text);
     let rate = events as f64 / started.elapsed().as_secs_f64();
@@ -113,7 +113,7 @@ fn stream_once(query: &str, events: u64) -> (f64, usize) {
 
 /// The generated rows, in memory.
 fn generated(events: u64) -> Vec<RecordBatch> {
-    run_captured(&pipeline(events, "null", None))
+    run_captured(&pipeline(events, None))
 }
 
 #[allow(clippy::disallowed_methods)] // a benchmark measures wall time

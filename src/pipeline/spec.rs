@@ -246,44 +246,9 @@ impl PipelineSpec {
             top.get_node("tables").is_none(),
             SOURCE_TYPES,
             parse_source,
+            no_derived_inputs,
         );
-        // Sources declared as SQL tables.
-        if let Some(node) = top.get_node("tables") {
-            match node.as_scalar() {
-                Some(script) => match super::query::ddl_tables(script.as_str(), env) {
-                    Ok(tables) => {
-                        for t in tables {
-                            if sources.iter().any(|s| s.name == t.name) {
-                                ctx.err(
-                                    loc(node.span()),
-                                    format!("table {:?} is also a source", t.name),
-                                    None,
-                                );
-                            } else {
-                                sources.push(t);
-                            }
-                        }
-                    }
-                    Err(d) => {
-                        for e in d.0 {
-                            ctx.err(
-                                loc(node.span()),
-                                format!("in tables: {}", e.message),
-                                e.hint,
-                            );
-                        }
-                    }
-                },
-                None => ctx.err(
-                    loc(node.span()),
-                    "tables must be SQL text: CREATE TABLE statements",
-                    Some(
-                        "tables: |\n  CREATE TABLE auth (...) WITH ('connector' = 'file', ...);"
-                            .into(),
-                    ),
-                ),
-            }
-        }
+        tables(&mut ctx, top, env, &mut sources);
         let transforms = section(
             &mut ctx,
             top,
@@ -292,8 +257,18 @@ impl PipelineSpec {
             false,
             TRANSFORM_TYPES,
             parse_transform,
+            sql_inputs,
         );
-        let sinks = section(&mut ctx, top, &root, "sinks", true, SINK_TYPES, parse_sink);
+        let sinks = section(
+            &mut ctx,
+            top,
+            &root,
+            "sinks",
+            true,
+            SINK_TYPES,
+            parse_sink,
+            no_derived_inputs,
+        );
         if !ctx.errors.is_empty() {
             return Err(Diagnostics(ctx.errors));
         }
@@ -314,9 +289,61 @@ impl PipelineSpec {
     }
 }
 
+/// Sources declared as SQL tables (`tables:`), added to `sources`.
+fn tables(
+    ctx: &mut Ctx,
+    top: &MarkedMappingNode,
+    env: &Env,
+    sources: &mut Vec<NodeSpec<SourceKind>>,
+) {
+    if let Some(node) = top.get_node("tables") {
+        match node.as_scalar() {
+            Some(script) => match super::query::ddl_tables(script.as_str(), env) {
+                Ok(tables) => {
+                    for t in tables {
+                        if sources.iter().any(|s| s.name == t.name) {
+                            ctx.err(
+                                loc(node.span()),
+                                format!("table {:?} is also a source", t.name),
+                                None,
+                            );
+                        } else {
+                            sources.push(t);
+                        }
+                    }
+                }
+                Err(d) => {
+                    for e in d.0 {
+                        ctx.err(
+                            loc(node.span()),
+                            format!("in tables: {}", e.message),
+                            e.hint,
+                        );
+                    }
+                }
+            },
+            None => ctx.err(
+                loc(node.span()),
+                "tables must be SQL text: CREATE TABLE statements",
+                Some(
+                    "tables: |\n  CREATE TABLE auth (...) WITH ('connector' = 'file', ...);".into(),
+                ),
+            ),
+        }
+    }
+}
+
 type Parser<K> = fn(&mut Ctx, &str, &str, &Node) -> Option<K>;
 
-fn section<K: 'static>(
+/// Inputs a node derives from its own settings rather than an `input` key.
+type InputsOf<K> = fn(&mut Ctx, &K, &Node, &str) -> Option<Vec<String>>;
+
+fn no_derived_inputs<K>(_: &mut Ctx, _: &K, _: &Node, _: &str) -> Option<Vec<String>> {
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
+fn section<K>(
     ctx: &mut Ctx,
     top: &MarkedMappingNode,
     root: &Node,
@@ -324,6 +351,7 @@ fn section<K: 'static>(
     required: bool,
     types: &[&str],
     parse: Parser<K>,
+    inputs_of: InputsOf<K>,
 ) -> Vec<NodeSpec<K>> {
     let singular = key.trim_end_matches('s');
     let Some(node) = top.get_node(key) else {
@@ -476,7 +504,7 @@ fn section<K: 'static>(
         let Some(kind) = parse(ctx, ty, &what, &rest_node) else {
             continue;
         };
-        let inputs = match sql_inputs(ctx, &kind, &rest_node, &what) {
+        let inputs = match inputs_of(ctx, &kind, &rest_node, &what) {
             Some(tables) => tables,
             None => inputs,
         };
@@ -493,9 +521,8 @@ fn section<K: 'static>(
 }
 
 /// The tables a `sql` transform's query reads are its inputs.
-fn sql_inputs<K: 'static>(ctx: &mut Ctx, kind: &K, node: &Node, what: &str) -> Option<Vec<String>> {
-    let TransformKind::Sql(cfg) = (kind as &dyn std::any::Any).downcast_ref::<TransformKind>()?
-    else {
+fn sql_inputs(ctx: &mut Ctx, kind: &TransformKind, node: &Node, what: &str) -> Option<Vec<String>> {
+    let TransformKind::Sql(cfg) = kind else {
         return None;
     };
     match vigil_operators::sql::tables_of(&cfg.query) {

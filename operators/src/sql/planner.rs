@@ -376,6 +376,10 @@ fn plan_error(e: datafusion::error::DataFusionError) -> SqlError {
     SqlError::from_datafusion(e)
 }
 
+fn limit_refused() -> SqlError {
+    SqlError::unbounded("LIMIT", "a stream never ends", "remove LIMIT", None)
+}
+
 /// Names the node types a streaming query cannot hold.
 fn refuse(plan: &LogicalPlan) -> SqlError {
     match plan {
@@ -385,12 +389,7 @@ fn refuse(plan: &LogicalPlan) -> SqlError {
             "aggregate one stream per step",
             None,
         ),
-        LogicalPlan::Limit(_) => SqlError::unbounded(
-            "LIMIT",
-            "a stream never ends",
-            "remove LIMIT",
-            None,
-        ),
+        LogicalPlan::Limit(_) => limit_refused(),
         LogicalPlan::Distinct(_) => SqlError::unbounded(
             "DISTINCT",
             "without a window, deciding a row is new means remembering every row forever",
@@ -452,13 +451,7 @@ impl Lowering<'_> {
             LogicalPlan::SubqueryAlias(_) => None,
             LogicalPlan::Sort(s) => {
                 if s.fetch.is_some() {
-                    return Err(refuse(&LogicalPlan::Limit(
-                        datafusion::logical_expr::Limit {
-                            skip: None,
-                            fetch: None,
-                            input: s.input.clone(),
-                        },
-                    )));
+                    return Err(limit_refused());
                 }
                 let exprs = create_physical_sort_exprs(
                     &s.expr,
@@ -550,15 +543,10 @@ impl Lowering<'_> {
     fn lower(&self, plan: &LogicalPlan, table: String) -> Result<PlannedQuery, SqlError> {
         let (top, core) = self.chain(plan);
         match core {
-            LogicalPlan::Aggregate(agg) => self.windowed(plan, &top, agg, table),
+            LogicalPlan::Aggregate(agg) => self.windowed(&top, agg, table),
             LogicalPlan::TableScan(_) => {
-                if top.iter().any(|n| matches!(n, LogicalPlan::Sort(_))) {
-                    return Err(refuse(&LogicalPlan::Sort(
-                        match top.iter().find(|n| matches!(n, LogicalPlan::Sort(_))) {
-                            Some(LogicalPlan::Sort(s)) => s.clone(),
-                            _ => return Err(SqlError::new("internal: sort vanished")),
-                        },
-                    )));
+                if let Some(sort) = top.iter().find(|n| matches!(n, LogicalPlan::Sort(_))) {
+                    return Err(refuse(sort));
                 }
                 let (scan, window) = self.scan(core)?;
                 if let Some(w) = window {
@@ -586,7 +574,6 @@ impl Lowering<'_> {
 
     fn windowed(
         &self,
-        _plan: &LogicalPlan,
         top: &[&LogicalPlan],
         agg: &datafusion::logical_expr::Aggregate,
         table: String,
@@ -828,6 +815,11 @@ impl Lowering<'_> {
                 Ok(call)
             })
             .collect::<Result<Vec<_>, SqlError>>()?;
+        let state_widths = aggregates
+            .iter()
+            .map(|c| c.expr.state_fields().map(|f| f.len()))
+            .collect::<datafusion::error::Result<Vec<_>>>()
+            .map_err(plan_error)?;
         let aggregate_schema: SchemaRef = Arc::new(agg.schema.as_arrow().clone());
         let post = self.stages(top, aggregate_schema.clone())?;
         if self.options.lateness_ms > 0 && post.filters() {
@@ -852,6 +844,7 @@ impl Lowering<'_> {
             key_labels,
             group,
             aggregates,
+            state_widths,
             aggregate_schema,
             post,
             lateness_ms: self.options.lateness_ms,

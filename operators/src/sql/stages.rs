@@ -33,8 +33,6 @@ pub enum Stage {
         /// The output schema.
         schema: SchemaRef,
     },
-    /// Renames columns (a subquery alias): same data, another schema.
-    Rename(SchemaRef),
     /// Sorts the rows of each batch (windowed queries only: the rows a
     /// window emits at once).
     Sort(Vec<PhysicalSortExpr>),
@@ -88,16 +86,6 @@ impl Stages {
         self.output.clone()
     }
 
-    /// True when the chain changes nothing.
-    pub fn is_empty(&self) -> bool {
-        self.stages.is_empty()
-    }
-
-    /// Whether the chain sorts.
-    pub fn sorts(&self) -> bool {
-        self.stages.iter().any(|(s, _)| matches!(s, Stage::Sort(_)))
-    }
-
     /// Hopping windows are assigned by pane (see [`Stage::Window`]).
     pub fn use_panes(&mut self) {
         for (stage, _) in self.stages.iter_mut() {
@@ -142,7 +130,6 @@ impl Stages {
                         &RecordBatchOptions::new().with_row_count(Some(n)),
                     )?
                 }
-                Stage::Rename(schema) => batch.with_schema(schema.clone())?,
                 Stage::Window {
                     time,
                     kind,

@@ -105,11 +105,6 @@ impl FixedWindows {
         self.windows.len()
     }
 
-    /// Groups held over all windows.
-    pub fn open_groups(&self) -> usize {
-        self.windows.values().map(|w| w.groups).sum()
-    }
-
     fn new_window(&self) -> Result<Window> {
         let (keys, accumulators) = fresh_parts(&self.spec, &self.key_schema)?;
         Ok(Window {
@@ -346,13 +341,7 @@ impl FixedWindows {
                         groups = 1;
                     }
                 }
-                let mut at = 0;
-                for (call, acc) in spec.aggregates.iter().zip(accumulators.iter_mut()) {
-                    let width = call.expr.state_fields().map_err(Box::new)?.len();
-                    acc.merge_batch(&states[at..at + width], &ids, groups)
-                        .map_err(Box::new)?;
-                    at += width;
-                }
+                merge_states(&spec, &mut accumulators, &states, &ids, groups)?;
             }
             if groups == 0 {
                 continue;
@@ -494,7 +483,8 @@ fn fresh_parts(spec: &WindowAggregateSpec, key_schema: &SchemaRef) -> Result<Par
     Ok((keys, accumulators))
 }
 
-/// A pane's keys and states, read out once and kept until it changes.
+/// A window's (or pane's) keys and states, read out without consuming it,
+/// and kept until rows change it.
 fn read(
     spec: &WindowAggregateSpec,
     key_schema: &SchemaRef,
@@ -566,10 +556,21 @@ fn load(
         None => ids.resize(n, 0),
     }
     window.groups = n;
+    merge_states(spec, &mut window.accumulators, states, &ids, n)
+}
+
+/// Merges intermediate states (every aggregate's state columns, side by
+/// side) into accumulators, row `i` into group `ids[i]`.
+fn merge_states(
+    spec: &WindowAggregateSpec,
+    accumulators: &mut [Box<dyn GroupsAccumulator>],
+    states: &[ArrayRef],
+    ids: &[usize],
+    groups: usize,
+) -> Result<()> {
     let mut at = 0;
-    for (call, acc) in spec.aggregates.iter().zip(window.accumulators.iter_mut()) {
-        let width = call.expr.state_fields().map_err(Box::new)?.len();
-        acc.merge_batch(&states[at..at + width], &ids, n)
+    for (acc, &width) in accumulators.iter_mut().zip(&spec.state_widths) {
+        acc.merge_batch(&states[at..at + width], ids, groups)
             .map_err(Box::new)?;
         at += width;
     }
@@ -586,8 +587,7 @@ fn peek(
     only: Option<&[u32]>,
 ) -> Result<ResultRows> {
     let n = window.groups;
-    let (keys, states) = take_state(spec, key_schema, window)?;
-    load(spec, window, &keys, &states, n)?;
+    let (keys, states) = read(spec, key_schema, window)?;
     let (keys, states, m) = match only {
         Some(groups) => {
             let idx = UInt32Array::from(groups.to_vec());
@@ -601,16 +601,13 @@ fn peek(
         None => (keys, states, n),
     };
     let ids: Vec<usize> = (0..m).collect();
-    let mut values = Vec::with_capacity(spec.aggregates.len());
-    let mut at = 0;
-    for call in &spec.aggregates {
-        let width = call.expr.state_fields().map_err(Box::new)?.len();
-        let mut acc = call.groups_accumulator().map_err(Box::new)?;
-        acc.merge_batch(&states[at..at + width], &ids, m)
-            .map_err(Box::new)?;
-        values.push(acc.evaluate(EmitTo::All).map_err(Box::new)?);
-        at += width;
-    }
+    let (_, mut accumulators) = fresh_parts(spec, key_schema)?;
+    merge_states(spec, &mut accumulators, &states, &ids, m)?;
+    let values = accumulators
+        .iter_mut()
+        .map(|a| a.evaluate(EmitTo::All))
+        .collect::<datafusion::error::Result<Vec<_>>>()
+        .map_err(Box::new)?;
     Ok(ResultRows {
         starts: vec![start; m],
         ends: vec![end; m],

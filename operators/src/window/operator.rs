@@ -94,14 +94,6 @@ impl WindowAggregate {
             State::Session(s) => s.open_sessions(),
         }
     }
-
-    /// Groups (window × key) holding state.
-    pub fn open_groups(&self) -> usize {
-        match &self.state {
-            State::Fixed(f) => f.open_groups(),
-            State::Session(s) => s.open_sessions(),
-        }
-    }
 }
 
 impl Operator for WindowAggregate {

@@ -577,8 +577,10 @@ impl Sessions {
         for slot in drop {
             self.remove(slot)?;
         }
-        // Keys with no session left free their entry.
-        if self.key_rows.len() > 1024 && self.open_keys() * 2 < self.key_rows.len() {
+        // Keys with no session left free their entry. Open sessions bound
+        // the live keys from above, so the check costs nothing per watermark.
+        let open = self.slots.len() - self.free.len();
+        if self.key_rows.len() > 1024 && open * 2 < self.key_rows.len() {
             self.compact_keys();
         }
         Ok(())
@@ -720,13 +722,7 @@ impl Sessions {
             .column(2)
             .as_primitive::<arrow::datatypes::Int64Type>();
         let fired = table.column(3).as_boolean();
-        let widths: Vec<usize> = self
-            .spec
-            .aggregates
-            .iter()
-            .map(|c| c.expr.state_fields().map(|f| f.len()))
-            .collect::<datafusion::error::Result<_>>()
-            .map_err(Box::new)?;
+        let widths = self.spec.state_widths.clone();
         for row in 0..table.num_rows() {
             let key = self.key_id(keys.value(row));
             let mut accumulators = self.accumulators()?;

@@ -160,6 +160,9 @@ pub struct WindowAggregateSpec {
     pub group: Vec<GroupColumn>,
     /// The aggregate calls, in output order.
     pub aggregates: Vec<AggregateCall>,
+    /// How many intermediate-state columns each aggregate has (states of
+    /// all aggregates travel side by side, in this order).
+    pub state_widths: Vec<usize>,
     /// Schema of the aggregate's rows: group columns, then aggregates.
     pub aggregate_schema: SchemaRef,
     /// `HAVING`, the `SELECT` list and anything above the aggregate.
