@@ -14,6 +14,10 @@
 //! downstream, so anything the operator emits for a closed window is ahead of
 //! the watermark that closes it.
 //!
+//! An operator that buffers rows and emits them later with their own event
+//! time (an interval join) reports [`Operator::watermark_hold`]; the runtime
+//! then forwards the smaller of the two, so its output is never late.
+//!
 //! # Checkpointing
 //! When a barrier has arrived on every input (aligned barriers), the runtime
 //! calls [`Operator::snapshot`]; the returned [`OperatorState`] is the
@@ -142,6 +146,14 @@ pub trait Operator: Send {
     /// The merged input watermark advanced to `watermark`.
     fn on_watermark(&mut self, _watermark: EventTime, _out: &mut Collector) -> Result<()> {
         Ok(())
+    }
+
+    /// The earliest event time this operator may still emit, if that is
+    /// behind its input watermark. A join that keeps rows to pair them later
+    /// emits them with their own event time; the runtime forwards
+    /// `min(input watermark, hold)` so those rows are not late downstream.
+    fn watermark_hold(&self) -> Option<EventTime> {
+        None
     }
 
     /// Returns the operator's state for a checkpoint.

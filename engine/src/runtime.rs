@@ -39,7 +39,7 @@ use crate::checkpoint::{CheckpointHandle, CompletedCheckpoint, Control, Coordina
 use crate::clock::{SharedClock, SystemClock};
 use crate::error::{EngineError, Result};
 use crate::graph::{Graph, NodeKind, Partitioning, Port};
-use crate::message::{Barrier, Message, Watermark};
+use crate::message::{Barrier, EventTime, Message, Watermark};
 use crate::metrics::{MetricsRegistry, NodeRole, TaskMetrics};
 use crate::operator::{Collector, OperatorState, SourceEvent, TaskContext};
 use crate::watermark::{InputWatermarks, PartitionWatermarks};
@@ -681,6 +681,9 @@ async fn run_operator(
     coord: Arc<Coordinator>,
 ) -> Result<()> {
     let mut out = Collector::new();
+    // The last event-time watermark sent on; held back by the operator's
+    // hold and never decreasing.
+    let mut forwarded = EventTime::MIN;
     loop {
         match ins.next(&ctx.node).await? {
             InputEvent::Batch(input, batch) => {
@@ -689,13 +692,16 @@ async fn run_operator(
                 op.process_batch(input, batch, &mut out)?;
                 outs.emit(&mut out).await?;
             }
-            InputEvent::Watermark(w) => {
-                if let Watermark::EventTime(t) = w {
-                    op.on_watermark(t, &mut out)?;
-                    outs.emit(&mut out).await?;
+            InputEvent::Watermark(Watermark::EventTime(t)) => {
+                op.on_watermark(t, &mut out)?;
+                outs.emit(&mut out).await?;
+                let held = op.watermark_hold().map_or(t, |h| h.min(t));
+                if held > forwarded {
+                    forwarded = held;
+                    outs.watermark(Watermark::EventTime(held)).await?;
                 }
-                outs.watermark(w).await?;
             }
+            InputEvent::Watermark(w) => outs.watermark(w).await?,
             InputEvent::Barrier(b) => {
                 let state = op.snapshot()?;
                 coord.ack(b.checkpoint, &ctx.node, ctx.subtask, state);

@@ -14,6 +14,7 @@
 pub mod error;
 pub mod expr;
 pub mod filter;
+pub mod join;
 pub mod project;
 pub mod sql;
 pub mod threshold;

@@ -1,0 +1,700 @@
+//! The interval join: rows of two streams with equal keys whose event times
+//! are at most a given distance apart.
+//!
+//! # Semantics
+//! A left row `a` and a right row `b` pair when their keys are equal (a null
+//! key never equals anything) and `lower <= b.ts - a.ts <= upper`, and the
+//! residual condition, if any, holds for the pair. A pair is emitted as soon
+//! as its second row arrives, whatever order the rows come in.
+//!
+//! In a left outer join, a left row that no right row paired with is emitted
+//! once, with nulls for the right side, when the watermark has passed
+//! `a.ts + upper` (no right row that could pair with it can still come),
+//! at the latest a thirty-second of the join's span later.
+//!
+//! # State
+//! Each side keeps the batches it received (rows stay in Arrow) and, per
+//! key, the rows' event times and positions. A left row is kept while
+//! `a.ts + upper >= watermark`, a right row while `b.ts - lower >=
+//! watermark`: past that, nothing that can still arrive pairs with it. Rows
+//! are dropped by a sweep each time the watermark has moved an eighth of the
+//! span (a thirty-second for left joins); a batch is freed when its last row
+//! is. So state holds about `span × rate` rows and returns to nothing when
+//! the stream ends.
+//!
+//! # Late rows
+//! A row whose event time is behind the watermark when it arrives goes to
+//! the `late` output, is counted, and pairs with nothing: rows it should
+//! have paired with may already be gone, and a join that answered from part
+//! of its state would be silently wrong.
+//!
+//! # Event time of the output
+//! Pairs keep both rows' columns, so their event time is a buffered row's.
+//! The operator holds its output watermark at the earliest event time it
+//! still buffers ([`Operator::watermark_hold`]), so nothing it emits is late
+//! downstream.
+
+use std::sync::Arc;
+
+use ahash::HashMap;
+use arrow::array::{
+    new_null_array, Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array,
+};
+use arrow::compute::{filter_record_batch, interleave, not, take};
+use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
+use arrow::row::{RowConverter, SortField};
+use datafusion::physical_expr::PhysicalExpr;
+use vigil_engine::{
+    Collector, EngineError, EventTime, Operator, OperatorFactory, OperatorState, TaskContext,
+    TaskMetrics, LATE,
+};
+
+use crate::sql::{stages::one_line, Stages};
+
+/// Which rows a join emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinKind {
+    /// Pairs only.
+    Inner,
+    /// Pairs, and left rows that never paired (right side null).
+    Left,
+}
+
+/// What an interval join does, checked when the pipeline is planned.
+#[derive(Debug, Clone)]
+pub struct IntervalJoinSpec {
+    /// Step name, for errors and `vigil explain`.
+    pub name: String,
+    /// Text shown by `vigil explain`.
+    pub describe: String,
+    /// Schema of input 0 (the left side).
+    pub left: SchemaRef,
+    /// Schema of input 1 (the right side).
+    pub right: SchemaRef,
+    /// Key columns of the left input, paired with `right_keys`; both sides'
+    /// key columns have the same names and types, and the inputs are
+    /// hash-partitioned by them.
+    pub left_keys: Vec<usize>,
+    /// Key columns of the right input.
+    pub right_keys: Vec<usize>,
+    /// Names of the key columns (the same on both sides).
+    pub key_names: Vec<String>,
+    /// Event-time column of the left input (millisecond timestamps).
+    pub left_time: usize,
+    /// Event-time column of the right input.
+    pub right_time: usize,
+    /// How many leading left columns go to the output.
+    pub left_width: usize,
+    /// How many leading right columns go to the output.
+    pub right_width: usize,
+    /// Smallest `b.ts - a.ts` that pairs, ms.
+    pub lower_ms: i64,
+    /// Largest `b.ts - a.ts` that pairs, ms.
+    pub upper_ms: i64,
+    /// Inner or left outer.
+    pub kind: JoinKind,
+    /// Further condition on a pair, over `joined`.
+    pub residual: Option<Arc<dyn PhysicalExpr>>,
+    /// The pairs' schema: the left's output columns, then the right's.
+    pub joined: SchemaRef,
+    /// What runs on every batch of pairs before it leaves.
+    pub post: Stages,
+}
+
+impl IntervalJoinSpec {
+    fn sweep_every(&self) -> i64 {
+        let span = self.upper_ms - self.lower_ms;
+        let parts = match self.kind {
+            JoinKind::Inner => 8,
+            JoinKind::Left => 32,
+        };
+        (span / parts).max(1)
+    }
+}
+
+/// Builds interval join subtasks.
+#[derive(Debug)]
+pub struct IntervalJoinFactory {
+    spec: Arc<IntervalJoinSpec>,
+}
+
+impl IntervalJoinFactory {
+    /// A factory for `spec`.
+    pub fn new(spec: IntervalJoinSpec) -> Self {
+        Self {
+            spec: Arc::new(spec),
+        }
+    }
+
+    /// Builds one subtask directly (tests, benchmarks).
+    pub fn build(&self, ctx: &TaskContext) -> crate::Result<IntervalJoin> {
+        let fields = self
+            .spec
+            .left_keys
+            .iter()
+            .map(|&k| SortField::new(self.spec.left.field(k).data_type().clone()))
+            .collect();
+        Ok(IntervalJoin {
+            spec: self.spec.clone(),
+            converter: RowConverter::new(fields)?,
+            keys: HashMap::default(),
+            sides: [Side::default(), Side::default()],
+            watermark: EventTime::MIN,
+            next_sweep: EventTime::MIN,
+            metrics: ctx.metrics.clone(),
+        })
+    }
+}
+
+impl OperatorFactory for IntervalJoinFactory {
+    fn output_schema(&self) -> SchemaRef {
+        self.spec.post.output_schema()
+    }
+    fn create(&self, ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Operator>> {
+        Ok(Box::new(self.build(ctx)?))
+    }
+    fn key_columns(&self) -> Vec<String> {
+        self.spec.key_names.clone()
+    }
+    fn side_outputs(&self) -> Vec<(vigil_engine::operator::SidePort, SchemaRef)> {
+        // Late rows of either side leave with the left's schema or the
+        // right's; a sink reading `late` takes both.
+        vec![(LATE, self.spec.left.clone())]
+    }
+    fn describe(&self) -> String {
+        format!(
+            "interval join {} ({} <= right - left <= {} ms) {}",
+            match self.spec.kind {
+                JoinKind::Inner => "inner",
+                JoinKind::Left => "left",
+            },
+            self.spec.lower_ms,
+            self.spec.upper_ms,
+            one_line(&self.spec.describe)
+        )
+    }
+}
+
+/// A buffered row: its event time and where it is.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    ts: i64,
+    slot: u32,
+    row: u32,
+}
+
+#[derive(Debug, Default)]
+struct KeyRows {
+    rows: [Vec<Entry>; 2],
+}
+
+#[derive(Debug)]
+struct Stored {
+    batch: RecordBatch,
+    live: u32,
+    /// Left side of a left join: which rows have paired.
+    matched: Vec<bool>,
+}
+
+/// One side's buffered batches.
+#[derive(Debug, Default)]
+struct Side {
+    slots: Vec<Option<Stored>>,
+    free: Vec<u32>,
+    rows: usize,
+    /// No buffered row is earlier than this.
+    min_ts: Option<i64>,
+}
+
+impl Side {
+    fn store(&mut self, batch: RecordBatch, track_matches: bool) -> u32 {
+        let matched = if track_matches {
+            vec![false; batch.num_rows()]
+        } else {
+            Vec::new()
+        };
+        let stored = Stored {
+            batch,
+            live: 0,
+            matched,
+        };
+        match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(stored);
+                s
+            }
+            None => {
+                self.slots.push(Some(stored));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn stored(&self, slot: u32) -> &Stored {
+        self.slots[slot as usize]
+            .as_ref()
+            .expect("an entry's batch is alive while the entry is")
+    }
+
+    fn stored_mut(&mut self, slot: u32) -> &mut Stored {
+        self.slots[slot as usize]
+            .as_mut()
+            .expect("an entry's batch is alive while the entry is")
+    }
+
+    /// Frees the slot if it holds no rows.
+    fn release_if_empty(&mut self, slot: u32) {
+        if self.slots[slot as usize]
+            .as_ref()
+            .is_some_and(|s| s.live == 0)
+        {
+            self.slots[slot as usize] = None;
+            self.free.push(slot);
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|s| s.batch.get_array_memory_size() + s.matched.len())
+            .sum()
+    }
+}
+
+/// Rows of buffered batches, gathered into columns.
+fn gather(side: &Side, width: usize, at: &[(u32, u32)]) -> Result<Vec<ArrayRef>, EngineError> {
+    // Number the slots used, so interleave sees only those batches.
+    let mut used: Vec<u32> = at.iter().map(|&(s, _)| s).collect();
+    used.sort_unstable();
+    used.dedup();
+    let indices: Vec<(usize, usize)> = at
+        .iter()
+        .map(|&(s, r)| (used.binary_search(&s).unwrap_or(0), r as usize))
+        .collect();
+    (0..width)
+        .map(|c| {
+            let arrays: Vec<&dyn Array> = used
+                .iter()
+                .map(|&s| side.stored(s).batch.column(c).as_ref())
+                .collect();
+            Ok(interleave(&arrays, &indices)?)
+        })
+        .collect()
+}
+
+/// One subtask of an interval join.
+pub struct IntervalJoin {
+    spec: Arc<IntervalJoinSpec>,
+    converter: RowConverter,
+    keys: HashMap<Box<[u8]>, KeyRows>,
+    sides: [Side; 2],
+    watermark: EventTime,
+    next_sweep: EventTime,
+    metrics: Arc<TaskMetrics>,
+}
+
+/// Pairs found for one arriving batch: the arriving row and the buffered one.
+#[derive(Default)]
+struct Pairs {
+    arriving: Vec<u32>,
+    buffered: Vec<(u32, u32)>,
+}
+
+impl IntervalJoin {
+    /// Rows buffered on both sides.
+    pub fn state_rows(&self) -> usize {
+        self.sides[0].rows + self.sides[1].rows
+    }
+
+    /// Bytes held: buffered batches, plus the key index.
+    pub fn state_bytes(&self) -> usize {
+        let index: usize = self
+            .keys
+            .iter()
+            .map(|(k, v)| {
+                k.len()
+                    + std::mem::size_of::<KeyRows>()
+                    + (v.rows[0].capacity() + v.rows[1].capacity()) * std::mem::size_of::<Entry>()
+            })
+            .sum();
+        self.sides[0].bytes() + self.sides[1].bytes() + index
+    }
+
+    /// Keys with buffered rows.
+    pub fn state_keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn width(&self, side: usize) -> usize {
+        if side == 0 {
+            self.spec.left_width
+        } else {
+            self.spec.right_width
+        }
+    }
+
+    /// Joined rows for `pairs` of an arriving batch on `side`.
+    fn joined(
+        &self,
+        side: usize,
+        batch: &RecordBatch,
+        pairs: &Pairs,
+    ) -> Result<RecordBatch, EngineError> {
+        let idx = UInt32Array::from(pairs.arriving.clone());
+        let arriving: Vec<ArrayRef> = (0..self.width(side))
+            .map(|c| take(batch.column(c), &idx, None))
+            .collect::<Result<_, _>>()?;
+        let other = 1 - side;
+        let buffered = gather(&self.sides[other], self.width(other), &pairs.buffered)?;
+        let columns = if side == 0 {
+            [arriving, buffered].concat()
+        } else {
+            [buffered, arriving].concat()
+        };
+        Ok(RecordBatch::try_new(self.spec.joined.clone(), columns)?)
+    }
+
+    fn emit(&self, joined: RecordBatch, out: &mut Collector) -> vigil_engine::Result<()> {
+        let batch = self
+            .spec
+            .post
+            .run(joined)
+            .map_err(|e| EngineError::DataFusion(Box::new(e)))?;
+        out.emit(batch);
+        Ok(())
+    }
+
+    /// Left rows that will never pair, with nulls on the right.
+    fn unmatched(&self, mut columns: Vec<ArrayRef>) -> Result<RecordBatch, EngineError> {
+        let n = columns.first().map_or(0, |c| c.len());
+        for f in self.spec.joined.fields().iter().skip(self.spec.left_width) {
+            columns.push(new_null_array(f.data_type(), n));
+        }
+        Ok(RecordBatch::try_new(self.spec.joined.clone(), columns)?)
+    }
+
+    /// Buffers an arriving batch and emits what it pairs with; `probe`
+    /// false only buffers (a restored snapshot, whose pairs were emitted).
+    fn insert(
+        &mut self,
+        side: usize,
+        batch: RecordBatch,
+        probe: bool,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<()> {
+        let spec = self.spec.clone();
+        let (time, key_cols) = if side == 0 {
+            (spec.left_time, &spec.left_keys)
+        } else {
+            (spec.right_time, &spec.right_keys)
+        };
+        let key_arrays: Vec<ArrayRef> = key_cols.iter().map(|&k| batch.column(k).clone()).collect();
+        let rows = self.converter.convert_columns(&key_arrays)?;
+        let has_nulls = key_arrays.iter().any(|a| a.null_count() > 0);
+        let times = batch
+            .column(time)
+            .as_primitive::<TimestampMillisecondType>();
+        let track = side == 0 && spec.kind == JoinKind::Left;
+        let slot = self.sides[side].store(batch.clone(), track);
+        let other = 1 - side;
+        let mut pairs = Pairs::default();
+        let mut keyless: Vec<u32> = Vec::new();
+        let mut stored = 0u32;
+        let mut min_ts = i64::MAX;
+        for i in 0..batch.num_rows() {
+            if has_nulls && key_arrays.iter().any(|a| a.is_null(i)) {
+                if track {
+                    keyless.push(i as u32);
+                }
+                continue;
+            }
+            let ts = times.value(i);
+            let key = rows.row(i);
+            let entry = Entry {
+                ts,
+                slot,
+                row: i as u32,
+            };
+            let k = match self.keys.get_mut(key.as_ref()) {
+                Some(k) => k,
+                None => self.keys.entry(key.as_ref().into()).or_default(),
+            };
+            for e in k.rows[other].iter().filter(|_| probe) {
+                let d = if side == 0 { e.ts - ts } else { ts - e.ts };
+                if d >= spec.lower_ms && d <= spec.upper_ms {
+                    pairs.arriving.push(i as u32);
+                    pairs.buffered.push((e.slot, e.row));
+                }
+            }
+            k.rows[side].push(entry);
+            stored += 1;
+            min_ts = min_ts.min(ts);
+        }
+        let s = &mut self.sides[side];
+        s.stored_mut(slot).live = stored;
+        s.rows += stored as usize;
+        if stored > 0 && min_ts < i64::MAX {
+            s.min_ts = Some(s.min_ts.map_or(min_ts, |m| m.min(min_ts)));
+        }
+        if !keyless.is_empty() && probe {
+            // A null key pairs with nothing: the row is unmatched already.
+            let idx = UInt32Array::from(keyless);
+            let columns = (0..spec.left_width)
+                .map(|c| take(batch.column(c), &idx, None))
+                .collect::<Result<_, _>>()?;
+            let batch = self.unmatched(columns)?;
+            self.emit(batch, out)?;
+        }
+        self.sides[side].release_if_empty(slot);
+        if pairs.arriving.is_empty() {
+            return Ok(());
+        }
+        let mut joined = self.joined(side, &batch, &pairs)?;
+        if let Some(residual) = &spec.residual {
+            let keep = residual
+                .evaluate(&joined)
+                .and_then(|v| v.into_array(joined.num_rows()))
+                .map_err(|e| EngineError::DataFusion(Box::new(e)))?;
+            let keep = keep.as_boolean().clone();
+            if keep.true_count() < joined.num_rows() {
+                joined = filter_record_batch(&joined, &keep)?;
+                let mut kept = Pairs::default();
+                for (i, k) in keep.iter().enumerate() {
+                    if k == Some(true) {
+                        kept.arriving.push(pairs.arriving[i]);
+                        kept.buffered.push(pairs.buffered[i]);
+                    }
+                }
+                pairs = kept;
+            }
+        }
+        if spec.kind == JoinKind::Left {
+            if side == 0 {
+                let s = self.sides[0].stored_mut(slot);
+                for &i in &pairs.arriving {
+                    s.matched[i as usize] = true;
+                }
+            } else {
+                for &(slot, row) in &pairs.buffered {
+                    self.sides[0].stored_mut(slot).matched[row as usize] = true;
+                }
+            }
+        }
+        self.emit(joined, out)
+    }
+
+    /// Drops rows nothing can pair with any more; a left join emits the
+    /// left ones that never paired.
+    fn sweep(&mut self, watermark: EventTime, out: &mut Collector) -> vigil_engine::Result<()> {
+        let (lower, upper) = (self.spec.lower_ms, self.spec.upper_ms);
+        let left_join = self.spec.kind == JoinKind::Left;
+        let mut unmatched: Vec<(u32, u32)> = Vec::new();
+        let mut dropped: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        let mut min_ts = [i64::MAX; 2];
+        let sides = &self.sides;
+        self.keys.retain(|_, k| {
+            for side in 0..2 {
+                let keep = |e: &Entry| {
+                    if side == 0 {
+                        e.ts.saturating_add(upper) >= watermark
+                    } else {
+                        e.ts.saturating_sub(lower) >= watermark
+                    }
+                };
+                k.rows[side].retain(|e| {
+                    if keep(e) {
+                        min_ts[side] = min_ts[side].min(e.ts);
+                        true
+                    } else {
+                        if side == 0
+                            && left_join
+                            && !sides[0].stored(e.slot).matched[e.row as usize]
+                        {
+                            unmatched.push((e.slot, e.row));
+                        }
+                        dropped[side].push(e.slot);
+                        false
+                    }
+                });
+            }
+            !(k.rows[0].is_empty() && k.rows[1].is_empty())
+        });
+        if !unmatched.is_empty() {
+            unmatched.sort_unstable();
+            let columns = gather(&self.sides[0], self.spec.left_width, &unmatched)?;
+            let batch = self.unmatched(columns)?;
+            self.emit(batch, out)?;
+        }
+        for side in 0..2 {
+            let s = &mut self.sides[side];
+            s.rows -= dropped[side].len();
+            for &slot in &dropped[side] {
+                s.stored_mut(slot).live -= 1;
+            }
+            dropped[side].sort_unstable();
+            dropped[side].dedup();
+            for &slot in &dropped[side] {
+                s.release_if_empty(slot);
+            }
+            s.min_ts = (min_ts[side] < i64::MAX).then_some(min_ts[side]);
+            if s.rows == 0 {
+                s.slots.clear();
+                s.free.clear();
+            }
+        }
+        if self.keys.capacity() > 64 && self.keys.len() < self.keys.capacity() / 4 {
+            self.keys.shrink_to_fit();
+        }
+        Ok(())
+    }
+
+    fn split_late(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<RecordBatch> {
+        let time = if input == 0 {
+            self.spec.left_time
+        } else {
+            self.spec.right_time
+        };
+        let times = batch
+            .column(time)
+            .as_primitive::<TimestampMillisecondType>();
+        if self.watermark == EventTime::MIN
+            || arrow::compute::min(times).is_none_or(|m| m >= self.watermark)
+        {
+            return Ok(batch);
+        }
+        let late: BooleanArray = times
+            .iter()
+            .map(|t| Some(t.is_some_and(|t| t < self.watermark)))
+            .collect();
+        let late_rows = filter_record_batch(&batch, &late)?;
+        TaskMetrics::add(&self.metrics.late_records, late_rows.num_rows());
+        out.emit_side(LATE, late_rows);
+        Ok(filter_record_batch(&batch, &not(&late)?)?)
+    }
+}
+
+impl Operator for IntervalJoin {
+    fn process_batch(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<()> {
+        if input > 1 {
+            return Err(EngineError::Internal(format!(
+                "join {}: input {input} of 2",
+                self.spec.name
+            )));
+        }
+        let batch = self.split_late(input, batch, out)?;
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.insert(input, batch, true, out)
+    }
+
+    fn on_watermark(
+        &mut self,
+        watermark: EventTime,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<()> {
+        self.watermark = self.watermark.max(watermark);
+        if self.watermark >= self.next_sweep {
+            self.sweep(self.watermark, out)?;
+            self.next_sweep = self.watermark.saturating_add(self.spec.sweep_every());
+        }
+        Ok(())
+    }
+
+    fn watermark_hold(&self) -> Option<EventTime> {
+        match (self.sides[0].min_ts, self.sides[1].min_ts) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {
+        // Each side's buffered rows as one table; the left's pairing marks
+        // ride along as a boolean column.
+        let mut batches = Vec::with_capacity(2);
+        for side in 0..2 {
+            let mut at: Vec<(u32, u32)> = self
+                .keys
+                .values()
+                .flat_map(|k| k.rows[side].iter().map(|e| (e.slot, e.row)))
+                .collect();
+            at.sort_unstable();
+            let schema = if side == 0 {
+                &self.spec.left
+            } else {
+                &self.spec.right
+            };
+            let mut columns = if at.is_empty() {
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| new_null_array(f.data_type(), 0))
+                    .collect()
+            } else {
+                gather(&self.sides[side], schema.fields().len(), &at)?
+            };
+            let matched: BooleanArray = at
+                .iter()
+                .map(|&(s, r)| {
+                    let m = &self.sides[side].stored(s).matched;
+                    Some(m.get(r as usize).copied().unwrap_or(false))
+                })
+                .collect();
+            columns.push(Arc::new(matched));
+            let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+            fields.push(Arc::new(arrow::datatypes::Field::new(
+                "__vigil_matched",
+                arrow::datatypes::DataType::Boolean,
+                false,
+            )));
+            let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+            batches.push(RecordBatch::try_new(schema, columns)?);
+        }
+        Ok(OperatorState { batches })
+    }
+
+    fn restore(&mut self, state: OperatorState) -> vigil_engine::Result<()> {
+        if state.batches.len() != 2 {
+            return Err(EngineError::Internal(format!(
+                "join {}: a snapshot has 2 tables, this one {}",
+                self.spec.name,
+                state.batches.len()
+            )));
+        }
+        self.keys.clear();
+        self.sides = [Side::default(), Side::default()];
+        let mut sink = Collector::new();
+        for (side, table) in state.batches.into_iter().enumerate() {
+            let width = table.num_columns() - 1;
+            let matched = table.column(width).as_boolean().clone();
+            let schema = if side == 0 {
+                self.spec.left.clone()
+            } else {
+                self.spec.right.clone()
+            };
+            let batch = RecordBatch::try_new(schema, table.columns()[..width].to_vec())?;
+            // Buffer without pairing: the pairs were emitted before.
+            self.insert(side, batch, false, &mut sink)?;
+            if side == 0 && self.spec.kind == JoinKind::Left {
+                for k in self.keys.values() {
+                    for e in &k.rows[0] {
+                        let m = matched.value(e.row as usize);
+                        self.sides[0].stored_mut(e.slot).matched[e.row as usize] = m;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
