@@ -44,25 +44,29 @@ impl OperatorError {
         column: &str,
         schema: &arrow::datatypes::Schema,
     ) -> Self {
-        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        let hint = names
-            .iter()
-            .map(|n| {
-                (
-                    datafusion::common::utils::datafusion_strsim::levenshtein(column, n),
-                    *n,
-                )
-            })
-            .filter(|(d, _)| *d <= 2.max(column.len() / 3))
-            .min()
-            .map(|(_, n)| format!("did you mean {n:?}?"))
-            .or_else(|| Some(format!("columns are: {}", names.join(", "))));
         Self::config(
             field,
             format!("column {column:?} is not in the input"),
-            hint,
+            column_hint(column, schema),
         )
     }
+}
+
+/// "did you mean …?" for a column the schema lacks, or the columns it has.
+pub fn column_hint(column: &str, schema: &arrow::datatypes::Schema) -> Option<String> {
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    names
+        .iter()
+        .map(|n| {
+            (
+                datafusion::common::utils::datafusion_strsim::levenshtein(column, n),
+                *n,
+            )
+        })
+        .filter(|(d, _)| *d <= 2.max(column.len() / 3))
+        .min()
+        .map(|(_, n)| format!("did you mean {n:?}?"))
+        .or_else(|| Some(format!("columns are: {}", names.join(", "))))
 }
 
 impl From<OperatorError> for EngineError {

@@ -11,6 +11,7 @@
 //! | `threshold` | fires when a key reaches a count or a distinct count in a window |
 //! | `sql`       | a SQL query: row by row, or a windowed aggregate (`window`) |
 
+pub mod correlate;
 pub mod error;
 pub mod expr;
 pub mod filter;

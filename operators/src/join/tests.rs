@@ -239,6 +239,7 @@ fn run(
 #[test]
 fn interval_join_matches_nested_loop_on_random_out_of_order_input() {
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
+    let mut paired = 0;
     for round in 0..60 {
         let kind = if round % 2 == 0 {
             JoinKind::Inner
@@ -256,11 +257,16 @@ fn interval_join_matches_nested_loop_on_random_out_of_order_input() {
         let disorder = rng.below(4_000) as i64;
         let expected = reference(&left, &right, kind, lower, upper);
         let (got, _) = run(&mut rng, &left, &right, spec(kind, lower, upper), disorder);
+        paired += got.iter().filter(|(_, r)| r.is_some()).count();
         assert_eq!(
             got, expected,
             "round {round}: {kind:?} join, {lower}..={upper} ms, disorder {disorder} ms"
         );
     }
+    assert!(
+        paired > 1_000,
+        "the rounds pair rows, not only miss: {paired}"
+    );
 }
 
 #[test]
