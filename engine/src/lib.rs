@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod clock;
 pub mod error;
 pub mod graph;
+pub mod lookup;
 pub mod message;
 pub mod metrics;
 pub mod operator;
@@ -32,6 +33,7 @@ pub use checkpoint::{CheckpointHandle, CompletedCheckpoint};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use error::{ConfigError, EngineError, ErrorDomain, Result};
 pub use graph::{Graph, NodeId, Partitioning, Port};
+pub use lookup::{TableFeed, TableUpdate};
 pub use message::{Barrier, CheckpointId, EventTime, Message, Watermark};
 pub use metrics::{MetricsRegistry, NodeRole, TaskMetrics};
 pub use operator::{

@@ -36,7 +36,9 @@ use vigil_connectors::file::{FileSinkConfig, FileSourceConfig};
 use vigil_connectors::generator::GeneratorConfig;
 use vigil_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use vigil_connectors::stdout::StdoutSinkConfig;
+use vigil_operators::correlate::CorrelateConfig;
 use vigil_operators::filter::FilterConfig;
+use vigil_operators::join::LookupConfig;
 use vigil_operators::project::ProjectConfig;
 use vigil_operators::sql::SqlConfig;
 use vigil_operators::threshold::ThresholdConfig;
@@ -48,7 +50,14 @@ use super::yaml::{self, loc};
 /// Source types, in one explicit list.
 pub const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka"];
 /// Transform types.
-pub const TRANSFORM_TYPES: &[&str] = &["filter", "project", "threshold", "sql"];
+pub const TRANSFORM_TYPES: &[&str] = &[
+    "filter",
+    "project",
+    "threshold",
+    "sql",
+    "correlate",
+    "lookup",
+];
 /// Sink types.
 pub const SINK_TYPES: &[&str] = &["stdout", "file", "kafka", "null"];
 
@@ -110,6 +119,10 @@ pub enum TransformKind {
     Threshold(ThresholdConfig),
     /// `sql`.
     Sql(SqlConfig),
+    /// `correlate`.
+    Correlate(Box<CorrelateConfig>),
+    /// `lookup`.
+    Lookup(Box<LookupConfig>),
 }
 
 /// A sink's own settings.
@@ -426,11 +439,15 @@ fn section<K>(
         }
         let get = |k: &str| common.iter().find(|(n, _)| n == k).map(|(_, v)| v);
         let inputs: Vec<String> = match (get("input"), key) {
-            (Some(v), "transforms") if ty == "sql" => {
+            (Some(v), "transforms") if ty == "sql" || ty == "correlate" => {
                 ctx.err(
                     loc(v.span()),
                     format!("unknown field \"input\" in {what}"),
-                    Some("a sql transform reads the tables its query names".into()),
+                    Some(if ty == "sql" {
+                        "a sql transform reads the tables its query names".into()
+                    } else {
+                        "a correlation reads the inputs its rules name".into()
+                    }),
                 );
                 Vec::new()
             }
@@ -466,7 +483,7 @@ fn section<K>(
                 Vec::new()
             }
             (None, "sources") => Vec::new(),
-            (None, "transforms") if ty == "sql" => Vec::new(),
+            (None, "transforms") if ty == "sql" || ty == "correlate" => Vec::new(),
             (None, _) => {
                 ctx.err(
                     loc(name_node.span()),
@@ -520,8 +537,18 @@ fn section<K>(
     out
 }
 
-/// The tables a `sql` transform's query reads are its inputs.
+/// The tables a `sql` transform's query reads are its inputs, and a
+/// correlation's are its rules'.
 fn sql_inputs(ctx: &mut Ctx, kind: &TransformKind, node: &Node, what: &str) -> Option<Vec<String>> {
+    if let TransformKind::Correlate(cfg) = kind {
+        let mut inputs: Vec<String> = Vec::new();
+        for r in cfg.rules.iter().chain(&cfg.until) {
+            if !inputs.iter().any(|i| i == r.input()) {
+                inputs.push(r.input().to_string());
+            }
+        }
+        return Some(inputs);
+    }
     let TransformKind::Sql(cfg) = kind else {
         return None;
     };
@@ -561,6 +588,8 @@ fn parse_transform(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<T
         "filter" => TransformKind::Filter(typed(ctx, node, what)?),
         "project" => TransformKind::Project(typed(ctx, node, what)?),
         "sql" => TransformKind::Sql(typed(ctx, node, what)?),
+        "correlate" => TransformKind::Correlate(Box::new(typed(ctx, node, what)?)),
+        "lookup" => TransformKind::Lookup(Box::new(typed(ctx, node, what)?)),
         _ => TransformKind::Threshold(typed(ctx, node, what)?),
     })
 }

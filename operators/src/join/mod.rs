@@ -15,10 +15,10 @@
 //! cross-tenant.
 
 pub mod interval;
-// pub mod lookup;
+pub mod lookup;
 
 pub use interval::{IntervalJoin, IntervalJoinFactory, IntervalJoinSpec, JoinKind};
-// pub use lookup::{LookupJoinFactory, LookupSpec, LookupTable, MatchMode};
+pub use lookup::{LookupJoin, LookupJoinFactory, LookupSpec, LookupTable, MatchMode};
 
 #[cfg(test)]
 mod tests;

@@ -388,3 +388,254 @@ fn snapshot_and_restore_keep_pending_rows_and_their_pairing_marks() {
     // Left 1 paired before the snapshot and again after; left 2 never did.
     assert_eq!(got, vec![(1, Some(11)), (2, None)]);
 }
+
+mod lookup {
+    //! Lookup joins against a table fed by hand (the file and Kafka feeds
+    //! are the connectors' and have tests of their own).
+
+    use std::sync::Arc;
+
+    use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+    use parking_lot::Mutex;
+    use vigil_engine::{Collector, ManualClock, Operator, TableFeed, TableUpdate, TaskContext};
+
+    use crate::join::lookup::{LookupJoinFactory, LookupSpec, MatchMode};
+
+    fn strings(names: &[&str]) -> SchemaRef {
+        Arc::new(Schema::new(
+            names
+                .iter()
+                .map(|n| Field::new(*n, DataType::Utf8, true))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    fn rows(schema: &SchemaRef, rows: &[&[&str]]) -> RecordBatch {
+        let columns = (0..schema.fields().len())
+            .map(|c| {
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r[c])))
+                    as arrow::array::ArrayRef
+            })
+            .collect();
+        RecordBatch::try_new(schema.clone(), columns).expect("rows")
+    }
+
+    /// A feed whose changes the test queues.
+    struct Queued {
+        schema: SchemaRef,
+        initial: Vec<RecordBatch>,
+        queue: Arc<Mutex<Vec<TableUpdate>>>,
+    }
+
+    impl TableFeed for Queued {
+        fn schema(&self) -> SchemaRef {
+            self.schema.clone()
+        }
+        fn load(&mut self) -> vigil_engine::Result<Vec<TableUpdate>> {
+            Ok(vec![TableUpdate::Replace(self.initial.clone())])
+        }
+        fn poll(&mut self, _now_ms: i64) -> vigil_engine::Result<Vec<TableUpdate>> {
+            Ok(std::mem::take(&mut *self.queue.lock()))
+        }
+        fn describe(&self) -> String {
+            "queued".into()
+        }
+    }
+
+    fn column(batches: &[RecordBatch], name: &str) -> Vec<Option<String>> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let c = b.column_by_name(name).expect("column");
+                let c = c.as_string::<i32>();
+                (0..c.len())
+                    .map(|i| c.is_valid(i).then(|| c.value(i).to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cidr_lookup_takes_the_longest_prefix_and_sees_new_indicators() {
+        let stream = strings(&["tenant_id", "dst_ip"]);
+        let table = strings(&["cidr", "label"]);
+        let queue = Arc::new(Mutex::new(Vec::new()));
+        let feed = Queued {
+            schema: table.clone(),
+            initial: vec![rows(
+                &table,
+                &[
+                    &["10.0.0.0/8", "corp"],
+                    &["10.1.2.0/24", "dmz"],
+                    &["2001:db8::/32", "v6"],
+                    &["bad/99", "x"],
+                ],
+            )],
+            queue: queue.clone(),
+        };
+        let spec = LookupSpec::new(
+            "intel",
+            stream.clone(),
+            "dst_ip",
+            MatchMode::Cidr,
+            false,
+            table.clone(),
+            "cidr",
+            "intel_",
+            false,
+        )
+        .expect("spec");
+        let factory = LookupJoinFactory::new(spec, Box::new(feed));
+        let clock = ManualClock::new(0);
+        let mut ctx = TaskContext::detached("intel", 0, 1, 0);
+        ctx.clock = clock.clone();
+        let mut join = factory.build(&ctx).expect("join");
+        assert_eq!(
+            ctx.metrics
+                .dead_letters
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "the bad CIDR is counted"
+        );
+        let mut out = Collector::new();
+        let input = rows(
+            &stream,
+            &[
+                &["acme", "10.1.2.3"],
+                &["acme", "10.9.9.9"],
+                &["acme", "192.0.2.1"],
+                &["acme", "2001:db8::1"],
+                &["acme", "not-an-ip"],
+            ],
+        );
+        join.process_batch(0, input.clone(), &mut out)
+            .expect("batch");
+        let got = out.take_main();
+        assert_eq!(
+            column(&got, "intel_label"),
+            vec![
+                Some("dmz".into()),
+                Some("corp".into()),
+                None,
+                Some("v6".into()),
+                None
+            ]
+        );
+        // A new indicator applies to rows processed after it arrives.
+        queue.lock().push(TableUpdate::Upsert(rows(
+            &table,
+            &[&["192.0.2.0/24", "new"]],
+        )));
+        queue
+            .lock()
+            .push(TableUpdate::Delete(vec![(None, "10.1.2.0/24".into())]));
+        clock.advance(1_000);
+        join.process_batch(0, input, &mut out).expect("batch");
+        assert_eq!(
+            column(&out.take_main(), "intel_label"),
+            vec![
+                Some("corp".into()),
+                Some("corp".into()),
+                Some("new".into()),
+                Some("v6".into()),
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn exact_lookup_stays_within_the_tenant_unless_told() {
+        let stream = strings(&["tenant_id", "host"]);
+        let table = strings(&["tenant_id", "host", "owner"]);
+        let initial = vec![rows(
+            &table,
+            &[&["acme", "db1", "alice"], &["globex", "db1", "bob"]],
+        )];
+        let make = |cross: bool, inner: bool| {
+            let spec = LookupSpec::new(
+                "assets",
+                stream.clone(),
+                "host",
+                MatchMode::Exact,
+                inner,
+                table.clone(),
+                "host",
+                "asset_",
+                cross,
+            )
+            .expect("spec");
+            LookupJoinFactory::new(
+                spec,
+                Box::new(Queued {
+                    schema: table.clone(),
+                    initial: initial.clone(),
+                    queue: Arc::new(Mutex::new(Vec::new())),
+                }),
+            )
+        };
+        let input = rows(
+            &stream,
+            &[
+                &["acme", "db1"],
+                &["globex", "db1"],
+                &["initech", "db1"],
+                &["acme", "web"],
+            ],
+        );
+        let ctx = TaskContext::detached("assets", 0, 1, 0);
+        let mut out = Collector::new();
+        make(false, false)
+            .build(&ctx)
+            .expect("join")
+            .process_batch(0, input.clone(), &mut out)
+            .expect("batch");
+        let got = out.take_main();
+        assert_eq!(
+            column(&got, "asset_owner"),
+            vec![Some("alice".into()), Some("bob".into()), None, None]
+        );
+        assert!(
+            got[0].column_by_name("asset_tenant_id").is_none(),
+            "the tenant is the stream's"
+        );
+        make(false, true)
+            .build(&ctx)
+            .expect("join")
+            .process_batch(0, input.clone(), &mut out)
+            .expect("batch");
+        assert_eq!(
+            column(&out.take_main(), "host"),
+            vec![Some("db1".into()), Some("db1".into())],
+            "inner drops misses"
+        );
+        // Cross-tenant: the table's tenant is an ordinary column, and a key
+        // matches the last row loaded with it.
+        make(true, false)
+            .build(&ctx)
+            .expect("join")
+            .process_batch(0, input, &mut out)
+            .expect("batch");
+        let got = out.take_main();
+        assert_eq!(column(&got, "asset_tenant_id")[2], Some("globex".into()));
+    }
+
+    #[test]
+    fn a_table_column_that_collides_needs_a_prefix() {
+        let stream = strings(&["host"]);
+        let table = strings(&["host", "owner"]);
+        let e = LookupSpec::new(
+            "a",
+            stream,
+            "host",
+            MatchMode::Exact,
+            false,
+            table,
+            "host",
+            "",
+            false,
+        )
+        .expect_err("collision");
+        assert!(e.to_string().contains("already has"), "{e}");
+    }
+}
