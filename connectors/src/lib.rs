@@ -24,6 +24,7 @@ pub mod file;
 pub mod generator;
 pub mod json;
 pub mod kafka;
+pub mod lookup;
 pub mod memory;
 pub mod null;
 pub mod schema;

@@ -13,6 +13,7 @@ use arrow::datatypes::SchemaRef;
 use vigil_connectors::file::{FileSinkFactory, FileSourceFactory};
 use vigil_connectors::generator::GeneratorSourceFactory;
 use vigil_connectors::kafka::{KafkaDeadLetterSinkFactory, KafkaSinkFactory, KafkaSourceFactory};
+use vigil_connectors::lookup::{LookupConfig, LookupHow, LookupMatch};
 use vigil_connectors::memory::{Collected, MemorySinkFactory};
 use vigil_connectors::null::NullSinkFactory;
 use vigil_connectors::stdout::StdoutSinkFactory;
@@ -21,7 +22,9 @@ use vigil_engine::{
     ConfigError, Graph, NodeId, OperatorFactory, Port, SharedClock, SinkFactory, SourceFactory,
     SystemClock, WatermarkSpec, DEAD_LETTER, LATE,
 };
+use vigil_operators::correlate::{plan_correlation, CorrelateFactory, RuleInput};
 use vigil_operators::filter::FilterFactory;
+use vigil_operators::join::{LookupJoinFactory, LookupSpec, MatchMode};
 use vigil_operators::project::ProjectFactory;
 use vigil_operators::sql::{
     plan_query, Catalog, PlannedQuery, QueryOptions, SqlError, StatelessFactory, TableInfo,
@@ -300,6 +303,68 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         let Some(inputs) = resolve(&mut p, &graph, &built, &names, &t.path, &t.inputs) else {
             continue;
         };
+        let parallelism = t.parallelism.unwrap_or(spec.parallelism);
+        if let TransformKind::Correlate(c) = &t.kind {
+            let input_of = |name: &str| {
+                let b = built.get(name)?;
+                Some(RuleInput {
+                    schema: graph.nodes()[b.id].output_schema(Port::Main)?,
+                    event_time: b.event_time.clone(),
+                })
+            };
+            let planned = match plan_correlation(&t.name, c, &input_of) {
+                Ok(planned) => planned,
+                Err(e) => {
+                    p.build_error(&t.path, &what, e);
+                    continue;
+                }
+            };
+            // Without a group, one subtask must see every event.
+            let parallelism = if planned.spec.group_by.is_empty() {
+                1
+            } else {
+                parallelism
+            };
+            let mut prepared = Vec::with_capacity(planned.rules.len());
+            let mut failed = None;
+            for r in &planned.rules {
+                let Some(from) = built.get(&r.input).map(|b| b.id) else {
+                    continue;
+                };
+                let factory = Arc::new(StatelessFactory::new(&r.sql, r.stages.clone()));
+                match graph.add_operator(
+                    &format!("{}/{}", t.name, r.name),
+                    factory,
+                    parallelism,
+                    &[(from, Port::Main)],
+                ) {
+                    Ok(id) => prepared.push((id, Port::Main)),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let added = match failed {
+                Some(e) => Err(e),
+                None => graph.add_operator(
+                    &t.name,
+                    Arc::new(CorrelateFactory::new(planned.spec)),
+                    parallelism,
+                    &prepared,
+                ),
+            };
+            match added {
+                Ok(id) => {
+                    built.insert(
+                        t.name.clone(),
+                        Built {
+                            id,
+                            event_time: Some("last_ts".into()),
+                        },
+                    );
+                }
+                Err(e) => p.at(&t.path, format!("{what}: {e}"), None),
+            }
+            continue;
+        }
         let Some(schema) = common_schema(&mut p, &graph, &t.path, &inputs) else {
             continue;
         };
@@ -307,7 +372,6 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             .first()
             .and_then(|(id, _)| built.values().find(|b| b.id == *id))
             .and_then(|b| b.event_time.clone());
-        let parallelism = t.parallelism.unwrap_or(spec.parallelism);
         if let TransformKind::Sql(c) = &t.kind {
             let catalog = InputTable {
                 name: t.inputs.first().cloned().unwrap_or_default(),
@@ -386,7 +450,9 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                     )
                 })
             }
-            TransformKind::Sql(_) => continue,
+            TransformKind::Lookup(c) => lookup(&t.name, c, schema)
+                .map(|f| (Arc::new(f) as Arc<dyn OperatorFactory>, upstream_time)),
+            TransformKind::Sql(_) | TransformKind::Correlate(_) => continue,
         };
         match made {
             Ok((factory, event_time)) => {
@@ -505,6 +571,34 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         default_dead_letters,
         sinks,
     })
+}
+
+/// A lookup join and its table's feed; the table file is read here, so a
+/// malformed table stops the pipeline before it starts.
+fn lookup(
+    name: &str,
+    c: &LookupConfig,
+    stream: SchemaRef,
+) -> Result<LookupJoinFactory, OperatorError> {
+    let feed = c.table.open(name).map_err(|e| match e {
+        ConnectorError::Config(c) => OperatorError::Config(c),
+        other => OperatorError::config("table", other.to_string(), None),
+    })?;
+    let spec = LookupSpec::new(
+        name,
+        stream,
+        &c.on,
+        match c.mode {
+            LookupMatch::Exact => MatchMode::Exact,
+            LookupMatch::Cidr => MatchMode::Cidr,
+        },
+        c.how == LookupHow::Inner,
+        feed.schema(),
+        c.table.key(),
+        &c.prefix,
+        c.cross_tenant,
+    )?;
+    Ok(LookupJoinFactory::new(spec, feed))
 }
 
 /// Transforms in an order where inputs come first; reports cycles.

@@ -29,6 +29,10 @@ pub enum AttackKind {
     /// One account logging on to many hosts of its tenant in a short time
     /// (with the matching process starts and SMB flows).
     LateralMovement,
+    /// The kill chain: a password spray, then one sprayed account logging
+    /// in from the sprayer's address 30 s later, then that account moving
+    /// laterally to 8 hosts, starting a minute after the login, over 2 min.
+    AccountTakeover,
 }
 
 impl AttackKind {
@@ -38,6 +42,7 @@ impl AttackKind {
             AttackKind::BruteForce => 40,
             AttackKind::PasswordSpray => 25,
             AttackKind::LateralMovement => 12,
+            AttackKind::AccountTakeover => 25,
         }
     }
 
@@ -47,6 +52,7 @@ impl AttackKind {
             AttackKind::BruteForce => Duration::from_secs(30),
             AttackKind::PasswordSpray => Duration::from_secs(60),
             AttackKind::LateralMovement => Duration::from_secs(120),
+            AttackKind::AccountTakeover => Duration::from_secs(60),
         }
     }
 
@@ -56,6 +62,7 @@ impl AttackKind {
             AttackKind::BruteForce => "brute_force",
             AttackKind::PasswordSpray => "password_spray",
             AttackKind::LateralMovement => "lateral_movement",
+            AttackKind::AccountTakeover => "account_takeover",
         }
     }
 }
@@ -64,7 +71,8 @@ impl AttackKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttackConfig {
-    /// `brute_force`, `password_spray` or `lateral_movement`.
+    /// `brute_force`, `password_spray`, `lateral_movement` or
+    /// `account_takeover`.
     pub kind: AttackKind,
     /// First occurrence, counted in event time from the generator's start.
     #[serde(with = "humantime_serde")]
@@ -72,10 +80,13 @@ pub struct AttackConfig {
     /// Repeat with this period; absent: once.
     #[serde(default, with = "humantime_serde")]
     pub every: Option<Duration>,
-    /// Attempts, users or hosts per occurrence (default by kind: 40, 25, 12).
+    /// Attempts, users or hosts per occurrence (default by kind: 40, 25, 12;
+    /// users sprayed for an account takeover, 25).
     #[serde(default)]
     pub attempts: Option<usize>,
-    /// Duration of one occurrence (default by kind: 30s, 60s, 120s).
+    /// Duration of one occurrence (default by kind: 30s, 60s, 120s; the
+    /// spray of an account takeover, 60s, after which its login and lateral
+    /// movement follow).
     #[serde(default, with = "humantime_serde")]
     pub over: Option<Duration>,
 }

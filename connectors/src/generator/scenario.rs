@@ -10,6 +10,15 @@
 use super::config::{AttackKind, GeneratorConfig, Stream};
 use super::world::{World, FAILURE, NTLM, PSEXESVC, SERVICES};
 
+/// Hosts an account takeover moves to.
+const TAKEOVER_HOSTS: usize = 8;
+/// From the spray's end to the successful login.
+const TAKEOVER_LOGIN_MS: i64 = 30_000;
+/// From the login to the first lateral logon.
+const TAKEOVER_PAUSE_MS: i64 = 60_000;
+/// How long the lateral movement takes.
+const TAKEOVER_LATERAL_MS: i64 = 120_000;
+
 /// An attack the generator injected: what a detection should find.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectedAttack {
@@ -21,7 +30,8 @@ pub struct InjectedAttack {
     pub tenant: String,
     /// Address the attack comes from.
     pub src_ip: String,
-    /// The account attacked (brute force) or used (lateral movement).
+    /// The account attacked (brute force), used (lateral movement) or taken
+    /// over (account takeover).
     pub user: Option<String>,
     /// Accounts sprayed.
     pub users: Vec<String>,
@@ -111,6 +121,14 @@ fn plan(cfg: &GeneratorConfig, world: &World, ordinal: usize, start_ms: i64, spe
     let user = world.tenant_user(tenant, (h % per_tenant_users as u64) as usize);
     let base = (h >> 20) as usize;
     let (users, hosts) = match a.kind {
+        AttackKind::AccountTakeover => (
+            (0..n)
+                .map(|k| world.tenant_user(tenant, base + k))
+                .collect(),
+            (0..TAKEOVER_HOSTS)
+                .map(|k| world.tenant_host(tenant, base + k))
+                .collect(),
+        ),
         AttackKind::PasswordSpray => (
             (0..n)
                 .map(|k| world.tenant_user(tenant, base + k))
@@ -125,16 +143,27 @@ fn plan(cfg: &GeneratorConfig, world: &World, ordinal: usize, start_ms: i64, spe
         ),
         AttackKind::BruteForce => (Vec::new(), Vec::new()),
     };
+    // The account taken over is one of those sprayed.
+    let user = match a.kind {
+        AttackKind::AccountTakeover => users[n / 2],
+        _ => user,
+    };
     let source_host = world.own_host(user, 0);
     let src_ip = match a.kind {
         AttackKind::LateralMovement => world.host_ip(source_host),
         _ => world.attacker_ip(ordinal),
     };
+    let end_ms = match a.kind {
+        AttackKind::AccountTakeover => {
+            start_ms + over + TAKEOVER_LOGIN_MS + TAKEOVER_PAUSE_MS + TAKEOVER_LATERAL_MS
+        }
+        _ => start_ms + over,
+    };
     Plan {
         ordinal,
         kind: a.kind,
         start_ms,
-        end_ms: start_ms + over,
+        end_ms,
         tenant,
         src_ip,
         user,
@@ -171,6 +200,9 @@ impl Plan {
 
     /// The events this occurrence adds to `stream`, in time order.
     pub(crate) fn rows(&self, stream: Stream, world: &World) -> Vec<Row> {
+        if self.kind == AttackKind::AccountTakeover {
+            return self.takeover_rows(stream, world);
+        }
         let span = self.end_ms - self.start_ms;
         let at = |k: usize, n: usize| self.start_ms + span * k as i64 / n.max(1) as i64;
         let tenant = self.tenant as i32;
@@ -214,31 +246,82 @@ impl Plan {
                     })
                     .collect()
             }
-            (AttackKind::LateralMovement, _) => {
-                let n = self.hosts.len();
-                self.hosts
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &h)| Row {
-                        ts: at(k, n),
-                        id: 0,
-                        tenant,
-                        user: self.user as i32,
-                        src_ip: self.src_ip as i32,
-                        dst_ip: world.host_ip(h) as i32,
-                        host: h as i32,
-                        method: NTLM,
-                        outcome: 0,
-                        process: PSEXESVC,
-                        parent: SERVICES,
-                        port: 445,
-                        proto: 0,
-                        bytes: 48_000,
-                        packets: 60,
-                    })
-                    .collect()
-            }
+            (AttackKind::LateralMovement, _) => self.lateral_rows(world, self.start_ms, span),
             _ => Vec::new(),
         }
+    }
+
+    /// The spray, the login from the sprayer's address, then the lateral
+    /// movement by the account it opened.
+    fn takeover_rows(&self, stream: Stream, world: &World) -> Vec<Row> {
+        let spray_end = self.end_ms - TAKEOVER_LATERAL_MS - TAKEOVER_PAUSE_MS - TAKEOVER_LOGIN_MS;
+        let login = spray_end + TAKEOVER_LOGIN_MS;
+        let lateral = Plan {
+            src_ip: world.host_ip(world.own_host(self.user, 0)),
+            ..self.clone()
+        }
+        .lateral_rows(world, login + TAKEOVER_PAUSE_MS, TAKEOVER_LATERAL_MS);
+        if stream != Stream::Auth {
+            return lateral;
+        }
+        let n = self.users.len();
+        let span = spray_end - self.start_ms;
+        let tenant = self.tenant as i32;
+        let mut rows: Vec<Row> = self
+            .users
+            .iter()
+            .enumerate()
+            .map(|(k, &u)| Row {
+                ts: self.start_ms + span * k as i64 / n.max(1) as i64,
+                tenant,
+                user: u as i32,
+                src_ip: self.src_ip as i32,
+                host: world.own_host(u, 0) as i32,
+                method: 0,
+                outcome: FAILURE,
+                ..Row::default()
+            })
+            .collect();
+        rows.push(Row {
+            ts: login,
+            tenant,
+            user: self.user as i32,
+            src_ip: self.src_ip as i32,
+            host: world.own_host(self.user, 0) as i32,
+            method: 0,
+            outcome: 0,
+            ..Row::default()
+        });
+        rows.extend(lateral);
+        rows
+    }
+
+    /// The account logging on to each host in turn over `span` from `start`
+    /// (logons, psexesvc starts, SMB flows).
+    fn lateral_rows(&self, world: &World, start: i64, span: i64) -> Vec<Row> {
+        let n = self.hosts.len();
+        let at = |k: usize| start + span * k as i64 / n.max(1) as i64;
+        let tenant = self.tenant as i32;
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(k, &h)| Row {
+                ts: at(k),
+                id: 0,
+                tenant,
+                user: self.user as i32,
+                src_ip: self.src_ip as i32,
+                dst_ip: world.host_ip(h) as i32,
+                host: h as i32,
+                method: NTLM,
+                outcome: 0,
+                process: PSEXESVC,
+                parent: SERVICES,
+                port: 445,
+                proto: 0,
+                bytes: 48_000,
+                packets: 60,
+            })
+            .collect()
     }
 }

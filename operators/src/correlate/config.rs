@@ -10,6 +10,7 @@
 //!     - { name: success, input: auth, where: "outcome = 'success'" }
 //!   until: { name: blocked, input: firewall, where: "action = 'block'" }
 //!   group-by: [src_ip]
+//!   fields: { success: [user, host] }      # carried out as success_user, success_host
 //!   aliases:
 //!     src_ip: { password_spray: src_ip, success: src_ip }
 //!   timespan: 10m
@@ -127,6 +128,10 @@ pub struct CorrelateConfig {
     /// joins the group-by when every rule has it).
     #[serde(default)]
     pub cross_tenant: bool,
+    /// For `temporal_ordered` and `temporal`: columns of each rule's matched
+    /// event to carry into the output, as `<rule>_<column>` (text).
+    #[serde(default)]
+    pub fields: BTreeMap<String, Vec<String>>,
     /// Value of the `rule` column of the output (default: the step's name).
     #[serde(default)]
     pub rule: Option<String>,

@@ -79,6 +79,10 @@ pub struct CorrelationSpec {
     pub until: bool,
     /// Group-by fields: columns `1..=len` of every input.
     pub group_by: Vec<String>,
+    /// Columns carried from a step's event into the output: the step and
+    /// the column's name, which is also its name in the prepared rows (after
+    /// the id and value) and in the output.
+    pub carried: Vec<(usize, String)>,
     /// Largest distance between the first and last event, ms.
     pub timespan_ms: i64,
     /// Counts: fire at this many or more.
@@ -125,9 +129,12 @@ impl CorrelationSpec {
             };
             fields.push(Field::new(name, DataType::UInt64, false));
         } else {
-            for s in &self.steps[..self.rules()] {
+            for (k, s) in self.steps[..self.rules()].iter().enumerate() {
                 fields.push(Field::new(format!("{s}_id"), DataType::Utf8, true));
                 fields.push(Field::new(format!("{s}_ts"), ts_type(), false));
+                for (_, c) in self.carried.iter().filter(|(step, _)| *step == k) {
+                    fields.push(Field::new(c, DataType::Utf8, true));
+                }
             }
         }
         fields.push(Field::new("first_ts", ts_type(), false));
@@ -214,6 +221,8 @@ impl OperatorFactory for CorrelateFactory {
 struct Hit {
     ts: i64,
     id: Option<String>,
+    /// Its step's carried columns.
+    carried: Vec<Option<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -275,6 +284,8 @@ struct Alerts {
     count: UInt64Builder,
     step_ids: Vec<StringBuilder>,
     step_ts: Vec<TimestampMillisecondBuilder>,
+    /// Per step, its carried columns.
+    carried: Vec<Vec<StringBuilder>>,
     first: TimestampMillisecondBuilder,
     last: TimestampMillisecondBuilder,
     id: StringBuilder,
@@ -293,6 +304,15 @@ impl Alerts {
             step_ids: (0..steps).map(|_| StringBuilder::new()).collect(),
             step_ts: (0..steps)
                 .map(|_| TimestampMillisecondBuilder::new())
+                .collect(),
+            carried: (0..steps)
+                .map(|k| {
+                    spec.carried
+                        .iter()
+                        .filter(|(s, _)| *s == k)
+                        .map(|_| StringBuilder::new())
+                        .collect()
+                })
                 .collect(),
             first: TimestampMillisecondBuilder::new(),
             last: TimestampMillisecondBuilder::new(),
@@ -324,9 +344,17 @@ impl Alerts {
         if count {
             columns.push(Arc::new(self.count.finish()));
         } else {
-            for (i, t) in self.step_ids.iter_mut().zip(self.step_ts.iter_mut()) {
+            for ((i, t), c) in self
+                .step_ids
+                .iter_mut()
+                .zip(self.step_ts.iter_mut())
+                .zip(self.carried.iter_mut())
+            {
                 columns.push(Arc::new(i.finish()));
                 columns.push(tz(t));
+                for b in c {
+                    columns.push(Arc::new(b.finish()));
+                }
             }
         }
         columns.push(tz(&mut self.first));
@@ -532,13 +560,29 @@ impl Correlation {
             self.groups.remove(key);
             return Ok(());
         }
+        let carried = self
+            .spec
+            .carried
+            .iter()
+            .enumerate()
+            .filter(|(_, (s, _))| *s == input)
+            .map(|(i, _)| {
+                let c = batch
+                    .column(3 + self.spec.group_by.len() + i)
+                    .as_string::<i32>();
+                c.is_valid(row).then(|| c.value(row).to_string())
+            })
+            .collect();
         let hit = Hit {
             ts,
             id: self.id(batch, row),
+            carried,
         };
         let kind = self.spec.kind;
         let group = match self.groups.get_mut(key) {
             Some(g) => g,
+            // A later step of a sequence with nothing pending changes nothing.
+            None if kind == CorrelationType::TemporalOrdered && input > 0 => return Ok(()),
             None => self.groups.entry(key.into()).or_insert_with(|| {
                 if kind == CorrelationType::Temporal {
                     Group::Temporal(vec![None; rules])
@@ -589,9 +633,13 @@ impl Correlation {
         if let Some(hits) = done {
             let first = hits.iter().map(|h| h.ts).min().unwrap_or(ts);
             let key = Self::key_text(batch, row, self.spec.group_by.len());
+            // Temporal hits come in rule order; so do a sequence's.
             for (k, h) in hits.iter().enumerate() {
                 alerts.step_ids[k].append_option(h.id.as_deref());
                 alerts.step_ts[k].append_value(h.ts);
+                for (b, v) in alerts.carried[k].iter_mut().zip(&h.carried) {
+                    b.append_option(v.as_deref());
+                }
             }
             alerts.push(&self.spec.rule, &key, first, ts);
         }
@@ -642,9 +690,11 @@ struct StateRows<'a> {
     ts: Vec<i64>,
     ids: Vec<Option<String>>,
     values: Vec<Option<&'a [u8]>>,
+    carried: Vec<Option<String>>,
 }
 
 impl<'a> StateRows<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         k: &'a [u8],
@@ -653,7 +703,9 @@ impl<'a> StateRows<'a> {
         t: i64,
         id: Option<String>,
         v: Option<&'a [u8]>,
+        carried: Option<String>,
     ) {
+        self.carried.push(carried);
         self.keys.push(k);
         self.slots.push(slot);
         self.pos.push(p);
@@ -661,6 +713,29 @@ impl<'a> StateRows<'a> {
         self.ids.push(id);
         self.values.push(v);
     }
+}
+
+/// Carried values in one snapshot cell: each value's presence, then its text,
+/// separated by the unit separator.
+fn encode(values: &[Option<String>]) -> Option<String> {
+    (!values.is_empty()).then(|| {
+        values
+            .iter()
+            .map(|v| match v {
+                Some(v) => format!("+{v}"),
+                None => "-".to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\u{1f}")
+    })
+}
+
+fn decode(cell: Option<&str>) -> Vec<Option<String>> {
+    cell.map_or_else(Vec::new, |c| {
+        c.split('\u{1f}')
+            .map(|v| v.strip_prefix('+').map(str::to_string))
+            .collect()
+    })
 }
 
 /// Drops window events before `horizon`.
@@ -767,26 +842,34 @@ impl Operator for Correlation {
             batches.push(RecordBatch::try_new(pending_schema.clone(), cols)?);
         }
         let mut rows = StateRows::default();
-        let mut push = |k, slot, p, t, id, v| rows.push(k, slot, p, t, id, v);
+        let mut push = |k, slot, p, t, id, v, c| rows.push(k, slot, p, t, id, v, c);
         for (k, g) in &self.groups {
             match g {
                 Group::Count(c) => {
-                    push(k, -2, 0, c.quiet_until, None, None);
+                    push(k, -2, 0, c.quiet_until, None, None, None);
                     for (i, (t, v)) in c.window.iter().enumerate() {
-                        push(k, -1, i as i32, *t, None, v.as_deref());
+                        push(k, -1, i as i32, *t, None, v.as_deref(), None);
                     }
                 }
                 Group::Sequence(states) => {
                     for (s, seq) in states.iter().enumerate() {
                         for (i, h) in seq.iter().flatten().enumerate() {
-                            push(k, s as i32, i as i32, h.ts, h.id.clone(), None);
+                            push(
+                                k,
+                                s as i32,
+                                i as i32,
+                                h.ts,
+                                h.id.clone(),
+                                None,
+                                encode(&h.carried),
+                            );
                         }
                     }
                 }
                 Group::Temporal(latest) => {
                     for (s, h) in latest.iter().enumerate() {
                         if let Some(h) = h {
-                            push(k, s as i32, 0, h.ts, h.id.clone(), None);
+                            push(k, s as i32, 0, h.ts, h.id.clone(), None, encode(&h.carried));
                         }
                     }
                 }
@@ -799,6 +882,7 @@ impl Operator for Correlation {
             Field::new("ts", DataType::Int64, false),
             Field::new("id", DataType::Utf8, true),
             Field::new("value", DataType::Binary, true),
+            Field::new("carried", DataType::Utf8, true),
         ]));
         batches.push(RecordBatch::try_new(
             schema,
@@ -809,6 +893,7 @@ impl Operator for Correlation {
                 Arc::new(Int64Array::from(rows.ts)),
                 Arc::new(StringArray::from(rows.ids)),
                 Arc::new(BinaryArray::from_opt_vec(rows.values)),
+                Arc::new(StringArray::from(rows.carried)),
             ],
         )?);
         Ok(OperatorState { batches })
@@ -837,6 +922,7 @@ impl Operator for Correlation {
         let ts = col(3).as_primitive::<arrow::datatypes::Int64Type>();
         let ids = col(4).as_string::<i32>();
         let values = col(5).as_binary::<i32>();
+        let carried = col(6).as_string::<i32>();
         let rules = self.spec.rules();
         for i in 0..groups.num_rows() {
             let key = keys.value(i);
@@ -851,6 +937,7 @@ impl Operator for Correlation {
             let hit = || Hit {
                 ts: ts.value(i),
                 id: ids.is_valid(i).then(|| ids.value(i).to_string()),
+                carried: decode(carried.is_valid(i).then(|| carried.value(i))),
             };
             let slot = slots.value(i);
             match g {

@@ -234,8 +234,38 @@ pub fn plan_correlation(
         group_by.insert(0, TENANT.to_string());
     }
 
+    // Columns carried from each step's event into the output.
+    let mut carried: Vec<(usize, String, String)> = Vec::new();
+    for (rule, columns) in &config.fields {
+        let Some(step) = config.rules.iter().position(|r| r.name() == rule) else {
+            return Err(OperatorError::config(
+                format!("fields.{rule}"),
+                format!("no rule named {rule:?}"),
+                None,
+            ));
+        };
+        if !temporal {
+            return Err(OperatorError::config(
+                "fields",
+                "a count's output is the group and the count; fields are carried from matched events of temporal correlations",
+                None,
+            ));
+        }
+        for (i, c) in columns.iter().enumerate() {
+            if inputs[step].schema.index_of(c).is_err() {
+                return Err(OperatorError::unknown_column(
+                    format!("fields.{rule}[{i}]"),
+                    c,
+                    &inputs[step].schema,
+                ));
+            }
+            carried.push((step, c.clone(), format!("{rule}_{c}")));
+        }
+    }
+    carried.sort_by_key(|(s, _, _)| *s);
+
     let mut rules = Vec::with_capacity(all.len());
-    for ((r, field), info) in all.iter().zip(&inputs) {
+    for (at, ((r, field), info)) in all.iter().zip(&inputs).enumerate() {
         let schema = &info.schema;
         let time = info.event_time.clone().ok_or_else(|| {
             OperatorError::config(
@@ -314,6 +344,13 @@ pub fn plan_correlation(
             }
             _ => "CAST(NULL AS VARCHAR) AS \"__vigil_value\"".to_string(),
         });
+        for (step, c, out) in &carried {
+            select.push(if *step == at {
+                format!("CAST({} AS VARCHAR) AS {}", quote(c), quote(out))
+            } else {
+                format!("CAST(NULL AS VARCHAR) AS {}", quote(out))
+            });
+        }
         let mut sql = format!("SELECT {} FROM {}", select.join(", "), quote(r.input()));
         if let RuleRef::Inline {
             condition: Some(w), ..
@@ -372,6 +409,7 @@ pub fn plan_correlation(
         steps: rules.iter().map(|r| r.name.clone()).collect(),
         until: config.until.is_some(),
         group_by,
+        carried: carried.into_iter().map(|(s, _, out)| (s, out)).collect(),
         timespan_ms,
         min_count,
         suppress_ms: config

@@ -73,6 +73,7 @@ fn config(
         until: None,
         suppress: None,
         cross_tenant: false,
+        fields: BTreeMap::new(),
         rule: None,
     }
 }
@@ -290,6 +291,39 @@ fn sequences_never_cross_tenants_unless_told() {
     h.push(&rows);
     h.watermark(i64::MAX);
     assert_eq!(sequences(&h.rows(), &["a", "b"]), vec!["1,2"]);
+}
+
+#[test]
+fn sequences_carry_fields_of_their_events() {
+    let mut c = config(
+        CorrelationType::TemporalOrdered,
+        vec![rule("a", "process = 'A'"), rule("b", "process = 'B'")],
+        &["tenant_id"],
+        10_000,
+    );
+    c.fields
+        .insert("b".into(), vec!["user".into(), "event_id".into()]);
+    let mut h = Harness::new(&c);
+    h.push(&[(0, "acme", "alice", "A", 1), (1_000, "acme", "bob", "B", 2)]);
+    h.watermark(i64::MAX);
+    let got = h.rows();
+    assert_eq!(
+        got[0]
+            .column_by_name("b_user")
+            .expect("carried")
+            .as_string::<i32>()
+            .value(0),
+        "bob"
+    );
+    assert_eq!(
+        got[0]
+            .column_by_name("b_event_id")
+            .expect("carried")
+            .as_string::<i32>()
+            .value(0),
+        "2"
+    );
+    assert!(got[0].column_by_name("a_user").is_none());
 }
 
 #[test]
@@ -571,4 +605,41 @@ fn bad_configurations_name_the_field() {
     c.rules = vec![rule("a", "proces = 'A'"), rule("b", "true")];
     let e = plan_correlation("c", &c, &input).expect_err("bad where");
     assert_eq!(field(e), "rules[0].where");
+}
+
+#[test]
+fn snapshot_and_restore_keep_pending_rows_and_sequences() {
+    let mut c = config(
+        CorrelationType::TemporalOrdered,
+        vec![
+            rule("a", "process = 'A'"),
+            rule("b", "process = 'B'"),
+            rule("c", "process = 'C'"),
+        ],
+        &["user"],
+        60_000,
+    );
+    c.fields.insert("a".into(), vec!["process".into()]);
+    let mut h = Harness::new(&c);
+    h.push(&[
+        (0, "acme", "u", "A", 1),
+        (1_000, "acme", "u", "B", 2),
+        (9_000, "acme", "u", "C", 3),
+    ]);
+    // A and B have run; C waits for the watermark.
+    h.watermark(5_000);
+    let state = h.op.snapshot().expect("snapshot");
+    let mut restored = Harness::new(&c);
+    restored.op.restore(state).expect("restore");
+    restored.watermark(i64::MAX);
+    let got = restored.rows();
+    assert_eq!(sequences(&got, &["a", "b", "c"]), vec!["1,2,3"]);
+    assert_eq!(
+        got[0]
+            .column_by_name("a_process")
+            .expect("carried")
+            .as_string::<i32>()
+            .value(0),
+        "A"
+    );
 }
