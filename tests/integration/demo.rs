@@ -65,7 +65,7 @@ async fn the_demo_detects_exactly_the_injected_attacks() {
                 "password_spray".to_string(),
                 format!("{}/{}", a.tenant, a.src_ip),
             ),
-            AttackKind::LateralMovement => (
+            AttackKind::LateralMovement | AttackKind::AccountTakeover => (
                 "lateral_movement".to_string(),
                 format!("{}/{}", a.tenant, a.user.clone().unwrap_or_default()),
             ),

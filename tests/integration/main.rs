@@ -3,6 +3,7 @@
 
 mod avro;
 mod backpressure;
+mod correlation;
 mod demo;
 mod kafka;
 mod pipeline_errors;
