@@ -80,6 +80,10 @@ enum Command {
         /// Print JSON lines instead of tables.
         #[arg(long)]
         json: bool,
+        /// Let joins pair rows of different tenants (by default `tenant_id`
+        /// is part of every join's key when both tables have it).
+        #[arg(long)]
+        cross_tenant: bool,
         /// Print the plan instead of running it.
         #[arg(long)]
         explain: bool,
@@ -225,6 +229,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             pipeline,
             allowed_lateness,
             json,
+            cross_tenant,
             explain,
             run,
         } => {
@@ -253,6 +258,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     .map(|(f, t)| (f.as_str(), t.as_str())),
                 allowed_lateness: *allowed_lateness,
                 json: *json,
+                cross_tenant: *cross_tenant,
             };
             let plan = pipeline::query::plan_query_script(&request, &options(&run.dead_letter_dir))
                 .map_err(Failure::Invalid)?;

@@ -24,7 +24,7 @@ use vigil_engine::{
 };
 use vigil_operators::correlate::{plan_correlation, CorrelateFactory, RuleInput};
 use vigil_operators::filter::FilterFactory;
-use vigil_operators::join::{LookupJoinFactory, LookupSpec, MatchMode};
+use vigil_operators::join::{IntervalJoinFactory, LookupJoinFactory, LookupSpec, MatchMode};
 use vigil_operators::project::ProjectFactory;
 use vigil_operators::sql::{
     plan_query, Catalog, PlannedQuery, QueryOptions, SqlError, StatelessFactory, TableInfo,
@@ -133,18 +133,20 @@ impl From<SqlError> for BuildError {
     }
 }
 
-/// The one table a SQL step reads, under the name its query uses.
-struct InputTable {
-    name: String,
-    schema: SchemaRef,
+/// The tables a SQL step reads, under the names its query uses.
+struct InputTables {
+    tables: Vec<(String, SchemaRef)>,
     others: Vec<String>,
 }
 
-impl Catalog for InputTable {
+impl Catalog for InputTables {
     fn table(&self, name: &str) -> Option<TableInfo> {
-        (name == self.name).then(|| TableInfo {
-            schema: self.schema.clone(),
-        })
+        self.tables
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, schema)| TableInfo {
+                schema: schema.clone(),
+            })
     }
     fn names(&self) -> Vec<String> {
         self.others.clone()
@@ -365,22 +367,26 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             }
             continue;
         }
-        let Some(schema) = common_schema(&mut p, &graph, &t.path, &inputs) else {
-            continue;
-        };
         let upstream_time = inputs
             .first()
             .and_then(|(id, _)| built.values().find(|b| b.id == *id))
             .and_then(|b| b.event_time.clone());
         if let TransformKind::Sql(c) = &t.kind {
-            let catalog = InputTable {
-                name: t.inputs.first().cloned().unwrap_or_default(),
-                schema: schema.clone(),
+            let catalog = InputTables {
+                tables: t
+                    .inputs
+                    .iter()
+                    .zip(&inputs)
+                    .filter_map(|(name, (id, port))| {
+                        Some((name.clone(), graph.nodes()[*id].output_schema(*port)?))
+                    })
+                    .collect(),
                 others: names.iter().map(|n| n.to_string()).collect(),
             };
             let options = QueryOptions {
                 name: t.name.clone(),
                 lateness_ms: c.lateness_ms(),
+                cross_tenant: c.cross_tenant,
             };
             let planned = match plan_query(&c.query, &catalog, &options) {
                 Ok(p) => p,
@@ -399,6 +405,59 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                     let factory = Arc::new(StatelessFactory::new(&c.query, stages));
                     graph
                         .add_operator(&t.name, factory, parallelism, &inputs)
+                        .map(|id| (id, event_time))
+                }
+                PlannedQuery::Join {
+                    left_table,
+                    right_table,
+                    left,
+                    right,
+                    join,
+                } => {
+                    let input_of =
+                        |table: &str| t.inputs.iter().position(|n| n == table).map(|i| inputs[i]);
+                    let (Some(l), Some(r)) = (input_of(&left_table), input_of(&right_table)) else {
+                        p.at(
+                            &t.path,
+                            format!("{what}: the join's tables are not its inputs"),
+                            None,
+                        );
+                        continue;
+                    };
+                    // The output's event time: the left's, else the right's.
+                    let time_of = |id: NodeId| {
+                        built
+                            .values()
+                            .find(|b| b.id == id)
+                            .and_then(|b| b.event_time.clone())
+                    };
+                    let output = join.post.output_schema();
+                    let event_time = [time_of(l.0), time_of(r.0)]
+                        .into_iter()
+                        .flatten()
+                        .find(|c| output.field_with_name(c).is_ok());
+                    let left_prep = Arc::new(StatelessFactory::new(&c.query, left));
+                    let right_prep = Arc::new(StatelessFactory::new(&c.query, right));
+                    graph
+                        .add_operator(&format!("{}/left", t.name), left_prep, parallelism, &[l])
+                        .and_then(|lp| {
+                            graph
+                                .add_operator(
+                                    &format!("{}/right", t.name),
+                                    right_prep,
+                                    parallelism,
+                                    &[r],
+                                )
+                                .map(|rp| (lp, rp))
+                        })
+                        .and_then(|(lp, rp)| {
+                            graph.add_operator(
+                                &t.name,
+                                Arc::new(IntervalJoinFactory::new(*join)),
+                                parallelism,
+                                &[(lp, Port::Main), (rp, Port::Main)],
+                            )
+                        })
                         .map(|id| (id, event_time))
                 }
                 PlannedQuery::Windowed {
@@ -434,6 +493,9 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             }
             continue;
         }
+        let Some(schema) = common_schema(&mut p, &graph, &t.path, &inputs) else {
+            continue;
+        };
         let made: Result<(Arc<dyn OperatorFactory>, Option<String>), OperatorError> = match &t.kind
         {
             TransformKind::Filter(c) => FilterFactory::new(c, schema)

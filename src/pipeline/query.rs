@@ -47,6 +47,8 @@ pub struct QueryRequest<'a> {
     pub allowed_lateness: Option<std::time::Duration>,
     /// Print JSON lines instead of tables.
     pub json: bool,
+    /// Let a join pair rows of different tenants.
+    pub cross_tenant: bool,
 }
 
 /// Name the query's step has in the pipeline.
@@ -385,6 +387,7 @@ pub fn plan_query_script(
         kind: TransformKind::Sql(SqlConfig {
             query: query.trim().to_string(),
             allowed_lateness: request.allowed_lateness,
+            cross_tenant: request.cross_tenant,
         }),
     });
     let stdout: StdoutSinkConfig = serde_json::from_value(json!({

@@ -274,3 +274,61 @@ async fn a_compacted_topic_table_follows_upserts_and_tombstones() {
     }
     assert_eq!(got, vec![None, None, Some("new".into())]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_joins_keep_tenants_apart_unless_the_step_is_cross_tenant() {
+    let dir = tempfile::tempdir().expect("dir");
+    let write = |name: &str, rows: &[(i64, &str, &str)]| {
+        let text: String = rows
+            .iter()
+            .map(|(ts, t, u)| format!("{{\"ts\":{ts},\"tenant_id\":\"{t}\",\"user\":\"{u}\"}}\n"))
+            .collect();
+        std::fs::write(dir.path().join(name), text).expect("write");
+    };
+    write(
+        "logins.ndjson",
+        &[(1_000, "acme", "alice"), (2_000, "globex", "alice")],
+    );
+    write(
+        "procs.ndjson",
+        &[(3_000, "acme", "alice"), (4_000, "initech", "alice")],
+    );
+    let source = |name: &str| {
+        format!(
+            "  {name}:\n    type: file\n    path: {}\n    schema:\n      fields:\n        - {{ name: ts, type: timestamp }}\n        - {{ name: tenant_id, type: string }}\n        - {{ name: user, type: string }}\n      event_time: {{ field: ts, format: epoch_ms }}\n",
+            dir.path().join(format!("{name}.ndjson")).display()
+        )
+    };
+    let pipeline = |cross: bool| {
+        format!(
+            "name: tenants\nsources:\n{}{}transforms:\n  j:\n    type: sql\n    cross_tenant: {cross}\n    query: >-\n      SELECT l.tenant_id, p.tenant_id AS p_tenant, l.user FROM logins l JOIN procs p\n      ON l.user = p.user AND p.ts BETWEEN l.ts AND l.ts + INTERVAL '10' SECOND\nsinks:\n  out: {{ type: null, input: j }}\n",
+            source("logins"),
+            source("procs")
+        )
+    };
+    let pairs = |cross: bool| async move {
+        let mut plan =
+            load_str("tenants.yaml", &pipeline(cross), &options_with(&[])).expect("valid");
+        let out = plan.capture("out").expect("sink");
+        tokio::time::timeout(Duration::from_secs(60), run_to_end(&plan))
+            .await
+            .expect("in time");
+        let mut got: Vec<String> = Vec::new();
+        for b in out.lock().iter() {
+            for r in 0..b.num_rows() {
+                got.push(format!(
+                    "{}>{}",
+                    text(b, "tenant_id", r),
+                    text(b, "p_tenant", r)
+                ));
+            }
+        }
+        got.sort();
+        got
+    };
+    assert_eq!(pairs(false).await, vec!["acme>acme"]);
+    assert_eq!(
+        pairs(true).await,
+        vec!["acme>acme", "acme>initech", "globex>acme", "globex>initech"]
+    );
+}

@@ -667,6 +667,7 @@ GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), outcome"
         pipeline: None,
         allowed_lateness: None,
         json: false,
+        cross_tenant: false,
     };
     let mut plan = plan_query_script(&request, &options_with(&[])).expect("plans");
     let rows = plan.capture("rows").expect("printing sink");

@@ -261,3 +261,44 @@ fn a_query_that_does_not_parse_names_the_query_field_and_the_position() {
         "{e}"
     );
 }
+
+const TWO: &str = "\
+name: t
+sources:
+  auth: { type: generator, stream: auth, count: 10 }
+  flows: { type: generator, stream: network, count: 10 }
+transforms:
+";
+
+#[test]
+fn a_join_without_time_bounds_or_key_is_rejected_saying_what_to_add() {
+    let unbounded = format!(
+        "{TWO}  j:\n    type: sql\n    query: SELECT a.user FROM auth a JOIN flows f ON a.src_ip = f.src_ip\nsinks:\n  out: {{ type: stdout, input: j }}\n"
+    );
+    let e = error_of(&unbounded);
+    assert!(
+        e.starts_with(
+            "p.yaml:8:12: transform \"j\": invalid query: a JOIN without both time bounds"
+        ),
+        "{e}"
+    );
+    assert!(e.contains("hint: add to ON: b.ts BETWEEN"), "{e}");
+    let keyless = format!(
+        "{TWO}  j:\n    type: sql\n    cross_tenant: true\n    query: SELECT a.user FROM auth a JOIN flows f ON f.ts BETWEEN a.ts AND a.ts + INTERVAL '1' MINUTE\nsinks:\n  out: {{ type: stdout, input: j }}\n"
+    );
+    let e = error_of(&keyless);
+    assert!(e.contains("a JOIN without an equality"), "{e}");
+}
+
+#[test]
+fn a_correlation_names_the_field_it_cannot_use() {
+    let text = format!(
+        "{TWO}  c:\n    type: correlate\n    correlation: value_count\n    rules: [auth]\n    group-by: [src_ip]\n    timespan: 1m\n    condition: {{ field: usr, gte: 5 }}\nsinks:\n  out: {{ type: stdout, input: c }}\n"
+    );
+    let e = error_of(&text);
+    assert!(
+        e.starts_with("p.yaml:12:25: transform \"c\": column \"usr\" is not in the input"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean \"user\"?"), "{e}");
+}

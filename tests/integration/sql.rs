@@ -356,6 +356,7 @@ GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), user;",
         pipeline: None,
         allowed_lateness: None,
         json: false,
+        cross_tenant: false,
     };
     let mut plan = plan_query_script(&request, &options_with(&[])).expect("plans");
     let out = plan.capture("rows").expect("the printing sink");
@@ -374,6 +375,7 @@ FROM auth GROUP BY 1, user",
         pipeline: None,
         allowed_lateness: None,
         json: false,
+        cross_tenant: false,
     };
     let e = plan_query_script(&bad, &options_with(&[]))
         .err()
@@ -494,4 +496,24 @@ FROM auth GROUP BY 1, tenant",
         e.starts_with("ddl.yaml:3:3: in tables: unknown field \"pth\" in table \"logins\""),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_joins_equal_the_batch_join_of_the_same_query() {
+    // The same SQL runs in both engines: DataFusion's batch hash join over
+    // every row is the reference for the streaming interval join, inner and
+    // left outer, with a residual condition on the pair.
+    let rows = input(31, 1_500, 120_000, 40);
+    let inner = "SELECT a.user, a.ts, a.src_ip, b.ts AS b_ts, b.src_ip AS b_ip
+FROM auth a JOIN auth b
+  ON a.user = b.user
+ AND b.ts BETWEEN a.ts - INTERVAL '3' SECOND AND a.ts + INTERVAL '10' SECOND
+WHERE a.src_ip <> b.src_ip";
+    check(input(31, 1_500, 120_000, 40), inner, inner).await;
+    let left = "SELECT a.user, a.ts, a.bytes, b.ts AS b_ts, b.bytes AS b_bytes
+FROM auth a LEFT JOIN auth b
+  ON lower(a.user) = lower(b.user)
+ AND b.ts > a.ts AND b.ts <= a.ts + INTERVAL '4' SECOND
+ AND b.bytes > a.bytes";
+    check(rows, left, left).await;
 }

@@ -367,13 +367,14 @@ pub fn plan_correlation(
         let options = QueryOptions {
             name: format!("{name}/{}", r.name()),
             lateness_ms: 0,
+            cross_tenant: false,
         };
         let stages = match plan_query(&sql, &catalog, &options)? {
             PlannedQuery::Stateless { stages, .. } => stages,
-            PlannedQuery::Windowed { .. } => {
+            PlannedQuery::Windowed { .. } | PlannedQuery::Join { .. } => {
                 return Err(OperatorError::config(
                     field.clone(),
-                    "internal: a rule's prepare step planned as a window",
+                    "internal: a rule's prepare step planned as a window or a join",
                     None,
                 ))
             }

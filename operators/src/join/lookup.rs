@@ -141,6 +141,9 @@ impl LookupSpec {
 /// Where a table row is: chunk and row.
 type Pos = (u32, u32);
 
+/// The blocks of one family and prefix length: (network, tenant hash) → rows.
+type Blocks = HashMap<(u128, u64), Vec<Pos>>;
+
 /// One parsed CIDR block: family, prefix length, masked network.
 fn parse_cidr(text: &str) -> Option<(bool, u8, u128)> {
     let (addr, len) = match text.split_once('/') {
@@ -184,7 +187,7 @@ pub struct LookupTable {
     /// hash(tenant, key) → rows with that hash (verified on use).
     exact: HashMap<u64, Vec<Pos>>,
     /// Per (family, prefix length), longest first: (network, tenant hash) → row.
-    cidr: Vec<((bool, u8), HashMap<(u128, u64), Vec<Pos>>)>,
+    cidr: Vec<((bool, u8), Blocks)>,
     live: usize,
     dead: usize,
     rejected: usize,
@@ -304,7 +307,7 @@ impl LookupTable {
                     None => {
                         self.cidr.push(((v6, len), HashMap::default()));
                         // Longest prefixes first.
-                        self.cidr.sort_by(|a, b| b.0 .1.cmp(&a.0 .1));
+                        self.cidr.sort_by_key(|c| std::cmp::Reverse(c.0 .1));
                         self.cidr
                             .iter()
                             .position(|(k, _)| *k == (v6, len))

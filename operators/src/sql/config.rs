@@ -29,6 +29,10 @@ pub struct SqlConfig {
     /// later than that go to the step's `late` output. Default 0s.
     #[serde(default, with = "humantime_serde")]
     pub allowed_lateness: Option<Duration>,
+    /// Let a join pair rows of different tenants. By default, when both
+    /// tables have `tenant_id`, it is part of the join's key.
+    #[serde(default)]
+    pub cross_tenant: bool,
 }
 
 impl SqlConfig {

@@ -40,6 +40,7 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use super::error::SqlError;
 use super::rewrite::{blank_table_keywords, rewrite_windows, WindowedTable, WINDOW_COLUMNS};
 use super::stages::{Stage, Stages};
+use crate::join::IntervalJoinSpec;
 use crate::window::{AggregateCall, GroupColumn, WindowAggregateSpec, WindowKind};
 
 /// A table a query can read: a source or an earlier step.
@@ -64,6 +65,9 @@ pub struct QueryOptions {
     pub name: String,
     /// How long after a window's end late rows still update it.
     pub lateness_ms: i64,
+    /// Let a join match rows of different tenants (by default, when both
+    /// sides have `tenant_id`, it joins the key).
+    pub cross_tenant: bool,
 }
 
 /// A query cut into streaming operators.
@@ -75,6 +79,19 @@ pub enum PlannedQuery {
         table: String,
         /// What it does to each batch.
         stages: Stages,
+    },
+    /// An interval join of two tables.
+    Join {
+        /// The left table.
+        left_table: String,
+        /// The right table.
+        right_table: String,
+        /// Stateless work on the left rows, ending with the key columns.
+        left: Stages,
+        /// Stateless work on the right rows, ending with the key columns.
+        right: Stages,
+        /// The join and what follows it.
+        join: Box<IntervalJoinSpec>,
     },
     /// A windowed aggregate.
     Windowed {
@@ -92,6 +109,7 @@ impl PlannedQuery {
     pub fn table(&self) -> &str {
         match self {
             PlannedQuery::Stateless { table, .. } | PlannedQuery::Windowed { table, .. } => table,
+            PlannedQuery::Join { left_table, .. } => left_table,
         }
     }
 }
@@ -200,11 +218,11 @@ fn check_stream_constructs(statement: &Statement) -> Result<(), SqlError> {
             }
             if let SetExpr::Select(s) = q.body.as_ref() {
                 for t in &s.from {
-                    if let Some(j) = t.joins.first() {
+                    if let Some(j) = t.joins.get(1) {
                         self.0 = Some(SqlError::unbounded(
-                            "JOIN",
-                            "an unbounded join keeps every row of both streams forever",
-                            "aggregate one stream per step; interval joins belong to correlation",
+                            "a second JOIN in one query",
+                            "each streaming join is a step of its own",
+                            "join two tables, then join the result in the next SQL step",
                             Some(j.relation.span()),
                         ));
                         return std::ops::ControlFlow::Break(());
@@ -213,8 +231,8 @@ fn check_stream_constructs(statement: &Statement) -> Result<(), SqlError> {
                 if s.from.len() > 1 {
                     self.0 = Some(SqlError::unbounded(
                         "a join of several tables in FROM",
-                        "an unbounded join keeps every row of both streams forever",
-                        "read one table per step",
+                        "without a key and time bounds it keeps every row of both streams forever",
+                        "JOIN … ON a.k = b.k AND b.ts BETWEEN a.ts - INTERVAL … AND a.ts + INTERVAL …",
                         Some(s.from[1].relation.span()),
                     ));
                     return std::ops::ControlFlow::Break(());
@@ -255,34 +273,41 @@ pub fn plan_query(
         }
     }
     let tables = base_tables(&statement, &windows);
-    let table = match tables.as_slice() {
-        [one] => one.clone(),
-        [] => {
-            return Err(SqlError::new("the query reads no table")
-                .hint(format!("tables are: {}", catalog.names().join(", "))))
-        }
-        many => {
-            return Err(SqlError::unbounded(
-                &format!("reading several tables ({})", many.join(", ")),
-                "an unbounded join keeps every row of both streams forever",
-                "read one table per step",
-                None,
-            ))
-        }
-    };
-    let Some(info) = catalog.table(&table) else {
-        let names = catalog.names();
-        let hint = names
-            .iter()
-            .map(|n| (strsim_distance(&table, n), n))
-            .filter(|(d, _)| *d <= 2)
-            .min()
-            .map(|(_, n)| format!("did you mean {n:?}?"))
-            .unwrap_or_else(|| format!("tables are: {}", names.join(", ")));
-        return Err(SqlError::new(format!("unknown table {table:?}")).hint(hint));
-    };
+    if tables.is_empty() {
+        return Err(SqlError::new("the query reads no table")
+            .hint(format!("tables are: {}", catalog.names().join(", "))));
+    }
+    if tables.len() > 2 {
+        return Err(SqlError::unbounded(
+            &format!("reading {} tables ({})", tables.len(), tables.join(", ")),
+            "a streaming join pairs two streams",
+            "join two tables per step, and join the result in the next step",
+            None,
+        ));
+    }
+    if tables.len() == 2 && !windows.is_empty() {
+        return Err(SqlError::at("a window over a join", windows[0].span)
+            .hint("join in one SQL step and window its output in the next"));
+    }
     let ctx = SessionContext::new();
-    register(&ctx, &table, info.schema.clone())?;
+    let mut infos = Vec::with_capacity(tables.len());
+    for table in &tables {
+        let Some(info) = catalog.table(table) else {
+            let names = catalog.names();
+            let hint = names
+                .iter()
+                .map(|n| (strsim_distance(table, n), n))
+                .filter(|(d, _)| *d <= 2)
+                .min()
+                .map(|(_, n)| format!("did you mean {n:?}?"))
+                .unwrap_or_else(|| format!("tables are: {}", names.join(", ")));
+            return Err(SqlError::new(format!("unknown table {table:?}")).hint(hint));
+        };
+        register(&ctx, table, info.schema.clone())?;
+        infos.push(info);
+    }
+    let table = tables[0].clone();
+    let info = infos[0].clone();
     let mut windowed: Vec<(WindowedTable, usize, SchemaRef)> = Vec::new();
     for w in windows {
         let (time, schema) = windowed_schema(&info.schema, &w)?;
@@ -365,6 +390,9 @@ fn windowed_schema(base: &SchemaRef, w: &WindowedTable) -> Result<(usize, Schema
     Ok((time, Arc::new(Schema::new(fields))))
 }
 
+#[path = "interval.rs"]
+mod interval;
+
 struct Lowering<'a> {
     state: &'a SessionState,
     sql: &'a str,
@@ -384,9 +412,9 @@ fn limit_refused() -> SqlError {
 fn refuse(plan: &LogicalPlan) -> SqlError {
     match plan {
         LogicalPlan::Join(_) => SqlError::unbounded(
-            "JOIN",
-            "an unbounded join keeps every row of both streams forever",
-            "aggregate one stream per step",
+            "a JOIN inside an aggregate or a subquery",
+            "a streaming join is a step of its own",
+            "join in one SQL step, aggregate or join again in the next",
             None,
         ),
         LogicalPlan::Limit(_) => limit_refused(),
@@ -544,6 +572,7 @@ impl Lowering<'_> {
         let (top, core) = self.chain(plan);
         match core {
             LogicalPlan::Aggregate(agg) => self.windowed(&top, agg, table),
+            LogicalPlan::Join(join) => self.join(&top, join),
             LogicalPlan::TableScan(_) => {
                 if let Some(sort) = top.iter().find(|n| matches!(n, LogicalPlan::Sort(_))) {
                     return Err(refuse(sort));

@@ -75,6 +75,7 @@ impl Harness {
             &QueryOptions {
                 name: "q".into(),
                 lateness_ms: lateness_s * 1000,
+                cross_tenant: false,
             },
         )
         .unwrap_or_else(|e| panic!("{sql}: {e} ({:?})", e.hint));
