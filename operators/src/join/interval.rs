@@ -9,16 +9,17 @@
 //!
 //! In a left outer join, a left row that no right row paired with is emitted
 //! once, with nulls for the right side, when the watermark has passed
-//! `a.ts + upper` (no right row that could pair with it can still come),
-//! at the latest a thirty-second of the join's span later.
+//! `a.ts + upper` (no right row that could pair with it can still come).
 //!
 //! # State
 //! Each side keeps the batches it received (rows stay in Arrow) and, per
 //! key, the rows' event times and positions. A left row is kept while
 //! `a.ts + upper >= watermark`, a right row while `b.ts - lower >=
-//! watermark`: past that, nothing that can still arrive pairs with it. Rows
-//! are dropped by a sweep each time the watermark has moved an eighth of the
-//! span (a thirty-second for left joins); a batch is freed when its last row
+//! watermark`: past that, nothing that can still arrive pairs with it. Each
+//! side also queues (event time, key) of its rows in arrival order (the
+//! left side of a left join in event-time order, a heap); as the watermark
+//! advances, the expired front is popped and those keys' expired rows are
+//! dropped, so the cost is per expired row, not per key held. A batch is freed when its last row is, a key when its last row
 //! is. So state holds about `span × rate` rows and returns to nothing when
 //! the stream ends.
 //!
@@ -29,19 +30,23 @@
 //! of its state would be silently wrong.
 //!
 //! # Event time of the output
-//! Pairs keep both rows' columns, so their event time is a buffered row's.
-//! The operator holds its output watermark at the earliest event time it
-//! still buffers ([`Operator::watermark_hold`]), so nothing it emits is late
-//! downstream.
+//! Pairs keep both rows' columns, so their event time may be a buffered
+//! row's. While it buffers rows, the operator holds its output watermark
+//! the join's reach (`max(upper, -lower)`) behind the watermark of its last
+//! sweep ([`Operator::watermark_hold`]), which no row it can still emit is
+//! earlier than; so nothing it emits is late downstream.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use ahash::HashMap;
 use arrow::array::{
-    new_null_array, Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array,
+    new_null_array, Array, ArrayRef, AsArray, BooleanArray, DictionaryArray, Int32Array,
+    RecordBatch, UInt32Array,
 };
 use arrow::compute::{filter_record_batch, interleave, not, take};
-use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
+use arrow::datatypes::{Int32Type, SchemaRef, TimestampMillisecondType};
 use arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use vigil_engine::{
@@ -101,17 +106,6 @@ pub struct IntervalJoinSpec {
     pub post: Stages,
 }
 
-impl IntervalJoinSpec {
-    fn sweep_every(&self) -> i64 {
-        let span = self.upper_ms - self.lower_ms;
-        let parts = match self.kind {
-            JoinKind::Inner => 8,
-            JoinKind::Left => 32,
-        };
-        (span / parts).max(1)
-    }
-}
-
 /// Builds interval join subtasks.
 #[derive(Debug)]
 pub struct IntervalJoinFactory {
@@ -138,9 +132,14 @@ impl IntervalJoinFactory {
             spec: self.spec.clone(),
             converter: RowConverter::new(fields)?,
             keys: HashMap::default(),
+            hasher: ahash::RandomState::with_seeds(1, 2, 3, 4),
+            slab: Vec::new(),
+            free_keys: Vec::new(),
+            queues: [VecDeque::new(), VecDeque::new()],
+            left_heap: BinaryHeap::new(),
             sides: [Side::default(), Side::default()],
             watermark: EventTime::MIN,
-            next_sweep: EventTime::MIN,
+            swept_at: EventTime::MIN,
             metrics: ctx.metrics.clone(),
         })
     }
@@ -183,9 +182,33 @@ struct Entry {
     row: u32,
 }
 
-#[derive(Debug, Default)]
+/// No slot.
+const NONE: u32 = u32::MAX;
+
+/// Most rows in one output batch.
+const OUT_ROWS: usize = 8192;
+
+/// One key's buffered rows. Slots are reused with their allocations, so a
+/// key that comes and goes (most addresses do) costs no allocation.
+#[derive(Debug)]
 struct KeyRows {
+    /// The key in arrow's row format; empty in a free slot.
+    key: Vec<u8>,
+    hash: u64,
+    /// The next slot whose key has the same hash.
+    next: u32,
     rows: [Vec<Entry>; 2],
+}
+
+impl Default for KeyRows {
+    fn default() -> Self {
+        Self {
+            key: Vec::new(),
+            hash: 0,
+            next: NONE,
+            rows: [Vec::new(), Vec::new()],
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -202,8 +225,6 @@ struct Side {
     slots: Vec<Option<Stored>>,
     free: Vec<u32>,
     rows: usize,
-    /// No buffered row is earlier than this.
-    min_ts: Option<i64>,
 }
 
 impl Side {
@@ -278,19 +299,62 @@ fn gather(side: &Side, width: usize, at: &[(u32, u32)]) -> Result<Vec<ArrayRef>,
                 .iter()
                 .map(|&s| side.stored(s).batch.column(c).as_ref())
                 .collect();
-            Ok(interleave(&arrays, &indices)?)
+            Ok(match shared_dictionary(&arrays) {
+                Some(values) => {
+                    // One dictionary under every batch (as sources hand
+                    // strings over): gather the keys only. Arrow's
+                    // interleave would merge the dictionaries on each call.
+                    let keys: Vec<Int32Array> = arrays
+                        .iter()
+                        .map(|a| a.as_dictionary::<Int32Type>().keys().clone())
+                        .collect();
+                    let keys: Vec<&dyn Array> = keys.iter().map(|k| k as &dyn Array).collect();
+                    let keys = interleave(&keys, &indices)?;
+                    Arc::new(DictionaryArray::<Int32Type>::try_new(
+                        keys.as_primitive::<Int32Type>().clone(),
+                        values,
+                    )?)
+                }
+                None => interleave(&arrays, &indices)?,
+            })
         })
         .collect()
+}
+
+/// The values of `arrays` if they are all `Int32` dictionaries over one
+/// values array.
+fn shared_dictionary(arrays: &[&dyn Array]) -> Option<ArrayRef> {
+    let first = arrays.first()?.as_dictionary_opt::<Int32Type>()?.values();
+    arrays
+        .iter()
+        .all(|a| {
+            a.as_dictionary_opt::<Int32Type>()
+                .is_some_and(|d| Arc::ptr_eq(d.values(), first))
+        })
+        .then(|| first.clone())
 }
 
 /// One subtask of an interval join.
 pub struct IntervalJoin {
     spec: Arc<IntervalJoinSpec>,
     converter: RowConverter,
-    keys: HashMap<Box<[u8]>, KeyRows>,
+    /// Hash of a key → the first slot in `slab` with that hash (the rest
+    /// are chained through `KeyRows::next`).
+    keys: HashMap<u64, u32>,
+    hasher: ahash::RandomState,
+    slab: Vec<KeyRows>,
+    free_keys: Vec<u32>,
+    /// Per side, (event time, key slot) of every buffered row in arrival
+    /// order: what a sweep pops as the watermark passes.
+    queues: [VecDeque<(i64, u32)>; 2],
+    /// The left side of a left join instead pops in event-time order, so a
+    /// left row that never paired is emitted as soon as the watermark
+    /// passes its bound, even if it arrived out of order.
+    left_heap: BinaryHeap<Reverse<(i64, u32)>>,
     sides: [Side; 2],
     watermark: EventTime,
-    next_sweep: EventTime,
+    /// The watermark at the last sweep.
+    swept_at: EventTime,
     metrics: Arc<TaskMetrics>,
 }
 
@@ -310,20 +374,54 @@ impl IntervalJoin {
     /// Bytes held: buffered batches, plus the key index.
     pub fn state_bytes(&self) -> usize {
         let index: usize = self
-            .keys
+            .slab
             .iter()
-            .map(|(k, v)| {
-                k.len()
+            .map(|v| {
+                2 * v.key.len()
                     + std::mem::size_of::<KeyRows>()
+                    + std::mem::size_of::<u32>()
                     + (v.rows[0].capacity() + v.rows[1].capacity()) * std::mem::size_of::<Entry>()
             })
             .sum();
-        self.sides[0].bytes() + self.sides[1].bytes() + index
+        let queues =
+            (self.queues[0].capacity() + self.queues[1].capacity() + self.left_heap.capacity())
+                * std::mem::size_of::<(i64, u32)>();
+        self.sides[0].bytes() + self.sides[1].bytes() + index + queues
     }
 
     /// Keys with buffered rows.
     pub fn state_keys(&self) -> usize {
-        self.keys.len()
+        self.slab.len() - self.free_keys.len()
+    }
+
+    /// The slot of `key`, if it has one.
+    fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        let mut id = *self.keys.get(&hash)?;
+        while id != NONE {
+            let k = &self.slab[id as usize];
+            if k.key == key {
+                return Some(id);
+            }
+            id = k.next;
+        }
+        None
+    }
+
+    /// A slot for a new key.
+    fn add_key(&mut self, hash: u64, key: &[u8]) -> u32 {
+        let id = match self.free_keys.pop() {
+            Some(id) => id,
+            None => {
+                self.slab.push(KeyRows::default());
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let next = self.keys.insert(hash, id).unwrap_or(NONE);
+        let k = &mut self.slab[id as usize];
+        k.key.extend_from_slice(key);
+        k.hash = hash;
+        k.next = next;
+        id
     }
 
     fn width(&self, side: usize) -> usize {
@@ -401,7 +499,6 @@ impl IntervalJoin {
         let mut pairs = Pairs::default();
         let mut keyless: Vec<u32> = Vec::new();
         let mut stored = 0u32;
-        let mut min_ts = i64::MAX;
         for i in 0..batch.num_rows() {
             if has_nulls && key_arrays.iter().any(|a| a.is_null(i)) {
                 if track {
@@ -416,10 +513,17 @@ impl IntervalJoin {
                 slot,
                 row: i as u32,
             };
-            let k = match self.keys.get_mut(key.as_ref()) {
-                Some(k) => k,
-                None => self.keys.entry(key.as_ref().into()).or_default(),
+            let hash = self.hasher.hash_one(key.as_ref());
+            let id = match self.find(hash, key.as_ref()) {
+                Some(id) => id,
+                None => self.add_key(hash, key.as_ref()),
             };
+            if track {
+                self.left_heap.push(Reverse((ts, id)));
+            } else {
+                self.queues[side].push_back((ts, id));
+            }
+            let k = &mut self.slab[id as usize];
             for e in k.rows[other].iter().filter(|_| probe) {
                 let d = if side == 0 { e.ts - ts } else { ts - e.ts };
                 if d >= spec.lower_ms && d <= spec.upper_ms {
@@ -429,14 +533,10 @@ impl IntervalJoin {
             }
             k.rows[side].push(entry);
             stored += 1;
-            min_ts = min_ts.min(ts);
         }
         let s = &mut self.sides[side];
         s.stored_mut(slot).live = stored;
         s.rows += stored as usize;
-        if stored > 0 && min_ts < i64::MAX {
-            s.min_ts = Some(s.min_ts.map_or(min_ts, |m| m.min(min_ts)));
-        }
         if !keyless.is_empty() && probe {
             // A null key pairs with nothing: the row is unmatched already.
             let idx = UInt32Array::from(keyless);
@@ -447,10 +547,33 @@ impl IntervalJoin {
             self.emit(batch, out)?;
         }
         self.sides[side].release_if_empty(slot);
-        if pairs.arriving.is_empty() {
-            return Ok(());
+        // Pairs leave in batches of a bounded size: a burst of matches
+        // neither makes one huge batch downstream nor churns huge buffers.
+        for (a, b) in pairs
+            .arriving
+            .chunks(OUT_ROWS)
+            .zip(pairs.buffered.chunks(OUT_ROWS))
+        {
+            let chunk = Pairs {
+                arriving: a.to_vec(),
+                buffered: b.to_vec(),
+            };
+            self.emit_pairs(side, slot, &batch, chunk, out)?;
         }
-        let mut joined = self.joined(side, &batch, &pairs)?;
+        Ok(())
+    }
+
+    /// Builds, checks and emits one batch of pairs of an arriving batch.
+    fn emit_pairs(
+        &mut self,
+        side: usize,
+        slot: u32,
+        batch: &RecordBatch,
+        mut pairs: Pairs,
+        out: &mut Collector,
+    ) -> vigil_engine::Result<()> {
+        let spec = self.spec.clone();
+        let mut joined = self.joined(side, batch, &pairs)?;
         if let Some(residual) = &spec.residual {
             let keep = residual
                 .evaluate(&joined)
@@ -491,38 +614,87 @@ impl IntervalJoin {
         let left_join = self.spec.kind == JoinKind::Left;
         let mut unmatched: Vec<(u32, u32)> = Vec::new();
         let mut dropped: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
-        let mut min_ts = [i64::MAX; 2];
-        let sides = &self.sides;
-        self.keys.retain(|_, k| {
-            for side in 0..2 {
-                let keep = |e: &Entry| {
-                    if side == 0 {
-                        e.ts.saturating_add(upper) >= watermark
-                    } else {
-                        e.ts.saturating_sub(lower) >= watermark
-                    }
+        let expired = |side: usize, ts: i64| {
+            if side == 0 {
+                ts.saturating_add(upper) < watermark
+            } else {
+                ts.saturating_sub(lower) < watermark
+            }
+        };
+        let Self {
+            keys,
+            slab,
+            free_keys,
+            queues,
+            left_heap,
+            sides,
+            ..
+        } = self;
+        for side in 0..2 {
+            let heap = side == 0 && left_join;
+            loop {
+                let next = if heap {
+                    left_heap.peek().map(|r| r.0)
+                } else {
+                    queues[side].front().copied()
                 };
-                k.rows[side].retain(|e| {
-                    if keep(e) {
-                        min_ts[side] = min_ts[side].min(e.ts);
-                        true
-                    } else {
-                        if side == 0
-                            && left_join
-                            && !sides[0].stored(e.slot).matched[e.row as usize]
-                        {
+                let Some((_, id)) = next.filter(|(ts, _)| expired(side, *ts)) else {
+                    break;
+                };
+                if heap {
+                    left_heap.pop();
+                } else {
+                    queues[side].pop_front();
+                }
+                let k = &mut slab[id as usize];
+                let rows = &mut k.rows[side];
+                if side == 0 && left_join {
+                    // Every expired row of the key, to emit the unmatched
+                    // ones now.
+                    rows.retain(|e| {
+                        if !expired(side, e.ts) {
+                            return true;
+                        }
+                        if !sides[0].stored(e.slot).matched[e.row as usize] {
                             unmatched.push((e.slot, e.row));
                         }
                         dropped[side].push(e.slot);
                         false
+                    });
+                } else {
+                    // A key's rows are in arrival order, which is event-time
+                    // order up to the sources' disorder: the expired ones are
+                    // a prefix, and one held behind a later row goes with it
+                    // (it can no longer pair: probes check the bounds).
+                    let n = rows.iter().take_while(|e| expired(side, e.ts)).count();
+                    dropped[side].extend(rows.drain(..n).map(|e| e.slot));
+                }
+                if k.rows[0].is_empty() && k.rows[1].is_empty() && !k.key.is_empty() {
+                    k.key.clear();
+                    let (hash, next) = (k.hash, k.next);
+                    // Unlink from its hash chain.
+                    if keys.get(&hash) == Some(&id) {
+                        if next == NONE {
+                            keys.remove(&hash);
+                        } else {
+                            keys.insert(hash, next);
+                        }
+                    } else if let Some(&head) = keys.get(&hash) {
+                        let mut at = head;
+                        while at != NONE && slab[at as usize].next != id {
+                            at = slab[at as usize].next;
+                        }
+                        if at != NONE {
+                            slab[at as usize].next = next;
+                        }
                     }
-                });
+                    free_keys.push(id);
+                }
             }
-            !(k.rows[0].is_empty() && k.rows[1].is_empty())
-        });
-        if !unmatched.is_empty() {
-            unmatched.sort_unstable();
-            let columns = gather(&self.sides[0], self.spec.left_width, &unmatched)?;
+        }
+        unmatched.sort_unstable();
+        for chunk in unmatched.chunks(OUT_ROWS) {
+            let columns = gather(&self.sides[0], self.spec.left_width, chunk)?;
             let batch = self.unmatched(columns)?;
             self.emit(batch, out)?;
         }
@@ -537,7 +709,6 @@ impl IntervalJoin {
             for &slot in &dropped[side] {
                 s.release_if_empty(slot);
             }
-            s.min_ts = (min_ts[side] < i64::MAX).then_some(min_ts[side]);
             if s.rows == 0 {
                 s.slots.clear();
                 s.free.clear();
@@ -546,6 +717,11 @@ impl IntervalJoin {
         if self.keys.capacity() > 64 && self.keys.len() < self.keys.capacity() / 4 {
             self.keys.shrink_to_fit();
         }
+        if self.keys.is_empty() {
+            self.slab.clear();
+            self.free_keys.clear();
+        }
+        self.swept_at = watermark;
         Ok(())
     }
 
@@ -604,19 +780,20 @@ impl Operator for IntervalJoin {
         watermark: EventTime,
         out: &mut Collector,
     ) -> vigil_engine::Result<()> {
-        self.watermark = self.watermark.max(watermark);
-        if self.watermark >= self.next_sweep {
-            self.sweep(self.watermark, out)?;
-            self.next_sweep = self.watermark.saturating_add(self.spec.sweep_every());
+        if watermark > self.watermark {
+            self.watermark = watermark;
+            self.sweep(watermark, out)?;
         }
         Ok(())
     }
 
     fn watermark_hold(&self) -> Option<EventTime> {
-        match (self.sides[0].min_ts, self.sides[1].min_ts) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A buffered row still emitted is at most `reach` behind the
+        // watermark of the last sweep: a pair's buffered row is within the
+        // bounds of a row on time, and a left row that never paired is
+        // emitted by the first sweep after the watermark passes ts + upper.
+        let reach = self.spec.upper_ms.max(-self.spec.lower_ms).max(0);
+        (self.state_rows() > 0).then(|| self.swept_at.saturating_sub(reach))
     }
 
     fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {
@@ -625,8 +802,8 @@ impl Operator for IntervalJoin {
         let mut batches = Vec::with_capacity(2);
         for side in 0..2 {
             let mut at: Vec<(u32, u32)> = self
-                .keys
-                .values()
+                .slab
+                .iter()
                 .flat_map(|k| k.rows[side].iter().map(|e| (e.slot, e.row)))
                 .collect();
             at.sort_unstable();
@@ -673,6 +850,10 @@ impl Operator for IntervalJoin {
             )));
         }
         self.keys.clear();
+        self.slab.clear();
+        self.free_keys.clear();
+        self.queues = [VecDeque::new(), VecDeque::new()];
+        self.left_heap.clear();
         self.sides = [Side::default(), Side::default()];
         let mut sink = Collector::new();
         for (side, table) in state.batches.into_iter().enumerate() {
@@ -687,7 +868,7 @@ impl Operator for IntervalJoin {
             // Buffer without pairing: the pairs were emitted before.
             self.insert(side, batch, false, &mut sink)?;
             if side == 0 && self.spec.kind == JoinKind::Left {
-                for k in self.keys.values() {
+                for k in &self.slab {
                     for e in &k.rows[0] {
                         let m = matched.value(e.row as usize);
                         self.sides[0].stored_mut(e.slot).matched[e.row as usize] = m;
