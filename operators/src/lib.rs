@@ -9,7 +9,9 @@
 //! | `filter`    | keeps rows matching a SQL condition |
 //! | `project`   | computes columns with SQL expressions |
 //! | `threshold` | fires when a key reaches a count or a distinct count in a window |
-//! | `sql`       | a SQL query: row by row, or a windowed aggregate (`window`) |
+//! | `sql`       | a SQL query: row by row, a windowed aggregate (`window`), or an interval join (`join`) |
+//! | `correlate` | Sigma correlations (event and value counts over a sliding span, temporal) and EQL sequences |
+//! | `join`      | interval joins of two streams; lookup joins against a changing table (exact or CIDR) |
 
 pub mod correlate;
 pub mod error;

@@ -698,15 +698,14 @@ impl IntervalJoin {
             let batch = self.unmatched(columns)?;
             self.emit(batch, out)?;
         }
-        for side in 0..2 {
-            let s = &mut self.sides[side];
-            s.rows -= dropped[side].len();
-            for &slot in &dropped[side] {
+        for (s, dropped) in self.sides.iter_mut().zip(dropped.iter_mut()) {
+            s.rows -= dropped.len();
+            for &slot in dropped.iter() {
                 s.stored_mut(slot).live -= 1;
             }
-            dropped[side].sort_unstable();
-            dropped[side].dedup();
-            for &slot in &dropped[side] {
+            dropped.sort_unstable();
+            dropped.dedup();
+            for &slot in dropped.iter() {
                 s.release_if_empty(slot);
             }
             if s.rows == 0 {
