@@ -427,10 +427,9 @@ impl KafkaFeed {
         let Some(consumer) = &self.consumer else {
             return Ok((Vec::new(), 0));
         };
-        let mut lines: Vec<u8> = Vec::new();
-        let mut keys: Vec<Vec<u8>> = Vec::new();
-        let mut updates = Vec::new();
-        let mut deletes = Vec::new();
+        // Messages as they came: runs of upserts and runs of tombstones, in
+        // order, so a key deleted and then set again ends up set.
+        let mut runs: Vec<Run> = Vec::new();
         let mut seen = 0;
         let mut first = true;
         while seen < budget {
@@ -441,58 +440,113 @@ impl KafkaFeed {
             first = false;
             seen += 1;
             let key = m.key().unwrap_or_default().to_vec();
+            let at = (m.partition(), m.offset());
             match m.payload() {
                 None => {
-                    if let Some(owner) = self.owners.remove(&key) {
-                        deletes.push(owner);
-                    } else {
-                        deletes.push((None, String::from_utf8_lossy(&key).into_owned()));
+                    if !matches!(runs.last(), Some(Run::Deletes(_))) {
+                        runs.push(Run::Deletes(Vec::new()));
+                    }
+                    if let Some(Run::Deletes(d)) = runs.last_mut() {
+                        d.push(key);
                     }
                 }
                 Some(v) => {
-                    if serde_json::from_slice::<serde_json::Value>(v)
-                        .map(|j| j.is_object())
-                        .unwrap_or(false)
-                    {
-                        lines.extend_from_slice(v);
-                        lines.push(b'\n');
-                        keys.push(key);
-                    } else {
-                        tracing::warn!(topic = %self.topic, partition = m.partition(), offset = m.offset(), "lookup table record skipped: its value is not a JSON object");
+                    if !matches!(runs.last(), Some(Run::Upserts(_))) {
+                        runs.push(Run::Upserts(Vec::new()));
+                    }
+                    if let Some(Run::Upserts(u)) = runs.last_mut() {
+                        u.push((key, v.to_vec(), at));
                     }
                 }
             }
         }
-        if !lines.is_empty() {
-            let mut decoder = arrow::json::ReaderBuilder::new(self.schema.clone())
-                .build_decoder()
-                .map_err(EngineError::Arrow)?;
-            decoder.decode(&lines).map_err(EngineError::Arrow)?;
-            if let Some(batch) = decoder.flush().map_err(EngineError::Arrow)? {
-                let k = cast(batch.column(self.key_col), &DataType::Utf8)?;
-                let k = k.as_string::<i32>();
-                let t = match self.tenant {
-                    Some(t) => Some(cast(batch.column(t), &DataType::Utf8)?),
-                    None => None,
-                };
-                for (i, mk) in keys.into_iter().enumerate() {
-                    if k.is_valid(i) {
-                        let tenant = t
-                            .as_ref()
-                            .map(|t| t.as_string::<i32>())
-                            .filter(|t| t.is_valid(i))
-                            .map(|t| t.value(i).to_string());
-                        self.owners.insert(mk, (tenant, k.value(i).to_string()));
+        let mut updates = Vec::with_capacity(runs.len());
+        for run in runs {
+            match run {
+                Run::Deletes(keys) => {
+                    let owners = keys
+                        .into_iter()
+                        .map(|k| {
+                            self.owners
+                                .remove(&k)
+                                .unwrap_or_else(|| (None, String::from_utf8_lossy(&k).into_owned()))
+                        })
+                        .collect();
+                    updates.push(TableUpdate::Delete(owners));
+                }
+                Run::Upserts(records) => {
+                    if let Some(batch) = self.decode(records)? {
+                        updates.push(TableUpdate::Upsert(batch));
                     }
                 }
-                updates.push(TableUpdate::Upsert(batch));
             }
-        }
-        if !deletes.is_empty() {
-            updates.push(TableUpdate::Delete(deletes));
         }
         Ok((updates, seen))
     }
+
+    /// Decodes upserts into one batch; a record that does not decode is
+    /// skipped with a warning naming it. Records go one at a time (a table's
+    /// updates are few), so a bad one costs only itself.
+    fn decode(&mut self, records: Vec<Upsert>) -> vigil_engine::Result<Option<RecordBatch>> {
+        let builder = || arrow::json::ReaderBuilder::new(self.schema.clone()).build_decoder();
+        let mut decoder = builder().map_err(EngineError::Arrow)?;
+        let mut keys = Vec::with_capacity(records.len());
+        let mut rows = Vec::with_capacity(records.len());
+        for (key, value, (partition, offset)) in records {
+            let is_object = serde_json::from_slice::<serde_json::Value>(&value)
+                .map(|j| j.is_object())
+                .unwrap_or(false);
+            let row = if is_object {
+                decoder
+                    .decode(&value)
+                    .and_then(|_| decoder.flush())
+                    .ok()
+                    .flatten()
+            } else {
+                None
+            };
+            match row {
+                Some(r) if r.num_rows() == 1 => {
+                    rows.push(r);
+                    keys.push(key);
+                }
+                _ => {
+                    tracing::warn!(topic = %self.topic, partition, offset, "lookup table record skipped: its value is not a JSON object of the declared fields");
+                    decoder = builder().map_err(EngineError::Arrow)?;
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let batch = arrow::compute::concat_batches(&self.schema, &rows)?;
+        let k = cast(batch.column(self.key_col), &DataType::Utf8)?;
+        let k = k.as_string::<i32>();
+        let t = match self.tenant {
+            Some(t) => Some(cast(batch.column(t), &DataType::Utf8)?),
+            None => None,
+        };
+        for (i, mk) in keys.into_iter().enumerate() {
+            if k.is_valid(i) {
+                let tenant = t
+                    .as_ref()
+                    .map(|t| t.as_string::<i32>())
+                    .filter(|t| t.is_valid(i))
+                    .map(|t| t.value(i).to_string());
+                self.owners.insert(mk, (tenant, k.value(i).to_string()));
+            }
+        }
+        Ok(Some(batch))
+    }
+}
+
+/// A record with a value: message key, value, (partition, offset).
+type Upsert = (Vec<u8>, Vec<u8>, (i32, i64));
+
+/// Consecutive messages of one kind.
+enum Run {
+    Upserts(Vec<Upsert>),
+    Deletes(Vec<Vec<u8>>),
 }
 
 impl TableFeed for KafkaFeed {

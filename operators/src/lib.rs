@@ -18,6 +18,7 @@ pub mod error;
 pub mod expr;
 pub mod filter;
 pub mod join;
+mod late;
 pub mod project;
 pub mod sql;
 pub mod threshold;

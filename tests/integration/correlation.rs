@@ -199,6 +199,10 @@ async fn a_compacted_topic_table_follows_upserts_and_tombstones() {
     send("b", Some(r#"{"ip":"198.51.100.8","label":"scanner"}"#)).await;
     send("a", Some(r#"{"ip":"198.51.100.7","label":"c2-confirmed"}"#)).await;
     send("b", None).await;
+    // Deleted, then set again: set (messages apply in order).
+    send("d", Some(r#"{"ip":"198.51.100.10","label":"old"}"#)).await;
+    send("d", None).await;
+    send("d", Some(r#"{"ip":"198.51.100.10","label":"again"}"#)).await;
 
     let table: TableConfig = serde_json::from_value(serde_json::json!({
         "type": "kafka",
@@ -239,6 +243,7 @@ async fn a_compacted_topic_table_follows_upserts_and_tombstones() {
             "198.51.100.7",
             "198.51.100.8",
             "198.51.100.9",
+            "198.51.100.10",
         ]))],
     )
     .expect("batch");
@@ -257,22 +262,31 @@ async fn a_compacted_topic_table_follows_upserts_and_tombstones() {
     };
     assert_eq!(
         labels(&mut join),
-        vec![Some("c2-confirmed".into()), None, None],
+        vec![
+            Some("c2-confirmed".into()),
+            None,
+            None,
+            Some("again".into())
+        ],
         "latest value per key; the tombstone removed b"
     );
     // A new indicator applies to rows processed after it arrives.
     send("c", Some(r#"{"ip":"198.51.100.9","label":"new"}"#)).await;
+    send("x", Some("not json")).await; // skipped with a warning, not fatal
     send("a", None).await;
     let mut got = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..300 {
         clock.advance(1_000);
         got = labels(&mut join);
-        if got == vec![None, None, Some("new".into())] {
+        if got == vec![None, None, Some("new".into()), Some("again".into())] {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(got, vec![None, None, Some("new".into())]);
+    assert_eq!(
+        got,
+        vec![None, None, Some("new".into()), Some("again".into())]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,21 +230,7 @@ impl Plan {
                 rows
             }
             (AttackKind::PasswordSpray, Stream::Auth) => {
-                let n = self.users.len();
-                self.users
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &u)| Row {
-                        ts: at(k, n),
-                        tenant,
-                        user: u as i32,
-                        src_ip: self.src_ip as i32,
-                        host: world.own_host(u, 0) as i32,
-                        method: 0,
-                        outcome: FAILURE,
-                        ..Row::default()
-                    })
-                    .collect()
+                self.spray_rows(world, self.start_ms, span)
             }
             (AttackKind::LateralMovement, _) => self.lateral_rows(world, self.start_ms, span),
             _ => Vec::new(),
@@ -264,24 +250,8 @@ impl Plan {
         if stream != Stream::Auth {
             return lateral;
         }
-        let n = self.users.len();
-        let span = spray_end - self.start_ms;
         let tenant = self.tenant as i32;
-        let mut rows: Vec<Row> = self
-            .users
-            .iter()
-            .enumerate()
-            .map(|(k, &u)| Row {
-                ts: self.start_ms + span * k as i64 / n.max(1) as i64,
-                tenant,
-                user: u as i32,
-                src_ip: self.src_ip as i32,
-                host: world.own_host(u, 0) as i32,
-                method: 0,
-                outcome: FAILURE,
-                ..Row::default()
-            })
-            .collect();
+        let mut rows = self.spray_rows(world, self.start_ms, spray_end - self.start_ms);
         rows.push(Row {
             ts: login,
             tenant,
@@ -294,6 +264,25 @@ impl Plan {
         });
         rows.extend(lateral);
         rows
+    }
+
+    /// One failed login for each sprayed account, over `span` from `start`.
+    fn spray_rows(&self, world: &World, start: i64, span: i64) -> Vec<Row> {
+        let n = self.users.len();
+        self.users
+            .iter()
+            .enumerate()
+            .map(|(k, &u)| Row {
+                ts: start + span * k as i64 / n.max(1) as i64,
+                tenant: self.tenant as i32,
+                user: u as i32,
+                src_ip: self.src_ip as i32,
+                host: world.own_host(u, 0) as i32,
+                method: 0,
+                outcome: FAILURE,
+                ..Row::default()
+            })
+            .collect()
     }
 
     /// The account logging on to each host in turn over `span` from `start`

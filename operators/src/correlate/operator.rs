@@ -56,6 +56,7 @@ use vigil_engine::{
 };
 
 use super::config::CorrelationType;
+use crate::late::split_late;
 
 /// Column of the prepared rows holding event time.
 pub const TIME: usize = 0;
@@ -782,23 +783,7 @@ impl Operator for Correlation {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let batch = RecordBatch::try_new(self.spec.input.clone(), columns)?;
-        let times = batch
-            .column(TIME)
-            .as_primitive::<TimestampMillisecondType>();
-        let batch = if self.watermark > EventTime::MIN
-            && arrow::compute::min(times).is_some_and(|m| m < self.watermark)
-        {
-            let late: BooleanArray = times
-                .iter()
-                .map(|t| Some(t.is_some_and(|t| t < self.watermark)))
-                .collect();
-            let late_rows = filter_record_batch(&batch, &late)?;
-            TaskMetrics::add(&self.metrics.late_records, late_rows.num_rows());
-            out.emit_side(LATE, late_rows);
-            filter_record_batch(&batch, &not(&late)?)?
-        } else {
-            batch
-        };
+        let batch = split_late(batch, TIME, self.watermark, &self.metrics, out)?;
         if batch.num_rows() > 0 {
             self.seq += 1;
             self.pending.push((input, self.seq, batch));

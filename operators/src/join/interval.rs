@@ -45,7 +45,7 @@ use arrow::array::{
     new_null_array, Array, ArrayRef, AsArray, BooleanArray, DictionaryArray, Int32Array,
     RecordBatch, UInt32Array,
 };
-use arrow::compute::{filter_record_batch, interleave, not, take};
+use arrow::compute::{filter_record_batch, interleave, take};
 use arrow::datatypes::{Int32Type, SchemaRef, TimestampMillisecondType};
 use arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
@@ -54,6 +54,7 @@ use vigil_engine::{
     TaskMetrics, LATE,
 };
 
+use crate::late::split_late;
 use crate::sql::{stages::one_line, Stages};
 
 /// Which rows a join emits.
@@ -723,35 +724,6 @@ impl IntervalJoin {
         self.swept_at = watermark;
         Ok(())
     }
-
-    fn split_late(
-        &mut self,
-        input: usize,
-        batch: RecordBatch,
-        out: &mut Collector,
-    ) -> vigil_engine::Result<RecordBatch> {
-        let time = if input == 0 {
-            self.spec.left_time
-        } else {
-            self.spec.right_time
-        };
-        let times = batch
-            .column(time)
-            .as_primitive::<TimestampMillisecondType>();
-        if self.watermark == EventTime::MIN
-            || arrow::compute::min(times).is_none_or(|m| m >= self.watermark)
-        {
-            return Ok(batch);
-        }
-        let late: BooleanArray = times
-            .iter()
-            .map(|t| Some(t.is_some_and(|t| t < self.watermark)))
-            .collect();
-        let late_rows = filter_record_batch(&batch, &late)?;
-        TaskMetrics::add(&self.metrics.late_records, late_rows.num_rows());
-        out.emit_side(LATE, late_rows);
-        Ok(filter_record_batch(&batch, &not(&late)?)?)
-    }
 }
 
 impl Operator for IntervalJoin {
@@ -767,7 +739,12 @@ impl Operator for IntervalJoin {
                 self.spec.name
             )));
         }
-        let batch = self.split_late(input, batch, out)?;
+        let time = if input == 0 {
+            self.spec.left_time
+        } else {
+            self.spec.right_time
+        };
+        let batch = split_late(batch, time, self.watermark, &self.metrics, out)?;
         if batch.num_rows() == 0 {
             return Ok(());
         }
