@@ -275,12 +275,29 @@ impl Side {
         }
     }
 
+    /// Bytes the buffered batches hold. A dictionary's values shared by
+    /// many batches (as sources hand strings over) count once.
     fn bytes(&self) -> usize {
-        self.slots
-            .iter()
-            .flatten()
-            .map(|s| s.batch.get_array_memory_size() + s.matched.len())
-            .sum()
+        let mut shared: ahash::HashSet<*const ()> = ahash::HashSet::default();
+        let mut total = 0;
+        for s in self.slots.iter().flatten() {
+            total += s.matched.len();
+            for c in s.batch.columns() {
+                total += match c.as_dictionary_opt::<Int32Type>() {
+                    Some(d) => {
+                        let values = Arc::as_ptr(d.values()) as *const ();
+                        d.keys().get_array_memory_size()
+                            + if shared.insert(values) {
+                                d.values().get_array_memory_size()
+                            } else {
+                                0
+                            }
+                    }
+                    None => c.get_array_memory_size(),
+                };
+            }
+        }
+        total
     }
 }
 

@@ -8,8 +8,9 @@
 //!
 //! * [`rewrite`]: Flink's window syntax (`GROUP BY TUMBLE(…)`, window
 //!   table functions) into tables DataFusion can plan;
-//! * [`planner`]: the logical plan cut into stateless stages and a windowed
-//!   aggregate, and everything a stream cannot answer refused;
+//! * [`planner`]: the logical plan cut into stateless stages around a
+//!   windowed aggregate or an interval join (`interval`), and everything a
+//!   stream cannot answer refused;
 //! * [`stages`]: the stateless part, run per batch;
 //! * [`error`]: errors with their position in the query and a hint.
 

@@ -11,6 +11,10 @@
 //!        TableScan (windowed table)  ← window columns added per row
 //! ```
 //!
+//! A `JOIN` of two tables becomes an interval join (see `interval.rs`): each
+//! side's stateless stages, then Vigil's join operator, then the stages
+//! above it.
+//!
 //! A plan of any other shape is refused here, naming the construct, before
 //! anything runs: an aggregate without a window never ends, `ORDER BY` has
 //! nothing to sort until the stream ends, `LIMIT` and `DISTINCT` would have
