@@ -627,3 +627,83 @@ impl TableFeed for KafkaFeed {
         format!("kafka topic {}", self.topic)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The file feed: read at planning, read again when the file changes,
+    //! and a bad version never replaces a good one.
+
+    use std::time::{Duration, SystemTime};
+
+    use vigil_engine::{TableFeed, TableUpdate};
+
+    use super::{FileFeed, TableFormat};
+
+    fn rows(updates: &[TableUpdate]) -> Vec<usize> {
+        updates
+            .iter()
+            .map(|u| match u {
+                TableUpdate::Replace(b) => b.iter().map(|b| b.num_rows()).sum(),
+                _ => panic!("a file replaces its table"),
+            })
+            .collect()
+    }
+
+    /// Sets the file's modification time, so a change is seen whatever the
+    /// file system's timestamp resolution.
+    fn touch(path: &std::path::Path, secs: u64) {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(path)
+            .expect("open");
+        f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .expect("set mtime");
+    }
+
+    #[test]
+    fn a_file_table_reloads_when_it_changes_and_keeps_the_last_good_version() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("assets.json");
+        std::fs::write(&path, "{\"host\":\"db1\",\"owner\":\"alice\"}\n").expect("write");
+        touch(&path, 1_000);
+        let mut feed = FileFeed::open(&path, TableFormat::Json, None, "host", None).expect("open");
+        assert_eq!(rows(&feed.load().expect("load")), vec![1]);
+        assert!(feed.poll(0).expect("poll").is_empty(), "unchanged");
+
+        // A second version, seen on the next check (every 10 s by default).
+        std::fs::write(
+            &path,
+            "[{\"host\":\"db1\",\"owner\":\"alice\"},{\"host\":\"web\",\"owner\":\"bob\"}]",
+        )
+        .expect("write");
+        touch(&path, 2_000);
+        assert!(feed.poll(5_000).expect("poll").is_empty(), "not due yet");
+        assert_eq!(rows(&feed.poll(10_000).expect("poll")), vec![2]);
+
+        // A broken version is not applied; the next good one is.
+        std::fs::write(&path, "{\"host\": \n").expect("write");
+        touch(&path, 3_000);
+        assert!(
+            feed.poll(20_000).expect("poll").is_empty(),
+            "kept the last good table"
+        );
+        std::fs::write(&path, "{\"host\":\"mail\",\"owner\":\"carol\"}\n").expect("write");
+        touch(&path, 4_000);
+        assert_eq!(rows(&feed.poll(30_000).expect("poll")), vec![1]);
+    }
+
+    #[test]
+    fn a_malformed_file_is_refused_naming_file_and_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("intel.json");
+        std::fs::write(&path, "{\"ip\":\"10.0.0.1\"}\n{\"ip\": [}\n").expect("write");
+        let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("ip", arrow::datatypes::DataType::Utf8, true),
+        ]));
+        let e = FileFeed::open(&path, TableFormat::Json, Some(schema), "ip", None)
+            .err()
+            .expect("refused");
+        let message = e.to_string();
+        assert!(message.contains("intel.json:2:"), "{message}");
+    }
+}
