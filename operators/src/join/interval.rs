@@ -19,9 +19,10 @@
 //! side also queues (event time, key) of its rows in arrival order (the
 //! left side of a left join in event-time order, a heap); as the watermark
 //! advances, the expired front is popped and those keys' expired rows are
-//! dropped, so the cost is per expired row, not per key held. A batch is freed when its last row is, a key when its last row
-//! is. So state holds about `span × rate` rows and returns to nothing when
-//! the stream ends.
+//! dropped, so the cost is per expired row, not per key held. A batch is
+//! freed when its last row is, a key's slot when its last row is (and
+//! reused). So state holds about `span × rate` rows and returns to nothing
+//! when the stream ends.
 //!
 //! # Late rows
 //! A row whose event time is behind the watermark when it arrives goes to
