@@ -18,13 +18,13 @@ mod support;
 
 use std::time::Instant;
 
+use support::pipeline::run_plan;
 use support::{arg, spread};
 
 use arrow::array::AsArray;
 use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
 use vigil::pipeline::{load_str, PlanOptions};
-use vigil::run::{run, Progress, RunOptions};
 use vigil_engine::{Collector, Operator, TaskContext};
 use vigil_operators::join::IntervalJoinFactory;
 use vigil_operators::sql::{plan_query, Catalog, PlannedQuery, QueryOptions, TableInfo};
@@ -69,28 +69,6 @@ fn pipeline(flows: u64, auth: u64, span_s: u64, join: bool) -> String {
         source("flows", "network", flows, span_s),
         source("auth", "auth", auth, span_s)
     )
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn run_plan(plan: &vigil::pipeline::Plan) {
-    runtime().block_on(async {
-        run(
-            plan,
-            RunOptions {
-                progress: Progress::Off,
-                checkpoint_interval: None,
-                ..RunOptions::default()
-            },
-        )
-        .await
-        .expect("runs")
-    });
 }
 
 /// The generated flows and authentication events, in memory.

@@ -15,13 +15,13 @@ mod support;
 use std::sync::Arc;
 use std::time::Instant;
 
+use support::pipeline::{run_plan, runtime};
 use support::{arg, spread};
 
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use vigil::pipeline::{load_str, PlanOptions};
-use vigil::run::{run, Progress, RunOptions};
 
 const TUMBLE: &str = "SELECT window_start, window_end, tenant_id, src_ip, count(*) AS events \
      FROM auth GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), tenant_id, src_ip";
@@ -73,30 +73,11 @@ sources:
     )
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Runs a pipeline file to its end; returns what its sink `out` received.
 fn run_captured(text: &str) -> Vec<RecordBatch> {
-    let rt = runtime();
     let mut plan = load_str("bench.yaml", text, &PlanOptions::default()).expect("valid pipeline");
     let out = plan.capture("out").expect("sink");
-    rt.block_on(async {
-        run(
-            &plan,
-            RunOptions {
-                progress: Progress::Off,
-                checkpoint_interval: None,
-                ..RunOptions::default()
-            },
-        )
-        .await
-        .expect("runs")
-    });
+    run_plan(&plan);
     let batches = out.lock().clone();
     batches
 }

@@ -1,5 +1,9 @@
 //! Helpers shared by the benchmark binaries.
 
+// Only the benchmarks that run pipeline files use it.
+#[allow(dead_code)]
+pub mod pipeline;
+
 /// The value after `--name` on the command line, or `default`.
 pub fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();

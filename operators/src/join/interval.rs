@@ -33,9 +33,9 @@
 //! # Event time of the output
 //! Pairs keep both rows' columns, so their event time may be a buffered
 //! row's. While it buffers rows, the operator holds its output watermark
-//! the join's reach (`max(upper, -lower)`) behind the watermark of its last
-//! sweep ([`Operator::watermark_hold`]), which no row it can still emit is
-//! earlier than; so nothing it emits is late downstream.
+//! the join's reach (`max(upper, -lower)`) behind its input watermark
+//! ([`Operator::watermark_hold`]), which no row it can still emit is earlier
+//! than; so nothing it emits is late downstream.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -141,7 +141,6 @@ impl IntervalJoinFactory {
             left_heap: BinaryHeap::new(),
             sides: [Side::default(), Side::default()],
             watermark: EventTime::MIN,
-            swept_at: EventTime::MIN,
             metrics: ctx.metrics.clone(),
         })
     }
@@ -372,8 +371,6 @@ pub struct IntervalJoin {
     left_heap: BinaryHeap<Reverse<(i64, u32)>>,
     sides: [Side; 2],
     watermark: EventTime,
-    /// The watermark at the last sweep.
-    swept_at: EventTime,
     metrics: Arc<TaskMetrics>,
 }
 
@@ -739,7 +736,6 @@ impl IntervalJoin {
             self.slab.clear();
             self.free_keys.clear();
         }
-        self.swept_at = watermark;
         Ok(())
     }
 }
@@ -783,11 +779,11 @@ impl Operator for IntervalJoin {
 
     fn watermark_hold(&self) -> Option<EventTime> {
         // A buffered row still emitted is at most `reach` behind the
-        // watermark of the last sweep: a pair's buffered row is within the
-        // bounds of a row on time, and a left row that never paired is
-        // emitted by the first sweep after the watermark passes ts + upper.
+        // watermark: a pair's buffered row is within the bounds of a row on
+        // time, and a left row that never paired is emitted by the sweep
+        // that runs as soon as the watermark passes ts + upper.
         let reach = self.spec.upper_ms.max(-self.spec.lower_ms).max(0);
-        (self.state_rows() > 0).then(|| self.swept_at.saturating_sub(reach))
+        (self.state_rows() > 0).then(|| self.watermark.saturating_sub(reach))
     }
 
     fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {
