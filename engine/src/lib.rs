@@ -11,6 +11,7 @@
 //! * [`runtime`]: tasks, channels, back-pressure, barrier alignment;
 //! * [`watermark`]: per-partition watermarks, idleness, merging;
 //! * [`checkpoint`]: barrier coordination and completed snapshots;
+//! * [`event_log`]: durable event logs for event-sourced operators;
 //! * [`metrics`]: per-subtask counters;
 //! * [`clock`]: the injected wall clock.
 //!
@@ -20,7 +21,9 @@
 
 pub mod checkpoint;
 pub mod clock;
+pub mod dead_letter;
 pub mod error;
+pub mod event_log;
 pub mod graph;
 pub mod lookup;
 pub mod message;
@@ -32,6 +35,7 @@ pub mod watermark;
 pub use checkpoint::{CheckpointHandle, CompletedCheckpoint};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use error::{ConfigError, EngineError, ErrorDomain, Result};
+pub use event_log::{EventLog, MemoryEventLog, Recovery};
 pub use graph::{Graph, NodeId, Partitioning, Port};
 pub use lookup::{TableFeed, TableUpdate};
 pub use message::{Barrier, CheckpointId, EventTime, Message, Watermark};

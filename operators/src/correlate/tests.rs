@@ -2,6 +2,7 @@
 //! documented EQL examples, counts against a brute-force reference on
 //! random out-of-order input, tenant isolation, late rows and state.
 
+use crate::testing::Rng;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -363,18 +364,6 @@ fn late_rows_go_to_the_late_output() {
     assert_eq!(late.len(), 1);
     assert_eq!(late[0].0, LATE);
     assert_eq!(late[0].1.num_rows(), 1);
-}
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    }
 }
 
 /// Brute force: per group, at each distinct event time in order, count the

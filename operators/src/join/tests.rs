@@ -2,6 +2,7 @@
 //! input delivered in random batches with watermarks as the engine sends
 //! them; and lookup joins on exact keys and CIDR blocks.
 
+use crate::testing::Rng;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -77,21 +78,6 @@ fn batch(schema: &SchemaRef, rows: &[Row]) -> RecordBatch {
         ],
     )
     .expect("test batch")
-}
-
-/// xorshift64*: reproducible randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn random_side(rng: &mut Rng, n: usize, id_base: i64, keys: u64, span: i64) -> Vec<Row> {
