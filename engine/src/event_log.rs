@@ -115,27 +115,39 @@ pub trait EventLog: Send + Sync {
 }
 
 /// An [`EventLog`] in memory: for tests, and for embedding without a broker.
+///
+/// Like a Kafka topic keyed by `key`, it keeps events in partitions (by a
+/// hash of the key), and a recovery returns the tail partition after
+/// partition: order holds per key only, as it would on a broker.
 #[derive(Debug)]
 pub struct MemoryEventLog {
     inner: Mutex<MemoryInner>,
     key: String,
+    partitions: usize,
 }
 
 #[derive(Debug, Default)]
 struct MemoryInner {
+    /// Every event batch, in append order.
     events: Vec<RecordBatch>,
-    event_rows: usize,
+    /// Per partition, the events in it: (batch, row).
+    parts: Vec<Vec<(usize, usize)>>,
     markers: Vec<Marker>,
     snapshots: Vec<RecordBatch>,
     epoch: u64,
 }
 
 impl MemoryEventLog {
-    /// An empty log whose state rows are keyed by column `key`.
+    /// An empty log of four partitions, keyed (events and state rows) by
+    /// the Utf8 column `key`.
     pub fn new(key: &str) -> Arc<Self> {
         Arc::new(Self {
-            inner: Mutex::new(MemoryInner::default()),
+            inner: Mutex::new(MemoryInner {
+                parts: vec![Vec::new(); 4],
+                ..MemoryInner::default()
+            }),
             key: key.to_string(),
+            partitions: 4,
         })
     }
 
@@ -150,24 +162,32 @@ impl MemoryEventLog {
         g.snapshots.clear();
         g.markers.clear();
     }
+
+    fn partition_of(&self, key: &str) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        (h.finish() % self.partitions as u64) as usize
+    }
 }
 
 impl EventLog for MemoryEventLog {
     fn recover(&self) -> Result<Recovery> {
         let mut g = self.inner.lock();
         g.epoch = g.markers.iter().map(|m| m.epoch).max().unwrap_or(0) + 1;
-        let start = start_positions(&g.markers, 1)[0].max(0) as usize;
+        let start = start_positions(&g.markers, self.partitions);
         let mut tail = Vec::new();
-        let mut seen = 0;
-        for b in &g.events {
-            let end = seen + b.num_rows();
-            if end > start {
-                let skip = start.saturating_sub(seen);
-                tail.push(b.slice(skip, b.num_rows() - skip));
+        for (p, rows) in g.parts.iter().enumerate() {
+            let from = (start[p].max(0) as usize).min(rows.len());
+            for (b, r) in &rows[from..] {
+                tail.push(g.events[*b].slice(*r, 1));
             }
-            seen = end;
         }
         let snapshot = latest_per_key(&g.snapshots, &self.key)?;
+        let tail = match tail.first() {
+            Some(first) => vec![concat_batches(&first.schema(), &tail)?],
+            None => Vec::new(),
+        };
         Ok(Recovery {
             snapshot,
             events_read: tail.iter().map(|b| b.num_rows()).sum(),
@@ -176,9 +196,22 @@ impl EventLog for MemoryEventLog {
     }
 
     fn append(&self, events: &RecordBatch) -> Result<()> {
+        use arrow::array::AsArray;
+        let keys = events.column_by_name(&self.key).ok_or_else(|| {
+            crate::EngineError::User(format!("events have no {:?} column", self.key))
+        })?;
+        let keys = arrow::compute::cast(keys, &arrow::datatypes::DataType::Utf8)?;
+        let keys = keys.as_string::<i32>();
+        let parts: Vec<usize> = keys
+            .iter()
+            .map(|k| self.partition_of(k.unwrap_or("")))
+            .collect();
         let mut g = self.inner.lock();
-        g.event_rows += events.num_rows();
+        let b = g.events.len();
         g.events.push(events.clone());
+        for (r, p) in parts.into_iter().enumerate() {
+            g.parts[p].push((b, r));
+        }
         Ok(())
     }
 
@@ -188,7 +221,7 @@ impl EventLog for MemoryEventLog {
             epoch: g.epoch,
             parallelism,
             shard,
-            positions: vec![g.event_rows as i64],
+            positions: g.parts.iter().map(|p| p.len() as i64).collect(),
         };
         g.snapshots.push(state.clone());
         g.markers

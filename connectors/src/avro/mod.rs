@@ -42,7 +42,18 @@ pub fn load_schema_file(path: &str, record: Option<&str>, field: &str) -> Result
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConnectorError::config(field, format!("cannot read Avro schema {path:?}: {e}"))
     })?;
-    let json: Value = serde_json::from_str(&text)
+    schema_from_text(&text, path, record, field)
+}
+
+/// [`load_schema_file`] on the text of a schema file; `path` names it in
+/// errors.
+pub fn schema_from_text(
+    text: &str,
+    path: &str,
+    record: Option<&str>,
+    field: &str,
+) -> Result<AvroSchema> {
+    let json: Value = serde_json::from_str(text)
         .map_err(|e| ConnectorError::config(field, format!("{path:?} is not JSON: {e}")))?;
     let chosen = match (&json, record) {
         (Value::Array(types), Some(name)) => {

@@ -223,8 +223,9 @@ fn a_record_of_the_shipped_schema_file_stands_alone() {
         let schema = super::load_schema_file(path, Some(record), "schema.avro").expect(record);
         let arrow = arrow_schema(&schema).expect("arrow");
         let names: Vec<&str> = arrow.fields().iter().map(|f| f.name().as_str()).collect();
+        // Incident events also name their incident, after the envelope.
         assert_eq!(
-            names,
+            names[..9],
             [
                 "id",
                 "type",

@@ -223,8 +223,6 @@ pub struct Incident {
     pub updated_ms: i64,
     /// Latest alert time.
     pub last_alert_ms: i64,
-    /// How many incidents its entity had before it.
-    pub ordinal: u64,
     /// Ids of the alerts attached, so a redelivered alert is ignored.
     pub alerts: HashSet<String>,
     /// Ids of the events applied, so a redelivered event is ignored.
@@ -270,7 +268,6 @@ impl Incident {
             created_ms: ev.time_ms,
             updated_ms: ev.time_ms,
             last_alert_ms: ev.time_ms,
-            ordinal: 0,
             alerts: HashSet::new(),
             applied: HashSet::from([ev.event_id.clone()]),
         };
@@ -621,7 +618,6 @@ pub fn state_schema() -> SchemaRef {
         Field::new("created_at", ts_type(), false),
         Field::new("updated_at", ts_type(), false),
         Field::new("last_alert_at", ts_type(), false),
-        Field::new("ordinal", DataType::UInt64, false),
         Field::new("alerts", list(), false),
         Field::new("applied", list(), false),
     ]))
@@ -680,9 +676,6 @@ pub fn state_to_batch<'a>(
         times(&|i| i.created_ms),
         times(&|i| i.updated_ms),
         times(&|i| i.last_alert_ms),
-        Arc::new(UInt64Array::from_iter_values(
-            incidents.iter().map(|i| i.ordinal),
-        )),
         lists(&|i| i.alerts.iter().map(String::as_str).collect()),
         lists(&|i| i.applied.iter().map(String::as_str).collect()),
     ];
@@ -707,7 +700,6 @@ pub fn state_from_batch(batch: &RecordBatch) -> Result<Vec<Incident>> {
         "created_at",
         "updated_at",
         "last_alert_at",
-        "ordinal",
     ];
     let c = Columns::new(batch, &names)?;
     let list = |name: &str| -> Result<arrow::array::ListArray> {
@@ -766,7 +758,6 @@ pub fn state_from_batch(batch: &RecordBatch) -> Result<Vec<Incident>> {
             created_ms: t(12)?,
             updated_ms: t(13)?,
             last_alert_ms: t(14)?,
-            ordinal: c.u64(15, row).ok_or_else(|| bad(row, "ordinal"))?,
             alerts: items(&alerts, row).into_iter().collect(),
             applied: items(&applied, row).into_iter().collect(),
         });

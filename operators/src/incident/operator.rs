@@ -131,8 +131,9 @@ struct EntityState {
     latest: String,
     /// Its open incidents.
     open: BTreeSet<String>,
-    /// All its incidents, oldest first: an alert redelivered after a newer
-    /// incident opened is found in the one it joined.
+    /// All its incidents, oldest first (by creation time, then id): an
+    /// alert redelivered after a newer incident opened is found in the one
+    /// it joined.
     all: Vec<String>,
 }
 
@@ -218,13 +219,8 @@ impl Projection {
         let outcome = match self.incidents.get_mut(&ev.incident_id) {
             Some(inc) => inc.apply(ev)?,
             None => {
-                let mut inc = Incident::create(ev)?;
-                let key = Self::entity_key(&inc);
-                let e = self.entities.entry(key).or_default();
-                inc.ordinal = e.all.len() as u64;
-                self.incidents.insert(inc.id.clone(), inc);
-                e.latest = ev.incident_id.clone();
-                e.all.push(ev.incident_id.clone());
+                let inc = Incident::create(ev)?;
+                self.insert(inc);
                 Applied::Applied
             }
         };
@@ -381,27 +377,36 @@ impl Projection {
         Ok(outcome)
     }
 
+    /// Adds an incident to its entity. An entity's latest incident is the
+    /// one created last in event time (ties by id), a choice that does not
+    /// depend on the order the log's partitions are read in.
+    fn insert(&mut self, inc: Incident) {
+        let key = Self::entity_key(&inc);
+        let id = inc.id.clone();
+        let rank = (inc.created_ms, inc.id.clone());
+        let e = self.entities.entry(key.clone()).or_default();
+        if inc.status == Status::Open {
+            e.open.insert(id.clone());
+        }
+        self.incidents.insert(id.clone(), inc);
+        let incidents = &self.incidents;
+        let at = e.all.partition_point(|i| {
+            incidents
+                .get(i)
+                .is_some_and(|x| (x.created_ms, x.id.clone()) < rank)
+        });
+        e.all.insert(at, id.clone());
+        if let Some(last) = e.all.last() {
+            e.latest = last.clone();
+        }
+        self.dirty_models.insert(id);
+        self.dirty_entities.insert(key);
+    }
+
     /// Puts snapshot rows in place (before any event).
     pub fn load(&mut self, incidents: Vec<Incident>) {
         for inc in incidents {
-            let key = Self::entity_key(&inc);
-            let id = inc.id.clone();
-            let e = self.entities.entry(key.clone()).or_default();
-            if inc.status == Status::Open {
-                e.open.insert(id.clone());
-            }
-            let ordinal = inc.ordinal;
-            self.incidents.insert(id.clone(), inc);
-            // Creation order: the latest is the one with the highest ordinal.
-            let at = e
-                .all
-                .partition_point(|i| self.incidents.get(i).map_or(0, |x| x.ordinal) < ordinal);
-            e.all.insert(at, id.clone());
-            if let Some(last) = e.all.last() {
-                e.latest = last.clone();
-            }
-            self.dirty_models.insert(id);
-            self.dirty_entities.insert(key);
+            self.insert(inc);
         }
     }
 
