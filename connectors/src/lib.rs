@@ -15,6 +15,9 @@
 //! | `stdout`    |        | table, JSON lines |
 //! | `null`      |        | yes  |
 //! | `memory`    |        | yes (tests, embedding) |
+//!
+//! Beside them: lookup tables (`lookup`, files or compacted topics) and the
+//! incident event log (`incident_log`, a Kafka topic and its snapshots).
 
 pub mod avro;
 pub mod dead_letter;
@@ -22,6 +25,7 @@ pub mod error;
 pub mod event_time;
 pub mod file;
 pub mod generator;
+pub mod incident_log;
 pub mod json;
 pub mod kafka;
 pub mod lookup;
