@@ -11,10 +11,11 @@
 //! |-------------|--------|------|
 //! | `generator` | yes    |      |
 //! | `file`      | JSON, NDJSON, gzip | NDJSON |
-//! | `kafka`     | JSON, Avro (registry), string, bytes; consumer groups | JSON, Avro (registry); idempotent |
+//! | `kafka`     | JSON, Avro (registry), string, bytes; consumer groups | JSON, Avro (registry); idempotent; changelogs for compacted topics |
 //! | `stdout`    |        | table, JSON lines |
 //! | `null`      |        | yes  |
 //! | `memory`    |        | yes (tests, embedding) |
+//! | `read_model`|        | upserts and deletes kept for the HTTP API |
 //!
 //! Beside them: lookup tables (`lookup`, files or compacted topics) and the
 //! incident event log (`incident_log`, a Kafka topic and its snapshots).
@@ -31,6 +32,7 @@ pub mod kafka;
 pub mod lookup;
 pub mod memory;
 pub mod null;
+pub mod read_model;
 pub mod schema;
 pub mod stdout;
 

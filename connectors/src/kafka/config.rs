@@ -221,6 +221,10 @@ pub struct KafkaSinkConfig {
     /// Subject the Avro schema is registered under (default `<topic>-value`).
     #[serde(default)]
     pub subject: Option<String>,
+    /// The input is a changelog (an `op` column: rows with `delete` or
+    /// `retract` become tombstones, the rest upserts), for a compacted topic.
+    #[serde(default)]
+    pub changelog: bool,
     /// Extra librdkafka settings.
     #[serde(default)]
     pub properties: Properties,

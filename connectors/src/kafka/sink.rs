@@ -35,6 +35,9 @@ use vigil_engine::{EngineError, Sink, SinkFactory, TaskContext};
 use super::config::{KafkaSinkConfig, Properties, SinkFormat};
 use crate::avro::Registry;
 
+/// The changelog column: `delete` and `retract` rows become tombstones.
+const OP: &str = "op";
+
 /// Deliveries awaited at once before more are queued.
 const MAX_IN_FLIGHT: usize = 100_000;
 
@@ -87,6 +90,18 @@ pub(super) fn delivery_error(e: impl std::fmt::Display) -> EngineError {
 
 impl SinkFactory for KafkaSinkFactory {
     fn check_input(&self, schema: &SchemaRef) -> vigil_engine::Result<()> {
+        if self.config.changelog {
+            if self.config.key.is_none() {
+                return Err(EngineError::User(
+                    "a changelog needs a key: tombstones delete by key".into(),
+                ));
+            }
+            if schema.index_of(OP).is_err() {
+                return Err(EngineError::User(format!(
+                    "a changelog needs an {OP:?} column (upsert or delete)"
+                )));
+            }
+        }
         if let Some(k) = &self.config.key {
             if schema.index_of(k).is_err() {
                 return Err(EngineError::User(format!(
@@ -118,6 +133,7 @@ impl SinkFactory for KafkaSinkFactory {
             },
         };
         Ok(Box::new(KafkaSink {
+            changelog: self.config.changelog,
             topic: self.config.topic.clone(),
             key: self.config.key.clone(),
             encoding,
@@ -129,6 +145,11 @@ impl SinkFactory for KafkaSinkFactory {
         let format = match self.config.format {
             SinkFormat::Json => "json",
             SinkFormat::Avro => "avro",
+        };
+        let format = if self.config.changelog {
+            format!("{format} changelog")
+        } else {
+            format.to_string()
         };
         match &self.config.key {
             Some(k) => format!("kafka {} ({format}) keyed by {k}", self.config.topic),
@@ -203,6 +224,7 @@ enum Encoding {
 }
 
 struct KafkaSink {
+    changelog: bool,
     topic: String,
     key: Option<String>,
     encoding: Encoding,
@@ -356,9 +378,20 @@ impl Sink for KafkaSink {
             None => None,
         };
         let keys = keys.as_ref().map(|k| k.as_string::<i32>());
+        let ops = match (self.changelog, batch.column_by_name(OP)) {
+            (true, Some(c)) => Some(cast(c, &DataType::Utf8)?),
+            _ => None,
+        };
+        let ops = ops.as_ref().map(|o| o.as_string::<i32>());
         for row in 0..batch.num_rows() {
             let value = &values[offsets[row]..offsets[row + 1] - newline];
-            let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(value);
+            let tombstone = ops
+                .filter(|o| o.is_valid(row))
+                .is_some_and(|o| matches!(o.value(row), "delete" | "retract"));
+            let mut record = FutureRecord::<str, [u8]>::to(&self.topic);
+            if !tombstone {
+                record = record.payload(value);
+            }
             if let Some(k) = keys.filter(|k| k.is_valid(row)).map(|k| k.value(row)) {
                 record = record.key(k);
             }

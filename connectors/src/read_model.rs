@@ -1,0 +1,518 @@
+//! Read models kept in memory and served while the pipeline runs: the
+//! interactive queries of CQRS.
+//!
+//! A `read_model` sink applies a stream of upserts and deletes (rows with
+//! an `op` column, `delete` or `retract` removing the key) to a table keyed
+//! by tenant and key. The table lives in [`ReadModels`], which the HTTP
+//! API reads; the same stream can go to a compacted Kafka topic through a
+//! `kafka` sink with `changelog: true`, for services that keep their own
+//! copy.
+//!
+//! Rows are kept as the JSON text arrow-json writes for the batch (one pass
+//! per batch, never per-row value trees), beside the text of their scalar
+//! columns for filters. Every read is scoped to one tenant: the key of the
+//! table starts with it, so a request for tenant A cannot reach tenant B's
+//! rows, whatever its filters.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow_json::LineDelimitedWriter;
+use async_trait::async_trait;
+use parking_lot::RwLock;
+use serde::Deserialize;
+use vigil_engine::{EngineError, Sink, SinkFactory, TaskContext};
+
+/// A `read_model` sink.
+///
+/// ```yaml
+/// type: read_model
+/// input: incidents.open_incidents
+/// key: incident_id         # the key within a tenant
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadModelSinkConfig {
+    /// The model's name in the API (default: the sink's name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Column holding the key.
+    pub key: String,
+    /// Column holding the tenant.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Column saying `upsert`/`insert`/`update` or `delete`/`retract`
+    /// (default `op`; rows without one are upserts).
+    #[serde(default = "default_op")]
+    pub op: String,
+}
+
+fn default_tenant() -> String {
+    "tenant_id".into()
+}
+fn default_op() -> String {
+    "op".into()
+}
+
+struct Row {
+    json: Box<str>,
+    /// Text of the scalar columns, by the model's column index.
+    fields: Box<[Option<Box<str>>]>,
+}
+
+/// One read model: rows by (tenant, key).
+pub struct ReadModel {
+    name: String,
+    rows: RwLock<BTreeMap<(String, String), Row>>,
+    columns: RwLock<Vec<String>>,
+    changes: AtomicU64,
+}
+
+impl std::fmt::Debug for ReadModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadModel")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// The rows, as JSON objects, in key order.
+    pub items: Vec<String>,
+    /// The key to pass as `after` for the next page.
+    pub next: Option<String>,
+    /// Rows matching the filters in all.
+    pub total: usize,
+    /// Matching rows per value of the `count_by` column.
+    pub counts: BTreeMap<String, usize>,
+}
+
+/// What a listing asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// Column = value conditions, all of which must hold.
+    pub filters: Vec<(String, String)>,
+    /// Keys after this one.
+    pub after: Option<String>,
+    /// At most this many rows.
+    pub limit: usize,
+    /// Count matching rows by this column.
+    pub count_by: Option<String>,
+}
+
+impl ReadModel {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            rows: RwLock::new(BTreeMap::new()),
+            columns: RwLock::new(Vec::new()),
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Changes applied so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Rows of `tenant`.
+    pub fn count(&self, tenant: &str) -> usize {
+        self.tenant_rows(&self.rows.read(), tenant, None).count()
+    }
+
+    fn tenant_rows<'a>(
+        &self,
+        rows: &'a BTreeMap<(String, String), Row>,
+        tenant: &str,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = (&'a (String, String), &'a Row)> + 'a {
+        let tenant = tenant.to_string();
+        let from = match after {
+            Some(a) => Bound::Excluded((tenant.clone(), a.to_string())),
+            None => Bound::Included((tenant.clone(), String::new())),
+        };
+        rows.range((from, Bound::Unbounded))
+            .take_while(move |((t, _), _)| *t == tenant)
+    }
+
+    /// The row of `key` in `tenant`, as a JSON object.
+    pub fn get(&self, tenant: &str, key: &str) -> Option<String> {
+        self.rows
+            .read()
+            .get(&(tenant.to_string(), key.to_string()))
+            .map(|r| r.json.to_string())
+    }
+
+    /// A page of `tenant`'s rows matching `q`. An unknown filter or
+    /// `count_by` column is an error naming it.
+    pub fn list(&self, tenant: &str, q: &Query) -> Result<Page, String> {
+        let columns = self.columns.read().clone();
+        let index = |c: &str| {
+            columns.iter().position(|n| n == c).ok_or_else(|| {
+                format!(
+                    "read model {:?} has no column {c:?}; it has {}",
+                    self.name,
+                    columns.join(", ")
+                )
+            })
+        };
+        let filters: Vec<(usize, &str)> = q
+            .filters
+            .iter()
+            .map(|(c, v)| index(c).map(|i| (i, v.as_str())))
+            .collect::<Result<_, _>>()?;
+        let count_by = q.count_by.as_deref().map(index).transpose()?;
+        let rows = self.rows.read();
+        let matches = |r: &Row| {
+            filters
+                .iter()
+                .all(|(i, v)| r.fields.get(*i).and_then(|f| f.as_deref()) == Some(*v))
+        };
+        let mut page = Page {
+            items: Vec::new(),
+            next: None,
+            total: 0,
+            counts: BTreeMap::new(),
+        };
+        for ((_, key), row) in self.tenant_rows(&rows, tenant, None) {
+            if !matches(row) {
+                continue;
+            }
+            page.total += 1;
+            if let Some(i) = count_by {
+                let v = row.fields.get(i).and_then(|f| f.as_deref()).unwrap_or("");
+                *page.counts.entry(v.to_string()).or_default() += 1;
+            }
+            let past = q.after.as_deref().is_none_or(|a| key.as_str() > a);
+            if past && page.items.len() < q.limit {
+                page.items.push(row.json.to_string());
+                if page.items.len() == q.limit {
+                    page.next = Some(key.clone());
+                }
+            }
+        }
+        // No next page when the last row was the last match.
+        if let Some(n) = &page.next {
+            let more = self
+                .tenant_rows(&rows, tenant, Some(n))
+                .any(|(_, r)| matches(r));
+            if !more {
+                page.next = None;
+            }
+        }
+        Ok(page)
+    }
+
+    fn apply(
+        &self,
+        batch: &RecordBatch,
+        key: &str,
+        tenant: &str,
+        op: &str,
+    ) -> vigil_engine::Result<()> {
+        let text = |name: &str| -> vigil_engine::Result<Option<arrow::array::ArrayRef>> {
+            batch
+                .column_by_name(name)
+                .map(|c| cast(c, &DataType::Utf8))
+                .transpose()
+                .map_err(EngineError::from)
+        };
+        let (Some(keys), Some(tenants)) = (text(key)?, text(tenant)?) else {
+            return Err(EngineError::User(format!(
+                "read model {:?}: rows need columns {key:?} and {tenant:?}",
+                self.name
+            )));
+        };
+        let ops = text(op)?;
+        let schema = batch.schema();
+        let scalar: Vec<usize> = (0..schema.fields().len())
+            .filter(|i| !schema.field(*i).data_type().is_nested())
+            .collect();
+        let mut values = Vec::with_capacity(scalar.len());
+        for i in &scalar {
+            values.push(cast(batch.column(*i), &DataType::Utf8)?);
+        }
+        {
+            let mut cols = self.columns.write();
+            if cols.is_empty() {
+                *cols = scalar
+                    .iter()
+                    .map(|i| schema.field(*i).name().clone())
+                    .collect();
+            }
+        }
+        let mut json = Vec::with_capacity(batch.num_rows() * 256);
+        {
+            let mut w = LineDelimitedWriter::new(&mut json);
+            w.write(batch)?;
+            w.finish()?;
+        }
+        let lines: Vec<&[u8]> = json.split(|b| *b == b'\n').collect();
+        let (keys, tenants) = (keys.as_string::<i32>(), tenants.as_string::<i32>());
+        let ops = ops.as_ref().map(|o| o.as_string::<i32>());
+        let values: Vec<_> = values.iter().map(|v| v.as_string::<i32>()).collect();
+        let mut rows = self.rows.write();
+        for r in 0..batch.num_rows() {
+            if keys.is_null(r) || tenants.is_null(r) {
+                continue;
+            }
+            let id = (tenants.value(r).to_string(), keys.value(r).to_string());
+            let delete = ops
+                .filter(|o| o.is_valid(r))
+                .is_some_and(|o| matches!(o.value(r), "delete" | "retract"));
+            if delete {
+                rows.remove(&id);
+            } else {
+                let line = lines.get(r).copied().unwrap_or_default();
+                let fields = values
+                    .iter()
+                    .map(|v| v.is_valid(r).then(|| Box::from(v.value(r))))
+                    .collect();
+                rows.insert(
+                    id,
+                    Row {
+                        json: String::from_utf8_lossy(line).into(),
+                        fields,
+                    },
+                );
+            }
+        }
+        self.changes
+            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Every read model of a pipeline, by name.
+#[derive(Debug, Default)]
+pub struct ReadModels {
+    models: RwLock<BTreeMap<String, Arc<ReadModel>>>,
+}
+
+impl ReadModels {
+    /// An empty registry.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The model `name`, made on first use.
+    pub fn model(&self, name: &str) -> Arc<ReadModel> {
+        self.models
+            .write()
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(ReadModel::new(name)))
+            .clone()
+    }
+
+    /// The model `name`, if there is one.
+    pub fn get(&self, name: &str) -> Option<Arc<ReadModel>> {
+        self.models.read().get(name).cloned()
+    }
+
+    /// Names of the models.
+    pub fn names(&self) -> Vec<String> {
+        self.models.read().keys().cloned().collect()
+    }
+
+    /// True when there is none.
+    pub fn is_empty(&self) -> bool {
+        self.models.read().is_empty()
+    }
+}
+
+/// Builds `read_model` sink subtasks; they share the model.
+#[derive(Debug)]
+pub struct ReadModelSinkFactory {
+    config: ReadModelSinkConfig,
+    model: Arc<ReadModel>,
+}
+
+impl ReadModelSinkFactory {
+    /// A sink for `config`, writing model `name` of `models`.
+    pub fn new(config: &ReadModelSinkConfig, name: &str, models: &ReadModels) -> Self {
+        let name = config.name.clone().unwrap_or_else(|| name.to_string());
+        Self {
+            config: config.clone(),
+            model: models.model(&name),
+        }
+    }
+}
+
+impl SinkFactory for ReadModelSinkFactory {
+    fn check_input(&self, schema: &SchemaRef) -> vigil_engine::Result<()> {
+        for (what, c) in [("key", &self.config.key), ("tenant", &self.config.tenant)] {
+            if schema.index_of(c).is_err() {
+                return Err(EngineError::User(format!(
+                    "{what} column {c:?} is not in the input"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn create(&self, _ctx: &TaskContext, schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+        self.check_input(&schema)?;
+        Ok(Box::new(ReadModelSink {
+            config: self.config.clone(),
+            model: self.model.clone(),
+        }))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "read model {} keyed by {}, {}",
+            self.model.name, self.config.tenant, self.config.key
+        )
+    }
+}
+
+struct ReadModelSink {
+    config: ReadModelSinkConfig,
+    model: Arc<ReadModel>,
+}
+
+#[async_trait]
+impl Sink for ReadModelSink {
+    async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
+        self.model.apply(
+            &batch,
+            &self.config.key,
+            &self.config.tenant,
+            &self.config.op,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{StringArray, UInt64Array};
+    use arrow::datatypes::{Field, Schema};
+
+    type R = (&'static str, &'static str, &'static str, &'static str, u64);
+
+    fn batch(rows: &[R]) -> RecordBatch {
+        let s = Arc::new(Schema::new(vec![
+            Field::new("op", DataType::Utf8, false),
+            Field::new("tenant_id", DataType::Utf8, false),
+            Field::new("incident_id", DataType::Utf8, false),
+            Field::new("severity", DataType::Utf8, false),
+            Field::new("alert_count", DataType::UInt64, false),
+        ]));
+        let col = |f: fn(&R) -> &'static str| {
+            Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>()))
+                as arrow::array::ArrayRef
+        };
+        RecordBatch::try_new(
+            s,
+            vec![
+                col(|r| r.0),
+                col(|r| r.1),
+                col(|r| r.2),
+                col(|r| r.3),
+                Arc::new(UInt64Array::from(
+                    rows.iter().map(|r| r.4).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .expect("batch")
+    }
+
+    #[test]
+    fn upserts_deletes_filters_pages_and_tenants() {
+        let models = ReadModels::new();
+        let m = models.model("open_incidents");
+        m.apply(
+            &batch(&[
+                ("upsert", "acme", "i1", "high", 1),
+                ("upsert", "acme", "i2", "low", 2),
+                ("upsert", "acme", "i3", "high", 3),
+                ("upsert", "globex", "i9", "high", 9),
+                ("upsert", "acme", "i2", "critical", 4),
+                ("delete", "acme", "i3", "high", 3),
+            ]),
+            "incident_id",
+            "tenant_id",
+            "op",
+        )
+        .expect("apply");
+        assert_eq!(m.count("acme"), 2);
+        assert!(m
+            .get("acme", "i2")
+            .expect("i2")
+            .contains("\"severity\":\"critical\""));
+        assert_eq!(m.get("acme", "i3"), None, "deleted");
+        assert_eq!(m.get("acme", "i9"), None, "another tenant's");
+        let all = m
+            .list(
+                "acme",
+                &Query {
+                    limit: 1,
+                    count_by: Some("severity".into()),
+                    ..Query::default()
+                },
+            )
+            .expect("list");
+        assert_eq!(all.total, 2);
+        assert_eq!(all.items.len(), 1);
+        assert_eq!(all.next.as_deref(), Some("i1"));
+        assert_eq!(all.counts.get("critical"), Some(&1));
+        let next = m
+            .list(
+                "acme",
+                &Query {
+                    limit: 1,
+                    after: all.next.clone(),
+                    ..Query::default()
+                },
+            )
+            .expect("page 2");
+        assert!(next.items[0].contains("\"i2\""));
+        assert_eq!(next.next, None);
+        let high = m
+            .list(
+                "acme",
+                &Query {
+                    limit: 10,
+                    filters: vec![("severity".into(), "high".into())],
+                    ..Query::default()
+                },
+            )
+            .expect("filter");
+        assert_eq!(high.total, 1);
+        let e = m
+            .list(
+                "acme",
+                &Query {
+                    limit: 10,
+                    filters: vec![("colour".into(), "x".into())],
+                    ..Query::default()
+                },
+            )
+            .expect_err("unknown column");
+        assert!(e.contains("no column \"colour\""), "{e}");
+        let other = m
+            .list(
+                "globex",
+                &Query {
+                    limit: 10,
+                    ..Query::default()
+                },
+            )
+            .expect("globex");
+        assert_eq!(other.total, 1);
+        assert!(other.items[0].contains("i9"));
+    }
+}
