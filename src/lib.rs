@@ -2,10 +2,12 @@
 //!
 //! This crate is the `vigil` command and the glue it needs: [`pipeline`]
 //! turns pipeline files into dataflow graphs (checking everything before
-//! anything starts), and [`run`] runs a graph while reporting progress. The
+//! anything starts), [`run`] runs a graph while reporting progress, and
+//! [`http`] serves its read models while it runs. The
 //! runtime itself is `vigil-engine`; sources and sinks are
 //! `vigil-connectors`; transforms and detections are `vigil-operators`.
 
+pub mod http;
 pub mod pipeline;
 pub mod run;
 

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -106,6 +107,15 @@ struct RunArgs {
     /// Take a checkpoint this often (Kafka offsets are committed when one completes).
     #[arg(long, value_parser = humantime_duration, default_value = "10s")]
     checkpoint_interval: Duration,
+    /// Serve the pipeline's read models over HTTP on this address, or `off`.
+    #[arg(long, default_value = "127.0.0.1:8686")]
+    http: String,
+    /// Run a Kafka broker inside the process (librdkafka's mock cluster) and
+    /// point `${KAFKA_BROKERS}` at it, with the pipeline's topics created:
+    /// for trying Kafka pipelines without a cluster. Nothing it holds
+    /// outlives the process.
+    #[arg(long)]
+    embedded_kafka: bool,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -181,10 +191,19 @@ fn run_plan(plan: Plan, args: &RunArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
+    let http = match args.http.as_str() {
+        "off" => None,
+        a => Some(a.parse().map_err(|e| {
+            Failure::Failed(anyhow::anyhow!(
+                "--http {a:?} is not an address (127.0.0.1:8686) or off: {e}"
+            ))
+        })?),
+    };
     let options = RunOptions {
         progress,
         duration: args.duration,
         checkpoint_interval: Some(args.checkpoint_interval),
+        http,
         ..RunOptions::default()
     };
     tracing::info!(pipeline = %plan.name, "starting");
@@ -219,6 +238,28 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             println!("pipeline {}", plan.name);
             print!("{}", plan.graph.explain());
             Ok(())
+        }
+        Command::Run { file, run } if run.embedded_kafka => {
+            let cluster = rdkafka::mocking::MockCluster::new(1)
+                .context("cannot start the embedded Kafka broker")?;
+            let brokers = cluster.bootstrap_servers();
+            let mut opts = options(&run.dead_letter_dir);
+            let at = brokers.clone();
+            opts.env = Arc::new(move |name: &str| match name {
+                "KAFKA_BROKERS" => Some(at.clone()),
+                _ => pipeline::process_env(name),
+            });
+            let plan = plan_file(file, &opts)?;
+            for t in &plan.kafka_topics {
+                cluster
+                    .create_topic(t, 4, 1)
+                    .with_context(|| format!("cannot create topic {t} on the embedded broker"))?;
+            }
+            eprintln!(
+                "embedded Kafka broker at {brokers} with topics {}",
+                plan.kafka_topics.join(", ")
+            );
+            run_plan(plan, run)
         }
         Command::Run { file, run } => {
             run_plan(plan_file(file, &options(&run.dead_letter_dir))?, run)

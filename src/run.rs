@@ -51,6 +51,8 @@ pub struct RunOptions {
     /// Take a checkpoint this often; completed checkpoints are when Kafka
     /// offsets are committed.
     pub checkpoint_interval: Option<Duration>,
+    /// Where to serve the read models over HTTP, when the pipeline has any.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl Default for RunOptions {
@@ -61,6 +63,7 @@ impl Default for RunOptions {
             clock: Arc::new(SystemClock),
             channel_capacity: RuntimeOptions::default().channel_capacity,
             checkpoint_interval: Some(Duration::from_secs(10)),
+            http: None,
         }
     }
 }
@@ -170,6 +173,26 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
         checkpoint_interval: options.checkpoint_interval,
         ..RuntimeOptions::default()
     };
+    // Bound first, so a port in use stops the run before anything starts.
+    let listener = match options.http.filter(|_| !plan.read_models.is_empty()) {
+        Some(addr) => {
+            let l = crate::http::bind(addr)
+                .await
+                .map_err(|e| EngineError::io(format!("cannot serve read models on {addr}"), e))?;
+            let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(address = %at, models = ?plan.read_models.names(), "read models served on http://{at}/v1/read-models");
+            Some(l)
+        }
+        None => None,
+    };
+    let serving = listener.is_some();
+    let server = async {
+        match listener {
+            Some(l) => crate::http::serve(l, plan.read_models.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(server);
     let running = start(&plan.graph, runtime)?;
     let metrics = running.metrics();
     let stop = running.stop_handle();
@@ -186,6 +209,12 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
     let result = loop {
         tokio::select! {
             r = &mut wait => break r,
+            r = &mut server, if serving => {
+                if let Err(e) = r {
+                    stop.stop();
+                    break Err(EngineError::io("the read-model API stopped", e));
+                }
+            }
             _ = tick.tick() => {
                 let s = snapshot(&metrics, &plan.sinks);
                 let dt = last_at.elapsed().as_secs_f64().max(1e-3);

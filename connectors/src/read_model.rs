@@ -253,10 +253,15 @@ impl ReadModel {
                     .collect();
             }
         }
+        // Stored rows are the model's columns; `op` only says what to do.
+        let shown: Vec<usize> = (0..schema.fields().len())
+            .filter(|i| schema.field(*i).name() != op)
+            .collect();
+        let body = batch.project(&shown)?;
         let mut json = Vec::with_capacity(batch.num_rows() * 256);
         {
             let mut w = LineDelimitedWriter::new(&mut json);
-            w.write(batch)?;
+            w.write(&body)?;
             w.finish()?;
         }
         let lines: Vec<&[u8]> = json.split(|b| *b == b'\n').collect();

@@ -23,6 +23,7 @@ pub mod spec;
 mod yaml;
 
 pub use diagnostic::{Diagnostic, Diagnostics};
+pub use env::process_env;
 pub use plan::{Plan, PlanOptions};
 pub use spec::PipelineSpec;
 

@@ -12,10 +12,12 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use vigil_connectors::file::{FileSinkFactory, FileSourceFactory};
 use vigil_connectors::generator::GeneratorSourceFactory;
+use vigil_connectors::incident_log::KafkaEventLog;
 use vigil_connectors::kafka::{KafkaDeadLetterSinkFactory, KafkaSinkFactory, KafkaSourceFactory};
 use vigil_connectors::lookup::{LookupConfig, LookupHow, LookupMatch};
 use vigil_connectors::memory::{Collected, MemorySinkFactory};
 use vigil_connectors::null::NullSinkFactory;
+use vigil_connectors::read_model::{ReadModelSinkFactory, ReadModels};
 use vigil_connectors::stdout::StdoutSinkFactory;
 use vigil_connectors::ConnectorError;
 use vigil_engine::{
@@ -24,6 +26,9 @@ use vigil_engine::{
 };
 use vigil_operators::correlate::{plan_correlation, CorrelateFactory, RuleInput};
 use vigil_operators::filter::FilterFactory;
+use vigil_operators::incident::{
+    event_schema, plan_incidents, state_schema, IncidentFactory, IncidentInput, OPEN, RISK, SUMMARY,
+};
 use vigil_operators::join::{IntervalJoinFactory, LookupJoinFactory, LookupSpec, MatchMode};
 use vigil_operators::project::ProjectFactory;
 use vigil_operators::sql::{
@@ -73,6 +78,11 @@ pub struct Plan {
     pub default_dead_letters: Option<PathBuf>,
     /// Names of the user's sinks.
     pub sinks: Vec<String>,
+    /// Read models the `read_model` sinks keep, for the HTTP API.
+    pub read_models: Arc<ReadModels>,
+    /// Kafka topics the pipeline reads or writes (with `--embedded-kafka`,
+    /// the in-process broker creates them).
+    pub kafka_topics: Vec<String>,
 }
 
 impl Plan {
@@ -94,6 +104,9 @@ fn port_of(name: &str) -> Option<Port> {
     match name {
         "dead_letter" => Some(Port::Side(DEAD_LETTER)),
         "late" => Some(Port::Side(LATE)),
+        "summary" => Some(Port::Side(SUMMARY)),
+        "open_incidents" => Some(Port::Side(OPEN)),
+        "entity_risk" => Some(Port::Side(RISK)),
         _ => None,
     }
 }
@@ -306,6 +319,73 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             continue;
         };
         let parallelism = t.parallelism.unwrap_or(spec.parallelism);
+        if let TransformKind::Incidents(step) = &t.kind {
+            let input_of = |name: &str| {
+                let b = built.get(name)?;
+                Some(IncidentInput {
+                    schema: graph.nodes()[b.id].output_schema(Port::Main)?,
+                    event_time: b.event_time.clone(),
+                })
+            };
+            let planned = match plan_incidents(&t.name, &step.config, &input_of) {
+                Ok(planned) => planned,
+                Err(e) => {
+                    p.build_error(&t.path, &what, e);
+                    continue;
+                }
+            };
+            let log = match &step.log {
+                Some(cfg) => {
+                    match KafkaEventLog::new(cfg, event_schema(), state_schema(), "incident_id") {
+                        Ok(l) => Some(l as Arc<dyn vigil_engine::EventLog>),
+                        Err(e) => {
+                            p.build_error(&format!("{}.log", t.path), &what, e);
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            let mut prepared = Vec::with_capacity(planned.prepared.len());
+            let mut failed = None;
+            for r in &planned.prepared {
+                let Some(from) = built.get(&r.input).map(|b| b.id) else {
+                    continue;
+                };
+                let factory = Arc::new(StatelessFactory::new(&r.sql, r.stages.clone()));
+                match graph.add_operator(
+                    &format!("{}/{}", t.name, r.name),
+                    factory,
+                    parallelism,
+                    &[(from, Port::Main)],
+                ) {
+                    Ok(id) => prepared.push((id, Port::Main)),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let added = match failed {
+                Some(e) => Err(e),
+                None => graph.add_operator(
+                    &t.name,
+                    Arc::new(IncidentFactory::new(planned.spec, log)),
+                    parallelism,
+                    &prepared,
+                ),
+            };
+            match added {
+                Ok(id) => {
+                    built.insert(
+                        t.name.clone(),
+                        Built {
+                            id,
+                            event_time: Some("time".into()),
+                        },
+                    );
+                }
+                Err(e) => p.at(&t.path, format!("{what}: {e}"), None),
+            }
+            continue;
+        }
         if let TransformKind::Correlate(c) = &t.kind {
             let input_of = |name: &str| {
                 let b = built.get(name)?;
@@ -514,7 +594,9 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             }
             TransformKind::Lookup(c) => lookup(&t.name, c, schema)
                 .map(|f| (Arc::new(f) as Arc<dyn OperatorFactory>, upstream_time)),
-            TransformKind::Sql(_) | TransformKind::Correlate(_) => continue,
+            TransformKind::Sql(_) | TransformKind::Correlate(_) | TransformKind::Incidents(_) => {
+                continue
+            }
         };
         match made {
             Ok((factory, event_time)) => {
@@ -531,6 +613,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
 
     let mut consumed: HashSet<(NodeId, Port)> = HashSet::new();
     let mut sinks = Vec::new();
+    let read_models = ReadModels::new();
     for s in &spec.sinks {
         let what = format!("sink {:?}", s.name);
         let Some(inputs) = resolve(&mut p, &graph, &built, &names, &s.path, &s.inputs) else {
@@ -547,6 +630,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                     continue;
                 }
             },
+            SinkKind::ReadModel(c) => Arc::new(ReadModelSinkFactory::new(c, &s.name, &read_models)),
             SinkKind::Null => Arc::new(NullSinkFactory),
         };
         let mut fits = true;
@@ -614,6 +698,16 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             _ => orphans.push(input),
         }
     }
+    // Operators that reject records (an incidents step refusing an action).
+    for t in &spec.transforms {
+        let Some(b) = built.get(&t.name) else {
+            continue;
+        };
+        let input = (b.id, Port::Side(DEAD_LETTER));
+        if !consumed.contains(&input) && graph.nodes()[b.id].output_schema(input.1).is_some() {
+            orphans.push(input);
+        }
+    }
     let mut default_dead_letters = None;
     if !orphans.is_empty() {
         let path = options
@@ -632,7 +726,42 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         generators,
         default_dead_letters,
         sinks,
+        read_models,
+        kafka_topics: kafka_topics(spec),
     })
+}
+
+/// Every Kafka topic the pipeline names, in file order, once each.
+fn kafka_topics(spec: &PipelineSpec) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |t: &str| {
+        if !out.iter().any(|o| o == t) {
+            out.push(t.to_string());
+        }
+    };
+    for s in &spec.sources {
+        if let SourceKind::Kafka(c) = &s.kind {
+            c.topics.iter().for_each(|t| add(t));
+            match &c.dead_letter_topic {
+                Some(d) => add(d),
+                None => c.topics.iter().for_each(|t| add(&format!("{t}.dlq"))),
+            }
+        }
+    }
+    for t in &spec.transforms {
+        if let TransformKind::Incidents(step) = &t.kind {
+            if let Some(l) = &step.log {
+                add(&l.topic);
+                add(&l.snapshots);
+            }
+        }
+    }
+    for s in &spec.sinks {
+        if let SinkKind::Kafka(c) = &s.kind {
+            add(&c.topic);
+        }
+    }
+    out
 }
 
 /// A lookup join and its table's feed; the table file is read here, so a

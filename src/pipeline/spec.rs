@@ -34,11 +34,14 @@ use marked_yaml::Node;
 use serde::Deserialize;
 use vigil_connectors::file::{FileSinkConfig, FileSourceConfig};
 use vigil_connectors::generator::GeneratorConfig;
+use vigil_connectors::incident_log::EventLogConfig;
 use vigil_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use vigil_connectors::lookup::LookupConfig;
+use vigil_connectors::read_model::ReadModelSinkConfig;
 use vigil_connectors::stdout::StdoutSinkConfig;
 use vigil_operators::correlate::CorrelateConfig;
 use vigil_operators::filter::FilterConfig;
+use vigil_operators::incident::IncidentsConfig;
 use vigil_operators::project::ProjectConfig;
 use vigil_operators::sql::SqlConfig;
 use vigil_operators::threshold::ThresholdConfig;
@@ -57,9 +60,10 @@ pub const TRANSFORM_TYPES: &[&str] = &[
     "sql",
     "correlate",
     "lookup",
+    "incidents",
 ];
 /// Sink types.
-pub const SINK_TYPES: &[&str] = &["stdout", "file", "kafka", "null"];
+pub const SINK_TYPES: &[&str] = &["stdout", "file", "kafka", "read_model", "null"];
 
 const TOP_KEYS: &[&str] = &[
     "name",
@@ -123,6 +127,17 @@ pub enum TransformKind {
     Correlate(Box<CorrelateConfig>),
     /// `lookup`.
     Lookup(Box<LookupConfig>),
+    /// `incidents`.
+    Incidents(Box<IncidentsStep>),
+}
+
+/// An `incidents` step: the aggregate's rules, and where its event log is.
+#[derive(Debug, Clone)]
+pub struct IncidentsStep {
+    /// Alerts, actions, window, escalation, snapshots.
+    pub config: IncidentsConfig,
+    /// The Kafka event log (`log:`); without one, state lives in memory.
+    pub log: Option<EventLogConfig>,
 }
 
 /// A sink's own settings.
@@ -134,6 +149,8 @@ pub enum SinkKind {
     File(FileSinkConfig),
     /// `kafka`.
     Kafka(KafkaSinkConfig),
+    /// `read_model`.
+    ReadModel(ReadModelSinkConfig),
     /// `null`.
     Null,
 }
@@ -439,14 +456,16 @@ fn section<K>(
         }
         let get = |k: &str| common.iter().find(|(n, _)| n == k).map(|(_, v)| v);
         let inputs: Vec<String> = match (get("input"), key) {
-            (Some(v), "transforms") if ty == "sql" || ty == "correlate" => {
+            (Some(v), "transforms") if matches!(ty, "sql" | "correlate" | "incidents") => {
                 ctx.err(
                     loc(v.span()),
                     format!("unknown field \"input\" in {what}"),
-                    Some(if ty == "sql" {
-                        "a sql transform reads the tables its query names".into()
-                    } else {
-                        "a correlation reads the inputs its rules name".into()
+                    Some(match ty {
+                        "sql" => "a sql transform reads the tables its query names".into(),
+                        "incidents" => {
+                            "an incidents step reads its alerts' inputs and its actions".into()
+                        }
+                        _ => "a correlation reads the inputs its rules name".into(),
                     }),
                 );
                 Vec::new()
@@ -483,7 +502,7 @@ fn section<K>(
                 Vec::new()
             }
             (None, "sources") => Vec::new(),
-            (None, "transforms") if ty == "sql" || ty == "correlate" => Vec::new(),
+            (None, "transforms") if matches!(ty, "sql" | "correlate" | "incidents") => Vec::new(),
             (None, _) => {
                 ctx.err(
                     loc(name_node.span()),
@@ -540,6 +559,16 @@ fn section<K>(
 /// The tables a `sql` transform's query reads are its inputs, and a
 /// correlation's are its rules'.
 fn sql_inputs(ctx: &mut Ctx, kind: &TransformKind, node: &Node, what: &str) -> Option<Vec<String>> {
+    if let TransformKind::Incidents(step) = kind {
+        let mut inputs: Vec<String> = Vec::new();
+        let names = step.config.alerts.iter().map(|a| &a.input);
+        for n in names.chain(&step.config.actions) {
+            if !inputs.contains(n) {
+                inputs.push(n.clone());
+            }
+        }
+        return Some(inputs);
+    }
     if let TransformKind::Correlate(cfg) = kind {
         let mut inputs: Vec<String> = Vec::new();
         for r in cfg.rules.iter().chain(&cfg.until) {
@@ -590,6 +619,23 @@ fn parse_transform(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<T
         "sql" => TransformKind::Sql(typed(ctx, node, what)?),
         "correlate" => TransformKind::Correlate(Box::new(typed(ctx, node, what)?)),
         "lookup" => TransformKind::Lookup(Box::new(typed(ctx, node, what)?)),
+        "incidents" => {
+            // `log` is the connector's; the rest is the operator's.
+            let (config_node, log) = match node.as_mapping() {
+                Some(m) => {
+                    let mut rest = m.clone();
+                    let log = rest.remove("log");
+                    (Node::from(rest), log)
+                }
+                None => (node.clone(), None),
+            };
+            let config = typed(ctx, &config_node, what)?;
+            let log = match log {
+                Some(l) => Some(typed(ctx, &l, &format!("log of {what}"))?),
+                None => None,
+            };
+            TransformKind::Incidents(Box::new(IncidentsStep { config, log }))
+        }
         _ => TransformKind::Threshold(typed(ctx, node, what)?),
     })
 }
@@ -603,6 +649,7 @@ fn parse_sink(ctx: &mut Ctx, ty: &str, what: &str, node: &Node) -> Option<SinkKi
         "stdout" => SinkKind::Stdout(typed(ctx, node, what)?),
         "file" => SinkKind::File(typed(ctx, node, what)?),
         "kafka" => SinkKind::Kafka(typed(ctx, node, what)?),
+        "read_model" => SinkKind::ReadModel(typed(ctx, node, what)?),
         _ => {
             let _: NullSinkConfig = typed(ctx, node, what)?;
             SinkKind::Null

@@ -506,6 +506,7 @@ pub fn risk_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
             s("op", false),
             s("entity", false),
+            s("id", false),
             s("tenant_id", false),
             s("entity_type", false),
             s("entity_id", false),
@@ -581,6 +582,7 @@ fn risk_rows(
     let n = keys.len();
     let mut op = StringBuilder::with_capacity(n, n * 6);
     let mut entity = StringBuilder::with_capacity(n, n * 24);
+    let mut id = StringBuilder::with_capacity(n, n * 32);
     let mut tenant = StringBuilder::with_capacity(n, n * 8);
     let mut etype = StringBuilder::with_capacity(n, n * 4);
     let mut eid = StringBuilder::with_capacity(n, n * 16);
@@ -596,6 +598,7 @@ fn risk_rows(
             .unwrap_or_default();
         op.append_value(if list.is_empty() { "delete" } else { "upsert" });
         entity.append_value(format!("{}:{}", k.1, k.2));
+        id.append_value(format!("{}/{}:{}", k.0, k.1, k.2));
         tenant.append_value(&k.0);
         etype.append_value(&k.1);
         eid.append_value(&k.2);
@@ -618,6 +621,7 @@ fn risk_rows(
     let columns: Vec<ArrayRef> = vec![
         Arc::new(op.finish()),
         Arc::new(entity.finish()),
+        Arc::new(id.finish()),
         Arc::new(tenant.finish()),
         Arc::new(etype.finish()),
         Arc::new(eid.finish()),
