@@ -5,6 +5,7 @@ mod avro;
 mod backpressure;
 mod correlation;
 mod demo;
+mod incidents;
 mod kafka;
 mod pipeline_errors;
 mod registry;
