@@ -302,3 +302,55 @@ fn a_correlation_names_the_field_it_cannot_use() {
     );
     assert!(e.contains("did you mean \"user\"?"), "{e}");
 }
+
+const INCIDENTS: &str = "\
+name: t
+sources:
+  auth: { type: generator, stream: auth, count: 10 }
+transforms:
+  bf:
+    type: threshold
+    input: auth
+    key: [tenant_id, user]
+    window: 1m
+    min_count: 5
+  inc:
+    type: incidents
+    alerts:
+      - input: bf
+        id: \"concat(rule, user)\"
+        detection: rule
+        severity: \"'high'\"
+        entity_type: \"'user'\"
+        entity_id: user
+    escalate:
+      - { alerts: 3, severity: high }
+sinks:
+  out: { type: stdout, input: inc }
+  open: { type: read_model, input: inc.open_incidents, key: incident_id }
+";
+
+#[test]
+fn an_incidents_step_is_checked_field_by_field() {
+    load_str("p.yaml", INCIDENTS, &options_with(&[])).expect("valid");
+    let e = error_of(&INCIDENTS.replace("entity_id: user", "entity_id: usr"));
+    assert!(e.starts_with("p.yaml:19:20: transform \"inc\": invalid expression \"usr\""), "{e}");
+    assert!(e.contains("Did you mean 'user'?"), "{e}");
+    let e = error_of(&INCIDENTS.replace("severity: high }", "severity: urgent }"));
+    assert!(
+        e.contains("escalate[0].severity") || e.contains("severity \"urgent\" is not low, medium, high or critical"),
+        "{e}"
+    );
+    let e = error_of(&INCIDENTS.replace("{ alerts: 3, severity: high }", "{ alerts: 3, detections: 2, severity: high }"));
+    assert!(e.contains("exactly one of alerts, detections or alert_severity"), "{e}");
+    let e = error_of(&INCIDENTS.replace("    escalate:", "    actions: nowhere\n    escalate:"));
+    assert!(e.contains("nowhere"), "{e}");
+    let e = error_of(&INCIDENTS.replace("key: incident_id", "key: incident"));
+    assert!(e.contains("key column \"incident\" is not in the input"), "{e}");
+    let e = error_of(&INCIDENTS.replace("  inc:\n    type: incidents\n", "  inc:\n    type: incidents\n    log: { brokers: x, topik: y }\n"));
+    assert!(e.contains("unknown field \"topik\""), "{e}");
+    // Alerts without tenant_id cannot be kept per tenant.
+    let text = INCIDENTS.replace("key: [tenant_id, user]", "key: [user]");
+    let e = error_of(&text);
+    assert!(e.contains("no column \"tenant_id\""), "{e}");
+}
