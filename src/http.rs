@@ -38,20 +38,23 @@ fn error(status: StatusCode, message: &str) -> Response {
     json(status, serde_json::json!({ "error": message }).to_string())
 }
 
-fn tenant(headers: &HeaderMap) -> Result<String, Response> {
+fn tenant(headers: &HeaderMap) -> Option<String> {
     match headers.get(TENANT_HEADER).map(|v| v.to_str()) {
-        Some(Ok(t)) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        _ => Err(error(
-            StatusCode::BAD_REQUEST,
-            "name the tenant in the X-Tenant-Id header",
-        )),
+        Some(Ok(t)) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        _ => None,
     }
 }
 
+fn no_tenant() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "name the tenant in the X-Tenant-Id header",
+    )
+}
+
 async fn index(State(models): State<Arc<ReadModels>>, headers: HeaderMap) -> Response {
-    let tenant = match tenant(&headers) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let Some(tenant) = tenant(&headers) else {
+        return no_tenant();
     };
     let list: Vec<serde_json::Value> = models
         .names()
@@ -70,9 +73,8 @@ async fn one(
     Path((name, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let tenant = match tenant(&headers) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let Some(tenant) = tenant(&headers) else {
+        return no_tenant();
     };
     let Some(model) = models.get(&name) else {
         return error(StatusCode::NOT_FOUND, &format!("no read model {name:?}"));
@@ -89,9 +91,8 @@ async fn list(
     Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
-    let tenant = match tenant(&headers) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let Some(tenant) = tenant(&headers) else {
+        return no_tenant();
     };
     let Some(model) = models.get(&name) else {
         return error(StatusCode::NOT_FOUND, &format!("no read model {name:?}"));

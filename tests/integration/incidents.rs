@@ -51,7 +51,9 @@ async fn get_json(addr: SocketAddr, path: &str, tenant: &str) -> (u16, serde_jso
     (status, v)
 }
 
-/// Polls `check` every 5 ms until it holds; how long that took.
+/// Polls `check` every 5 ms until it holds; how long that took (wall
+/// time, which a test of freshness measures).
+#[allow(clippy::disallowed_methods)]
 async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
 where
     F: FnMut() -> Fut,

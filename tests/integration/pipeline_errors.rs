@@ -334,20 +334,36 @@ sinks:
 fn an_incidents_step_is_checked_field_by_field() {
     load_str("p.yaml", INCIDENTS, &options_with(&[])).expect("valid");
     let e = error_of(&INCIDENTS.replace("entity_id: user", "entity_id: usr"));
-    assert!(e.starts_with("p.yaml:19:20: transform \"inc\": invalid expression \"usr\""), "{e}");
+    assert!(
+        e.starts_with("p.yaml:19:20: transform \"inc\": invalid expression \"usr\""),
+        "{e}"
+    );
     assert!(e.contains("Did you mean 'user'?"), "{e}");
     let e = error_of(&INCIDENTS.replace("severity: high }", "severity: urgent }"));
     assert!(
-        e.contains("escalate[0].severity") || e.contains("severity \"urgent\" is not low, medium, high or critical"),
+        e.contains("escalate[0].severity")
+            || e.contains("severity \"urgent\" is not low, medium, high or critical"),
         "{e}"
     );
-    let e = error_of(&INCIDENTS.replace("{ alerts: 3, severity: high }", "{ alerts: 3, detections: 2, severity: high }"));
-    assert!(e.contains("exactly one of alerts, detections or alert_severity"), "{e}");
+    let e = error_of(&INCIDENTS.replace(
+        "{ alerts: 3, severity: high }",
+        "{ alerts: 3, detections: 2, severity: high }",
+    ));
+    assert!(
+        e.contains("exactly one of alerts, detections or alert_severity"),
+        "{e}"
+    );
     let e = error_of(&INCIDENTS.replace("    escalate:", "    actions: nowhere\n    escalate:"));
     assert!(e.contains("nowhere"), "{e}");
     let e = error_of(&INCIDENTS.replace("key: incident_id", "key: incident"));
-    assert!(e.contains("key column \"incident\" is not in the input"), "{e}");
-    let e = error_of(&INCIDENTS.replace("  inc:\n    type: incidents\n", "  inc:\n    type: incidents\n    log: { brokers: x, topik: y }\n"));
+    assert!(
+        e.contains("key column \"incident\" is not in the input"),
+        "{e}"
+    );
+    let e = error_of(&INCIDENTS.replace(
+        "  inc:\n    type: incidents\n",
+        "  inc:\n    type: incidents\n    log: { brokers: x, topik: y }\n",
+    ));
     assert!(e.contains("unknown field \"topik\""), "{e}");
     // Alerts without tenant_id cannot be kept per tenant.
     let text = INCIDENTS.replace("key: [tenant_id, user]", "key: [user]");

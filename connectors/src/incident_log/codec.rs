@@ -358,7 +358,7 @@ impl EventCodec {
             for i in 0..n {
                 let id = union.type_id(i);
                 let s = slot[&id];
-                let row = if sources[s].len() == 0 {
+                let row = if sources[s].is_empty() {
                     0
                 } else {
                     union.value_offset(i)

@@ -162,7 +162,9 @@ impl KafkaEventLog {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "lz4")
-            .set("linger.ms", "5")
+            // Snapshots wait for deliveries; batching longer would only
+            // make them wait.
+            .set("linger.ms", "1")
             .set("partitioner", "murmur2_random");
         for (k, v) in config.properties.iter() {
             c.set(k, v);
@@ -227,7 +229,9 @@ impl KafkaEventLog {
         c.set("bootstrap.servers", &self.config.brokers)
             .set("group.id", "vigil-event-log-recovery")
             .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed");
+            .set("isolation.level", "read_committed")
+            .set("fetch.max.bytes", "8388608")
+            .set("max.partition.fetch.bytes", "2097152");
         for (k, v) in self.config.properties.iter() {
             c.set(k, v);
         }
@@ -237,7 +241,7 @@ impl KafkaEventLog {
 
     /// Partitions of `topic` and their end offsets; none when the topic
     /// does not exist yet.
-    fn ends(&self, c: &BaseConsumer, topic: &str) -> vigil_engine::Result<Vec<(i32, i64)>> {
+    fn ends(&self, c: &BaseConsumer, topic: &str) -> vigil_engine::Result<Vec<(i32, i64, i64)>> {
         let timeout = self.config.recovery_timeout;
         let md = c.fetch_metadata(Some(topic), timeout).map_err(|e| {
             kafka_error(
@@ -254,14 +258,14 @@ impl KafkaEventLog {
         }
         let mut out = Vec::new();
         for p in t.partitions() {
-            let (_, high) = c.fetch_watermarks(topic, p.id(), timeout).map_err(|e| {
+            let (low, high) = c.fetch_watermarks(topic, p.id(), timeout).map_err(|e| {
                 kafka_error(
                     "cannot read the event log's offsets",
                     e,
                     &self.config.properties,
                 )
             })?;
-            out.push((p.id(), high));
+            out.push((p.id(), low, high));
         }
         out.sort_unstable();
         Ok(out)
@@ -273,14 +277,19 @@ impl KafkaEventLog {
     fn read(
         &self,
         topic: &str,
-        ends: &[(i32, i64)],
+        ends: &[(i32, i64, i64)],
         start: &dyn Fn(i32) -> i64,
     ) -> vigil_engine::Result<Vec<(i32, i64, Vec<u8>, Option<Vec<u8>>)>> {
         let c = self.consumer()?;
         let mut list = TopicPartitionList::new();
         let mut left: HashMap<i32, i64> = HashMap::new();
-        for (p, high) in ends {
-            let from = start(*p).max(0);
+        for (p, low, high) in ends {
+            let wanted = start(*p).max(0);
+            if wanted < *low {
+                // Retention deleted records a replay needs: say so, loudly.
+                tracing::warn!(topic, partition = p, from = wanted, first_kept = low, "records before offset {low} are gone from the log; the state rebuilt lacks them");
+            }
+            let from = wanted.max(*low);
             if from < *high {
                 list.add_partition_offset(topic, *p, Offset::Offset(from))
                     .map_err(|e| {
@@ -305,9 +314,10 @@ impl KafkaEventLog {
                     waited += Duration::from_millis(100);
                     if waited > deadline {
                         return Err(EngineError::User(format!(
-                            "reading {topic} took longer than {}; partitions left: {:?}",
+                            "reading {topic} stalled for {}; partitions left (partition, end): {:?}, read so far: {:?}",
                             humantime::format_duration(deadline),
-                            left.keys().collect::<Vec<_>>()
+                            left,
+                            by_partition.iter().map(|(p, v)| (*p, v.len(), v.last().map(|r| r.1))).collect::<Vec<_>>()
                         )));
                     }
                     continue;
@@ -351,16 +361,24 @@ impl KafkaEventLog {
         Ok(decoder.flush()?.into_iter().collect())
     }
 
+    /// Waits for every delivery report. (Polling in short steps: the
+    /// client's own flush sleeps up to 100 ms between checks.)
+    #[allow(clippy::disallowed_methods)] // a bound on waiting, not event time
     fn flush_producer(&self) -> vigil_engine::Result<()> {
-        self.producer
-            .flush(self.config.recovery_timeout)
-            .map_err(|e| {
-                kafka_error(
+        let started = std::time::Instant::now();
+        while self.producer.in_flight_count() > 0 {
+            if started.elapsed() > self.config.recovery_timeout {
+                return Err(EngineError::io(
                     "the event log did not take its records",
-                    e,
-                    &self.config.properties,
-                )
-            })?;
+                    std::io::Error::other(format!(
+                        "{} records undelivered after {}",
+                        self.producer.in_flight_count(),
+                        humantime::format_duration(self.config.recovery_timeout)
+                    )),
+                ));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
         self.failed()
     }
 }
@@ -399,7 +417,7 @@ impl EventLog for KafkaEventLog {
         let snapshot = latest_per_key(&self.state_rows(&values)?, &self.key)?;
         let n = event_ends
             .iter()
-            .map(|(p, _)| *p as usize + 1)
+            .map(|(p, _, _)| *p as usize + 1)
             .max()
             .unwrap_or(0);
         let start = start_positions(&markers, n);
@@ -419,7 +437,7 @@ impl EventLog for KafkaEventLog {
             markers.iter().map(|m| m.epoch).max().unwrap_or(0) + 1,
             Ordering::SeqCst,
         );
-        *self.recovered.lock() = event_ends.iter().copied().collect();
+        *self.recovered.lock() = event_ends.iter().map(|(p, _, h)| (*p, *h)).collect();
         *self.partitions.lock() = n;
         tracing::info!(
             topic = %self.config.topic,

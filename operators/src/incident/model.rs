@@ -5,7 +5,9 @@
 //! clock and draws no random numbers: an event's time is its own field and
 //! ids are UUIDv5 of the incident's identity ([`event_id`]).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
+
+use ahash::AHashSet as HashSet;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -269,7 +271,7 @@ impl Incident {
             updated_ms: ev.time_ms,
             last_alert_ms: ev.time_ms,
             alerts: HashSet::new(),
-            applied: HashSet::from([ev.event_id.clone()]),
+            applied: HashSet::from_iter([ev.event_id.clone()]),
         };
         inc.add_alert(ev);
         Ok(inc)

@@ -20,7 +20,9 @@
 //! one is resolved) and each entity's risk (a delete when it has no open
 //! incident).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringBuilder, UInt64Array};
@@ -525,7 +527,7 @@ fn summary_rows(
     op: impl Fn(&Incident) -> &'static str,
 ) -> Result<RecordBatch> {
     let n = incidents.len();
-    let strings = |f: &dyn Fn(&Incident) -> Option<String>| -> ArrayRef {
+    let strings = |f: &dyn Fn(&Incident) -> Option<&str>| -> ArrayRef {
         let mut b = StringBuilder::with_capacity(n, n * 16);
         for i in incidents {
             b.append_option(f(i));
@@ -541,20 +543,35 @@ fn summary_rows(
         )
     };
     let columns: Vec<ArrayRef> = vec![
-        strings(&|i| Some(op(i).to_string())),
-        strings(&|i| Some(i.id.clone())),
-        strings(&|i| Some(i.tenant_id.clone())),
-        strings(&|i| Some(i.status.as_str().to_string())),
-        strings(&|i| Some(i.severity.as_str().to_string())),
-        strings(&|i| Some(i.title.clone())),
-        strings(&|i| Some(i.entity_type.clone())),
-        strings(&|i| Some(i.entity_id.clone())),
+        strings(&|i| Some(op(i))),
+        strings(&|i| Some(&i.id)),
+        strings(&|i| Some(&i.tenant_id)),
+        strings(&|i| Some(i.status.as_str())),
+        strings(&|i| Some(i.severity.as_str())),
+        strings(&|i| Some(&i.title)),
+        strings(&|i| Some(&i.entity_type)),
+        strings(&|i| Some(&i.entity_id)),
         Arc::new(UInt64Array::from_iter_values(
             incidents.iter().map(|i| i.alert_count),
         )),
-        strings(&|i| Some(i.detections.iter().cloned().collect::<Vec<_>>().join(","))),
-        strings(&|i| i.assignee.clone()),
-        strings(&|i| i.resolution.clone()),
+        {
+            let mut b = StringBuilder::with_capacity(n, n * 16);
+            for i in incidents {
+                let mut first = true;
+                let mut text = String::new();
+                for d in &i.detections {
+                    if !first {
+                        text.push(',');
+                    }
+                    text.push_str(d);
+                    first = false;
+                }
+                b.append_value(text);
+            }
+            Arc::new(b.finish())
+        },
+        strings(&|i| i.assignee.as_deref()),
+        strings(&|i| i.resolution.as_deref()),
         times(&|i| i.created_ms),
         times(&|i| i.updated_ms),
         Arc::new(UInt64Array::from_iter_values(
