@@ -32,7 +32,8 @@ use vigil_operators::incident::{
 use vigil_operators::join::{IntervalJoinFactory, LookupJoinFactory, LookupSpec, MatchMode};
 use vigil_operators::project::ProjectFactory;
 use vigil_operators::sql::{
-    plan_query, Catalog, PlannedQuery, QueryOptions, SqlError, StatelessFactory, TableInfo,
+    plan_query, Catalog, PlannedQuery, PrepareStep, QueryOptions, SqlError, StatelessFactory,
+    TableInfo,
 };
 use vigil_operators::threshold::ThresholdFactory;
 use vigil_operators::window::WindowAggregateFactory;
@@ -346,32 +347,16 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                 }
                 None => None,
             };
-            let mut prepared = Vec::with_capacity(planned.prepared.len());
-            let mut failed = None;
-            for r in &planned.prepared {
-                let Some(from) = built.get(&r.input).map(|b| b.id) else {
-                    continue;
-                };
-                let factory = Arc::new(StatelessFactory::new(&r.sql, r.stages.clone()));
-                match graph.add_operator(
-                    &format!("{}/{}", t.name, r.name),
-                    factory,
-                    parallelism,
-                    &[(from, Port::Main)],
-                ) {
-                    Ok(id) => prepared.push((id, Port::Main)),
-                    Err(e) => failed = Some(e),
-                }
-            }
-            let added = match failed {
-                Some(e) => Err(e),
-                None => graph.add_operator(
-                    &t.name,
-                    Arc::new(IncidentFactory::new(planned.spec, log)),
-                    parallelism,
-                    &prepared,
-                ),
-            };
+            let added =
+                add_prepare_steps(&mut graph, &built, &t.name, &planned.prepared, parallelism)
+                    .and_then(|prepared| {
+                        graph.add_operator(
+                            &t.name,
+                            Arc::new(IncidentFactory::new(planned.spec, log)),
+                            parallelism,
+                            &prepared,
+                        )
+                    });
             match added {
                 Ok(id) => {
                     built.insert(
@@ -407,32 +392,15 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             } else {
                 parallelism
             };
-            let mut prepared = Vec::with_capacity(planned.rules.len());
-            let mut failed = None;
-            for r in &planned.rules {
-                let Some(from) = built.get(&r.input).map(|b| b.id) else {
-                    continue;
-                };
-                let factory = Arc::new(StatelessFactory::new(&r.sql, r.stages.clone()));
-                match graph.add_operator(
-                    &format!("{}/{}", t.name, r.name),
-                    factory,
-                    parallelism,
-                    &[(from, Port::Main)],
-                ) {
-                    Ok(id) => prepared.push((id, Port::Main)),
-                    Err(e) => failed = Some(e),
-                }
-            }
-            let added = match failed {
-                Some(e) => Err(e),
-                None => graph.add_operator(
-                    &t.name,
-                    Arc::new(CorrelateFactory::new(planned.spec)),
-                    parallelism,
-                    &prepared,
-                ),
-            };
+            let added = add_prepare_steps(&mut graph, &built, &t.name, &planned.rules, parallelism)
+                .and_then(|prepared| {
+                    graph.add_operator(
+                        &t.name,
+                        Arc::new(CorrelateFactory::new(planned.spec)),
+                        parallelism,
+                        &prepared,
+                    )
+                });
             match added {
                 Ok(id) => {
                     built.insert(
@@ -729,6 +697,32 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         read_models,
         kafka_topics: kafka_topics(spec),
     })
+}
+
+/// Adds a step's prepare queries as nodes `<step>/<name>`, each reading
+/// its input; returns them, in order, as the step's inputs.
+fn add_prepare_steps(
+    graph: &mut Graph,
+    built: &HashMap<String, Built>,
+    step: &str,
+    steps: &[PrepareStep],
+    parallelism: usize,
+) -> vigil_engine::Result<Vec<(NodeId, Port)>> {
+    let mut out = Vec::with_capacity(steps.len());
+    for r in steps {
+        let Some(from) = built.get(&r.input).map(|b| b.id) else {
+            continue;
+        };
+        let factory = Arc::new(StatelessFactory::new(&r.sql, r.stages.clone()));
+        let id = graph.add_operator(
+            &format!("{step}/{}", r.name),
+            factory,
+            parallelism,
+            &[(from, Port::Main)],
+        )?;
+        out.push((id, Port::Main));
+    }
+    Ok(out)
 }
 
 /// Every Kafka topic the pipeline names, in file order, once each.

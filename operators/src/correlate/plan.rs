@@ -15,7 +15,7 @@ use super::config::{CorrelateConfig, CorrelationType, RuleRef};
 use super::operator::CorrelationSpec;
 use crate::error::{column_hint, OperatorError, Result};
 use crate::expr::SqlExpr;
-use crate::sql::{plan_query, Catalog, PlannedQuery, QueryOptions, Stages, TableInfo};
+use crate::sql::{plan_query, OneTable, PlannedQuery, PrepareStep, QueryOptions};
 
 /// The tenant column that keeps correlations within a tenant.
 pub const TENANT: &str = "tenant_id";
@@ -29,43 +29,14 @@ pub struct RuleInput {
     pub event_time: Option<String>,
 }
 
-/// One rule's prepare step.
-#[derive(Debug)]
-pub struct PreparedRule {
-    /// The rule's name.
-    pub name: String,
-    /// The source or step it reads.
-    pub input: String,
-    /// The generated query, shown by `vigil explain`.
-    pub sql: String,
-    /// What runs on the input's batches.
-    pub stages: Stages,
-}
-
 /// A correlation planned: one prepare step per rule (the `until` rule
 /// last), then the operator.
 #[derive(Debug)]
 pub struct PlannedCorrelation {
     /// Prepare steps, in input order.
-    pub rules: Vec<PreparedRule>,
+    pub rules: Vec<PrepareStep>,
     /// The operator.
     pub spec: CorrelationSpec,
-}
-
-struct One<'a> {
-    name: &'a str,
-    schema: SchemaRef,
-}
-
-impl Catalog for One<'_> {
-    fn table(&self, name: &str) -> Option<TableInfo> {
-        (name == self.name).then(|| TableInfo {
-            schema: self.schema.clone(),
-        })
-    }
-    fn names(&self) -> Vec<String> {
-        vec![self.name.to_string()]
-    }
 }
 
 fn quote(name: &str) -> String {
@@ -360,7 +331,7 @@ pub fn plan_correlation(
             SqlExpr::compile(w, schema, &format!("{field}.where"))?;
             sql.push_str(&format!(" WHERE {w}"));
         }
-        let catalog = One {
+        let catalog = OneTable {
             name: r.input(),
             schema: schema.clone(),
         };
@@ -379,7 +350,7 @@ pub fn plan_correlation(
                 ))
             }
         };
-        rules.push(PreparedRule {
+        rules.push(PrepareStep {
             name: r.name().to_string(),
             input: r.input().to_string(),
             sql,

@@ -15,7 +15,7 @@ use super::model::Severity;
 use super::operator::{Condition, IncidentSpec, Rule};
 use crate::error::{OperatorError, Result};
 use crate::expr::SqlExpr;
-use crate::sql::{plan_query, Catalog, PlannedQuery, QueryOptions, Stages, TableInfo};
+use crate::sql::{plan_query, OneTable, PlannedQuery, PrepareStep, QueryOptions, Stages};
 
 /// The tenant column; incidents never mix tenants.
 pub const TENANT: &str = "tenant_id";
@@ -29,43 +29,14 @@ pub struct IncidentInput {
     pub event_time: Option<String>,
 }
 
-/// One prepare step.
-#[derive(Debug)]
-pub struct Prepared {
-    /// Node name suffix: `alerts/<input>` or `actions`.
-    pub name: String,
-    /// The source or step it reads.
-    pub input: String,
-    /// The generated query, shown by `vigil explain`.
-    pub sql: String,
-    /// What runs on the input's batches.
-    pub stages: Stages,
-}
-
 /// An `incidents` step planned: prepare steps (alerts first, then
 /// actions), and the operator.
 #[derive(Debug)]
 pub struct PlannedIncidents {
     /// Prepare steps, in the operator's input order.
-    pub prepared: Vec<Prepared>,
+    pub prepared: Vec<PrepareStep>,
     /// The operator.
     pub spec: IncidentSpec,
-}
-
-struct One<'a> {
-    name: &'a str,
-    schema: SchemaRef,
-}
-
-impl Catalog for One<'_> {
-    fn table(&self, name: &str) -> Option<TableInfo> {
-        (name == self.name).then(|| TableInfo {
-            schema: self.schema.clone(),
-        })
-    }
-    fn names(&self) -> Vec<String> {
-        vec![self.name.to_string()]
-    }
 }
 
 fn quote(name: &str) -> String {
@@ -73,7 +44,7 @@ fn quote(name: &str) -> String {
 }
 
 fn stateless(sql: &str, table: &str, schema: &SchemaRef, name: String) -> Result<Stages> {
-    let catalog = One {
+    let catalog = OneTable {
         name: table,
         schema: schema.clone(),
     };
@@ -278,7 +249,7 @@ pub fn plan_incidents(
                 ));
             }
         }
-        prepared.push(Prepared {
+        prepared.push(PrepareStep {
             name: format!("alerts/{}", a.input),
             input: a.input.clone(),
             sql,
@@ -289,7 +260,7 @@ pub fn plan_incidents(
         let input = input_of(actions).ok_or_else(|| missing("actions".into(), actions))?;
         let sql = actions_sql(actions, &input)?;
         let stages = stateless(&sql, actions, &input.schema, format!("{name}/actions"))?;
-        prepared.push(Prepared {
+        prepared.push(PrepareStep {
             name: "actions".into(),
             input: actions.clone(),
             sql,

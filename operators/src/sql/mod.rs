@@ -22,7 +22,9 @@ pub mod stages;
 
 pub use config::SqlConfig;
 pub use error::SqlError;
-pub use planner::{plan_query, tables_of, Catalog, PlannedQuery, QueryOptions, TableInfo};
+pub use planner::{
+    plan_query, tables_of, Catalog, OneTable, PlannedQuery, PrepareStep, QueryOptions, TableInfo,
+};
 pub use stages::{Stage, Stages, StatelessFactory};
 
 #[cfg(test)]

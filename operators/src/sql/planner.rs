@@ -54,6 +54,41 @@ pub struct TableInfo {
     pub schema: SchemaRef,
 }
 
+/// A catalog of one table: what a generated prepare query reads.
+#[derive(Debug)]
+pub struct OneTable<'a> {
+    /// The table's name.
+    pub name: &'a str,
+    /// Its columns.
+    pub schema: SchemaRef,
+}
+
+impl Catalog for OneTable<'_> {
+    fn table(&self, name: &str) -> Option<TableInfo> {
+        (name == self.name).then(|| TableInfo {
+            schema: self.schema.clone(),
+        })
+    }
+    fn names(&self) -> Vec<String> {
+        vec![self.name.to_string()]
+    }
+}
+
+/// A generated stateless query that shapes one input of a step before it
+/// (a correlation's rule, an incidents step's alerts): it runs as its own
+/// node, `<step>/<name>`.
+#[derive(Debug)]
+pub struct PrepareStep {
+    /// The node's name after the step's.
+    pub name: String,
+    /// The source or step it reads.
+    pub input: String,
+    /// The generated query, shown by `vigil explain`.
+    pub sql: String,
+    /// What runs on the input's batches.
+    pub stages: crate::sql::Stages,
+}
+
 /// The tables a query can name.
 pub trait Catalog {
     /// The table called `name`, if there is one.
