@@ -368,8 +368,13 @@ impl Projection {
             self.ignored.duplicates += 1;
             return Ok(Applied::Duplicate);
         }
-        if ev.kind == EventKind::Escalated {
-            ev.previous_severity = Some(inc.severity);
+        match ev.kind {
+            EventKind::Escalated => ev.previous_severity = Some(inc.severity),
+            // The log's record says how; "resolved" when the action does not.
+            EventKind::Resolved if ev.resolution.is_none() => {
+                ev.resolution = Some("resolved".into())
+            }
+            _ => {}
         }
         ev.version = inc.version + 1;
         let outcome = self.apply(&ev)?;

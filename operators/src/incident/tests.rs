@@ -694,3 +694,36 @@ fn a_restart_reads_only_the_tail_after_the_snapshots() {
         .collect();
     assert_eq!(by_entity.len(), 50);
 }
+
+#[test]
+fn a_resolution_without_a_reason_says_resolved_in_the_log() {
+    let spec = spec(100, default_rules());
+    let (events, _) = run(
+        &spec,
+        &[(0, alerts(&[user_alert("a1", "bob", "spray", "medium", 0)]))],
+    );
+    let inc = events[0].incident_id.clone();
+    let mut batch = actions(&[Act(
+        "r1".into(),
+        "IncidentResolved",
+        inc,
+        "acme".into(),
+        "bob".into(),
+        None,
+        MIN,
+    )]);
+    // No resolution column value at all.
+    let i = batch.schema().index_of("resolution").expect("column");
+    let mut cols = batch.columns().to_vec();
+    cols[i] = Arc::new(StringArray::from(vec![None::<&str>]));
+    batch = RecordBatch::try_new(batch.schema(), cols).expect("batch");
+    let (events, _) = run(
+        &spec,
+        &[
+            (0, alerts(&[user_alert("a1", "bob", "spray", "medium", 0)])),
+            (1, batch),
+        ],
+    );
+    assert_eq!(events[1].kind, EventKind::Resolved);
+    assert_eq!(events[1].resolution.as_deref(), Some("resolved"));
+}
