@@ -24,16 +24,16 @@ use vigil_engine::{
     ConfigError, Graph, NodeId, OperatorFactory, Port, SharedClock, SinkFactory, SourceFactory,
     SystemClock, WatermarkSpec, DEAD_LETTER, LATE,
 };
-use vigil_operators::correlate::{plan_correlation, CorrelateFactory, RuleInput};
+use vigil_operators::correlate::{plan_correlation, CorrelateFactory};
 use vigil_operators::filter::FilterFactory;
 use vigil_operators::incident::{
-    event_schema, plan_incidents, state_schema, IncidentFactory, IncidentInput, OPEN, RISK, SUMMARY,
+    event_schema, plan_incidents, state_schema, IncidentFactory, OPEN, RISK, SUMMARY,
 };
 use vigil_operators::join::{IntervalJoinFactory, LookupJoinFactory, LookupSpec, MatchMode};
 use vigil_operators::project::ProjectFactory;
 use vigil_operators::sql::{
     plan_query, Catalog, PlannedQuery, PrepareStep, QueryOptions, SqlError, StatelessFactory,
-    TableInfo,
+    StepInput, TableInfo,
 };
 use vigil_operators::threshold::ThresholdFactory;
 use vigil_operators::window::WindowAggregateFactory;
@@ -321,13 +321,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         };
         let parallelism = t.parallelism.unwrap_or(spec.parallelism);
         if let TransformKind::Incidents(step) = &t.kind {
-            let input_of = |name: &str| {
-                let b = built.get(name)?;
-                Some(IncidentInput {
-                    schema: graph.nodes()[b.id].output_schema(Port::Main)?,
-                    event_time: b.event_time.clone(),
-                })
-            };
+            let input_of = |name: &str| step_input(&graph, &built, name);
             let planned = match plan_incidents(&t.name, &step.config, &input_of) {
                 Ok(planned) => planned,
                 Err(e) => {
@@ -372,13 +366,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             continue;
         }
         if let TransformKind::Correlate(c) = &t.kind {
-            let input_of = |name: &str| {
-                let b = built.get(name)?;
-                Some(RuleInput {
-                    schema: graph.nodes()[b.id].output_schema(Port::Main)?,
-                    event_time: b.event_time.clone(),
-                })
-            };
+            let input_of = |name: &str| step_input(&graph, &built, name);
             let planned = match plan_correlation(&t.name, c, &input_of) {
                 Ok(planned) => planned,
                 Err(e) => {
@@ -696,6 +684,16 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         sinks,
         read_models,
         kafka_topics: kafka_topics(spec),
+    })
+}
+
+/// The main output of the source or step `name`, for a step that plans
+/// prepare queries over it.
+fn step_input(graph: &Graph, built: &HashMap<String, Built>, name: &str) -> Option<StepInput> {
+    let b = built.get(name)?;
+    Some(StepInput {
+        schema: graph.nodes()[b.id].output_schema(Port::Main)?,
+        event_time: b.event_time.clone(),
     })
 }
 

@@ -36,7 +36,7 @@ pub mod plan;
 
 pub use config::{Condition, CorrelateConfig, CorrelationType, RuleRef};
 pub use operator::{CorrelateFactory, Correlation, CorrelationSpec};
-pub use plan::{plan_correlation, PlannedCorrelation, RuleInput, TENANT};
+pub use plan::{plan_correlation, PlannedCorrelation, TENANT};
 
 #[cfg(test)]
 mod tests;

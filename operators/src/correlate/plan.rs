@@ -9,25 +9,16 @@
 
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
 use super::config::{CorrelateConfig, CorrelationType, RuleRef};
 use super::operator::CorrelationSpec;
 use crate::error::{column_hint, OperatorError, Result};
 use crate::expr::SqlExpr;
-use crate::sql::{plan_query, OneTable, PlannedQuery, PrepareStep, QueryOptions};
+use crate::sql::{plan_query, OneTable, PlannedQuery, PrepareStep, QueryOptions, StepInput};
 
 /// The tenant column that keeps correlations within a tenant.
 pub const TENANT: &str = "tenant_id";
-
-/// What a correlation may read: a source or step's schema and event time.
-#[derive(Debug, Clone)]
-pub struct RuleInput {
-    /// Its columns.
-    pub schema: SchemaRef,
-    /// Its event-time column, if known.
-    pub event_time: Option<String>,
-}
 
 /// A correlation planned: one prepare step per rule (the `until` rule
 /// last), then the operator.
@@ -51,7 +42,7 @@ fn is_ms_timestamp(t: &DataType) -> bool {
 pub fn plan_correlation(
     name: &str,
     config: &CorrelateConfig,
-    input: &dyn Fn(&str) -> Option<RuleInput>,
+    input: &dyn Fn(&str) -> Option<StepInput>,
 ) -> Result<PlannedCorrelation> {
     let temporal = matches!(
         config.correlation,

@@ -13,7 +13,8 @@ use vigil_engine::{Collector, Operator, TaskContext, LATE};
 
 use super::config::{Condition, CorrelateConfig, CorrelationType, RuleRef};
 use super::operator::{CorrelateFactory, Correlation};
-use super::plan::{plan_correlation, PlannedCorrelation, RuleInput};
+use super::plan::{plan_correlation, PlannedCorrelation};
+use crate::sql::StepInput;
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -89,7 +90,7 @@ struct Harness {
 impl Harness {
     fn new(config: &CorrelateConfig) -> Self {
         let planned = plan_correlation("c", config, &|name| {
-            (name == "events").then(|| RuleInput {
+            (name == "events").then(|| StepInput {
                 schema: schema(),
                 event_time: Some("ts".into()),
             })
@@ -562,7 +563,7 @@ fn a_burst_across_a_minute_boundary_is_one_alert() {
 #[test]
 fn bad_configurations_name_the_field() {
     let input = |name: &str| {
-        (name == "events").then(|| RuleInput {
+        (name == "events").then(|| StepInput {
             schema: schema(),
             event_time: Some("ts".into()),
         })

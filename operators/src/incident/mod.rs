@@ -31,4 +31,4 @@ pub use operator::{
     risk_schema, summary_schema, Alert, IncidentFactory, IncidentSpec, Projection, OPEN, RISK,
     SUMMARY,
 };
-pub use plan::{plan_incidents, IncidentInput, PlannedIncidents};
+pub use plan::{plan_incidents, PlannedIncidents};

@@ -182,14 +182,6 @@ impl Projection {
         &self.incidents
     }
 
-    /// Number of open incidents.
-    pub fn open_count(&self) -> usize {
-        self.incidents
-            .values()
-            .filter(|i| i.status == Status::Open)
-            .count()
-    }
-
     fn entity_key(inc: &Incident) -> EntityKey {
         (
             inc.tenant_id.clone(),

@@ -15,19 +15,12 @@ use super::model::Severity;
 use super::operator::{Condition, IncidentSpec, Rule};
 use crate::error::{OperatorError, Result};
 use crate::expr::SqlExpr;
-use crate::sql::{plan_query, OneTable, PlannedQuery, PrepareStep, QueryOptions, Stages};
+use crate::sql::{
+    plan_query, OneTable, PlannedQuery, PrepareStep, QueryOptions, Stages, StepInput,
+};
 
 /// The tenant column; incidents never mix tenants.
 pub const TENANT: &str = "tenant_id";
-
-/// What the step reads: a source or step's schema and event time.
-#[derive(Debug, Clone)]
-pub struct IncidentInput {
-    /// Its columns.
-    pub schema: SchemaRef,
-    /// Its event-time column, if known.
-    pub event_time: Option<String>,
-}
 
 /// An `incidents` step planned: prepare steps (alerts first, then
 /// actions), and the operator.
@@ -62,7 +55,7 @@ fn stateless(sql: &str, table: &str, schema: &SchemaRef, name: String) -> Result
     }
 }
 
-fn event_time(field: &str, input: &IncidentInput, name: &str) -> Result<String> {
+fn event_time(field: &str, input: &StepInput, name: &str) -> Result<String> {
     let Some(t) = &input.event_time else {
         return Err(OperatorError::config(
             field,
@@ -83,7 +76,7 @@ fn severity(field: &str, s: &str) -> Result<Severity> {
     })
 }
 
-fn alert_sql(i: usize, a: &AlertInput, input: &IncidentInput) -> Result<String> {
+fn alert_sql(i: usize, a: &AlertInput, input: &StepInput) -> Result<String> {
     let at = |f: &str| format!("alerts[{i}].{f}");
     if input.schema.index_of(TENANT).is_err() {
         return Err(OperatorError::config(
@@ -139,7 +132,7 @@ const ACTION_REQUIRED: [&str; 7] = [
 ];
 const ACTION_OPTIONAL: [&str; 4] = ["severity", "assignee", "resolution", "reason"];
 
-fn actions_sql(name: &str, input: &IncidentInput) -> Result<String> {
+fn actions_sql(name: &str, input: &StepInput) -> Result<String> {
     let mut select = Vec::new();
     for c in ACTION_REQUIRED {
         if input.schema.index_of(c).is_err() {
@@ -209,7 +202,7 @@ fn is_ms_timestamp(t: &DataType) -> bool {
 pub fn plan_incidents(
     name: &str,
     config: &IncidentsConfig,
-    input_of: &dyn Fn(&str) -> Option<IncidentInput>,
+    input_of: &dyn Fn(&str) -> Option<StepInput>,
 ) -> Result<PlannedIncidents> {
     if config.alerts.is_empty() {
         return Err(OperatorError::config(

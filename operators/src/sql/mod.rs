@@ -23,7 +23,8 @@ pub mod stages;
 pub use config::SqlConfig;
 pub use error::SqlError;
 pub use planner::{
-    plan_query, tables_of, Catalog, OneTable, PlannedQuery, PrepareStep, QueryOptions, TableInfo,
+    plan_query, tables_of, Catalog, OneTable, PlannedQuery, PrepareStep, QueryOptions, StepInput,
+    TableInfo,
 };
 pub use stages::{Stage, Stages, StatelessFactory};
 

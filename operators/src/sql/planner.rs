@@ -54,6 +54,16 @@ pub struct TableInfo {
     pub schema: SchemaRef,
 }
 
+/// What a step reads from a source or step before it: its columns and
+/// event time (a correlation's rules, an incidents step's alerts).
+#[derive(Debug, Clone)]
+pub struct StepInput {
+    /// Its columns.
+    pub schema: SchemaRef,
+    /// Its event-time column, if known.
+    pub event_time: Option<String>,
+}
+
 /// A catalog of one table: what a generated prepare query reads.
 #[derive(Debug)]
 pub struct OneTable<'a> {
