@@ -24,12 +24,7 @@
 use std::sync::Arc;
 
 use arrow::compute::concat_batches;
-use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use datafusion::physical_expr::expressions::Column;
-use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::metrics::Time;
-use datafusion::physical_plan::repartition::BatchPartitioner;
 use parking_lot::Mutex;
 
 use crate::error::Result;
@@ -269,28 +264,5 @@ pub fn latest_per_key(batches: &[RecordBatch], key: &str) -> Result<Vec<RecordBa
 /// runtime routes a hash-partitioned edge: part `i` holds the rows subtask
 /// `i` receives. An operator recovering from a shared log keeps its part.
 pub fn split_by_key(batch: &RecordBatch, keys: &[&str], n: usize) -> Result<Vec<RecordBatch>> {
-    let schema: SchemaRef = batch.schema();
-    let exprs = keys
-        .iter()
-        .map(|k| Ok(Arc::new(Column::new_with_schema(k, &schema)?) as Arc<dyn PhysicalExpr>))
-        .collect::<Result<Vec<_>>>()?;
-    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n.max(1)];
-    if n <= 1 {
-        return Ok(vec![batch.clone()]);
-    }
-    let mut p = BatchPartitioner::new_hash_partitioner(exprs, n, Time::new())?;
-    for part in p.partition_iter(batch.clone())? {
-        let (i, b) = part?;
-        parts[i].push(b);
-    }
-    parts
-        .into_iter()
-        .map(|bs| {
-            if bs.is_empty() {
-                Ok(RecordBatch::new_empty(schema.clone()))
-            } else {
-                Ok(concat_batches(&schema, &bs)?)
-            }
-        })
-        .collect()
+    crate::key_group::split(batch, keys, n)
 }

@@ -10,7 +10,8 @@
 //! * [`graph`]: nodes, parallelism and edge partitioning;
 //! * [`runtime`]: tasks, channels, back-pressure, barrier alignment;
 //! * [`watermark`]: per-partition watermarks, idleness, merging;
-//! * [`checkpoint`]: barrier coordination and completed snapshots;
+//! * [`checkpoint`]: barrier coordination, durable checkpoints, commits;
+//! * [`key_group`]: how keyed state is divided, so it can be rescaled;
 //! * [`event_log`]: durable event logs for event-sourced operators;
 //! * [`metrics`]: per-subtask counters;
 //! * [`clock`]: the injected wall clock.
@@ -25,6 +26,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod event_log;
 pub mod graph;
+pub mod key_group;
 pub mod lookup;
 pub mod message;
 pub mod metrics;
@@ -32,7 +34,7 @@ pub mod operator;
 pub mod runtime;
 pub mod watermark;
 
-pub use checkpoint::{CheckpointHandle, CompletedCheckpoint};
+pub use checkpoint::{CheckpointHandle, CheckpointStats, CheckpointStore, CompletedCheckpoint};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use error::{ConfigError, EngineError, ErrorDomain, Result};
 pub use event_log::{EventLog, MemoryEventLog, Recovery};

@@ -22,7 +22,10 @@
 //! When a barrier has arrived on every input (aligned barriers), the runtime
 //! calls [`Operator::snapshot`]; the returned [`OperatorState`] is the
 //! operator's whole state as Arrow batches. On restart,
-//! [`Operator::restore`] receives the same batches before any data.
+//! [`Operator::restore`] receives the same batches before any data; after
+//! a rescale, the rows of the key groups each subtask now owns. Sinks take
+//! part as the second phase of a two-phase commit: [`Sink::snapshot`]
+//! pre-commits, [`Sink::on_checkpoint_complete`] commits.
 //!
 //! # End of input
 //! When every input has ended, [`Operator::on_end`] may flush what remains.
@@ -78,6 +81,12 @@ impl Collector {
         if batch.num_rows() > 0 {
             self.side.push((port, batch));
         }
+    }
+
+    /// Moves everything `other` collected into this collector.
+    pub fn absorb(&mut self, mut other: Collector) {
+        self.main.append(&mut other.main);
+        self.side.append(&mut other.side);
     }
 
     /// True when nothing was emitted.
@@ -156,14 +165,26 @@ pub trait Operator: Send {
         None
     }
 
-    /// Returns the operator's state for a checkpoint.
+    /// Returns the operator's state for a checkpoint. Tables of keyed state
+    /// carry each row's key group ([`crate::key_group::tag`]).
     fn snapshot(&mut self) -> Result<OperatorState> {
         Ok(OperatorState::default())
     }
 
-    /// Replaces the operator's state with a checkpointed one, before any data.
+    /// Adds checkpointed state, before any data. Called once per subtask
+    /// state of the checkpoint that holds keys this subtask owns: once when
+    /// the parallelism is unchanged, several times (one per old subtask,
+    /// with only the rows of this subtask's key groups, and the key-group
+    /// column removed) when the pipeline was rescaled. Tables without key
+    /// groups (an operator-wide watermark) come from every old subtask.
     fn restore(&mut self, _state: OperatorState) -> Result<()> {
         Ok(())
+    }
+
+    /// True when the operator keeps no state between batches, so a batch
+    /// that fails can be retried in parts to isolate a poison record.
+    fn is_stateless(&self) -> bool {
+        false
     }
 
     /// Every input has ended; flush what remains.
@@ -247,7 +268,9 @@ pub trait Source: Send {
     fn on_checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
         Ok(())
     }
-    /// Restores a position taken by [`Source::snapshot`].
+    /// Restores positions taken by [`Source::snapshot`]. After a rescale,
+    /// every old subtask's state is offered in turn: a source takes the
+    /// positions of the partitions it reads and ignores the others.
     fn restore(&mut self, _state: OperatorState) -> Result<()> {
         Ok(())
     }
@@ -283,9 +306,33 @@ pub trait Sink: Send {
     async fn on_watermark(&mut self, _watermark: EventTime) -> Result<()> {
         Ok(())
     }
-    /// Makes everything written so far durable (called on barriers and at end).
+    /// Makes everything written so far durable.
     async fn flush(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// A barrier for `checkpoint` arrived on every input: pre-commit what was
+    /// written since the last one (flush it, close a transaction's writes)
+    /// and return what a restore needs to finish or roll back that commit.
+    /// By default: flush, no state.
+    async fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<OperatorState> {
+        self.flush().await?;
+        Ok(OperatorState::default())
+    }
+    /// Checkpoint `checkpoint` is complete and durable: commit what its
+    /// snapshot pre-committed (and anything older).
+    async fn on_checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
+        Ok(())
+    }
+    /// Before any data: the state of the checkpoint the pipeline restarts
+    /// from (called once per restored subtask state). Work committed after
+    /// it is kept; work pre-committed by it and not yet committed is
+    /// committed now; anything later is rolled back.
+    fn restore(&mut self, _state: OperatorState) -> Result<()> {
+        Ok(())
+    }
+    /// Every input has ended: commit everything (by default, flush).
+    async fn finish(&mut self) -> Result<()> {
+        self.flush().await
     }
 }
 

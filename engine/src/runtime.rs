@@ -28,18 +28,16 @@ use std::task::Poll;
 use arrow::array::AsArray;
 use arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
-use datafusion::physical_expr::expressions::Column;
-use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::metrics::Time;
-use datafusion::physical_plan::repartition::BatchPartitioner;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::checkpoint::{CheckpointHandle, CompletedCheckpoint, Control, Coordinator};
+use crate::checkpoint::{
+    CheckpointHandle, CheckpointStore, CompletedCheckpoint, Control, Coordinator,
+};
 use crate::clock::{SharedClock, SystemClock};
 use crate::error::{EngineError, Result};
 use crate::graph::{Graph, NodeKind, Partitioning, Port};
-use crate::message::{Barrier, EventTime, Message, Watermark};
+use crate::message::{Barrier, CheckpointId, EventTime, Message, Watermark};
 use crate::metrics::{MetricsRegistry, NodeRole, TaskMetrics};
 use crate::operator::{Collector, OperatorState, SourceEvent, TaskContext};
 use crate::watermark::{InputWatermarks, PartitionWatermarks};
@@ -55,6 +53,9 @@ pub struct RuntimeOptions {
     pub restore: Option<Arc<CompletedCheckpoint>>,
     /// Take a checkpoint this often (none: only when triggered).
     pub checkpoint_interval: Option<std::time::Duration>,
+    /// Where completed checkpoints are written before they count as complete
+    /// (none: kept in memory only).
+    pub store: Option<CheckpointStore>,
 }
 
 impl Default for RuntimeOptions {
@@ -64,6 +65,7 @@ impl Default for RuntimeOptions {
             clock: Arc::new(SystemClock),
             restore: None,
             checkpoint_interval: None,
+            store: None,
         }
     }
 }
@@ -94,6 +96,7 @@ pub struct RunningPipeline {
     metrics: Arc<MetricsRegistry>,
     stop: StopHandle,
     checkpoint_interval: Option<std::time::Duration>,
+    store: Option<CheckpointStore>,
 }
 
 impl RunningPipeline {
@@ -124,11 +127,33 @@ impl RunningPipeline {
             .checkpoint_interval
             .unwrap_or(std::time::Duration::from_secs(3600));
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let coordinator = self.checkpoints.inner.clone();
         loop {
             let joined = tokio::select! {
                 _ = ticks.tick(), if self.checkpoint_interval.is_some() && !stopped => {
                     if let Err(e) = self.checkpoints.trigger() {
                         tracing::debug!(error = %e, "periodic checkpoint not taken");
+                        if !matches!(&e, EngineError::Checkpoint(m) if m.starts_with("every task")) {
+                            coordinator.failed(0, e.to_string());
+                        }
+                    }
+                    continue;
+                }
+                _ = coordinator.acknowledged_notify.notified() => {
+                    for (checkpoint, started) in coordinator.take_acknowledged() {
+                        let stored = match &self.store {
+                            Some(store) => store.write(&checkpoint).await.map(|s| Some(s.bytes)),
+                            None => Ok(None),
+                        };
+                        match stored {
+                            Ok(bytes) => {
+                                if let (Some(store), Some(b)) = (&self.store, bytes) {
+                                    tracing::debug!(checkpoint = checkpoint.id, bytes = b, location = store.location(), "checkpoint stored");
+                                }
+                                coordinator.complete(checkpoint, started, bytes);
+                            }
+                            Err(e) => coordinator.failed(checkpoint.id, e.to_string()),
+                        }
                     }
                     continue;
                 }
@@ -183,7 +208,8 @@ impl RunningPipeline {
 enum Router {
     Forward,
     RoundRobin(usize),
-    Hash(Box<BatchPartitioner>),
+    /// By key group of these columns, over this many subtasks.
+    Hash(Vec<usize>, usize),
 }
 
 struct Output {
@@ -209,12 +235,17 @@ impl Output {
                 *next = next.wrapping_add(1);
                 self.send_to(i, Message::Batch(batch)).await
             }
-            Router::Hash(p) => {
-                let parts = p
-                    .partition_iter(batch)?
-                    .collect::<datafusion::error::Result<Vec<_>>>()?;
-                for (i, b) in parts {
-                    if b.num_rows() > 0 {
+            Router::Hash(keys, n) => {
+                let routes = crate::key_group::route(&batch, keys, *n)?;
+                for (i, rows) in routes.into_iter().enumerate() {
+                    if rows.len() == batch.num_rows() {
+                        return self.send_to(i, Message::Batch(batch)).await;
+                    }
+                    if !rows.is_empty() {
+                        let b = arrow::compute::take_record_batch(
+                            &batch,
+                            &arrow::array::UInt32Array::from(rows),
+                        )?;
                         self.send_to(i, Message::Batch(b)).await?;
                     }
                 }
@@ -398,23 +429,53 @@ impl Inputs {
 }
 
 fn hash_router(keys: &[String], schema: &arrow::datatypes::Schema, n: usize) -> Result<Router> {
-    let exprs = keys
+    let idx = keys
         .iter()
-        .map(|k| Ok(Arc::new(Column::new_with_schema(k, schema)?) as Arc<dyn PhysicalExpr>))
+        .map(|k| schema.index_of(k).map_err(EngineError::from))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Router::Hash(Box::new(
-        BatchPartitioner::new_hash_partitioner(exprs, n, Time::new())?,
-    )))
+    Ok(Router::Hash(idx, n))
 }
 
+/// The states subtask `subtask` of `node` restores from `restore`.
+///
+/// At the parallelism the checkpoint was taken with, its own state. At
+/// another parallelism: for an operator, the rows of every old subtask's
+/// keyed tables whose key groups it now owns (and their operator-wide
+/// tables); for a source, every old subtask's positions (each source keeps
+/// the partitions it reads); for a sink, the states of the old subtasks
+/// `s` with `s % parallelism == subtask`, so each pending commit is
+/// finished exactly once.
 fn restored(
     restore: &Option<Arc<CompletedCheckpoint>>,
-    node: &str,
+    node: &crate::graph::Node,
     subtask: usize,
-) -> Option<OperatorState> {
-    restore
-        .as_ref()
-        .and_then(|c| c.state(node, subtask).cloned())
+) -> Result<Vec<OperatorState>> {
+    let Some(c) = restore else {
+        return Ok(Vec::new());
+    };
+    let Some(&old) = c.parallelism.get(&node.name) else {
+        // A node the checkpoint did not have starts empty.
+        return Ok(Vec::new());
+    };
+    let p = node.parallelism;
+    let strip = |state: &OperatorState| -> Result<OperatorState> {
+        Ok(OperatorState {
+            batches: state
+                .batches
+                .iter()
+                .map(|b| crate::key_group::owned(b, subtask, p))
+                .collect::<Result<Vec<_>>>()?,
+        })
+    };
+    let olds: Vec<usize> = match node.kind {
+        _ if old == p => vec![subtask],
+        NodeKind::Sink(_) => (0..old).filter(|s| s % p == subtask).collect(),
+        _ => (0..old).collect(),
+    };
+    olds.into_iter()
+        .filter_map(|s| c.state(&node.name, s))
+        .map(strip)
+        .collect()
 }
 
 /// Starts every task of `graph`. Must be called inside a tokio runtime.
@@ -477,20 +538,42 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
         }
     }
 
-    let total_tasks: usize = nodes.iter().map(|n| n.parallelism).sum();
+    let mut parallelism = std::collections::BTreeMap::new();
     let mut source_controls = Vec::new();
     let mut source_rx = Vec::new();
+    let mut sink_controls = Vec::new();
+    let mut sink_rx = Vec::new();
     for n in nodes {
-        if matches!(n.kind, NodeKind::Source(_)) {
-            for _ in 0..n.parallelism {
-                let (tx, rx) = mpsc::channel::<Control>(16);
-                source_controls.push(tx);
-                source_rx.push(rx);
+        parallelism.insert(n.name.clone(), n.parallelism);
+        if let NodeKind::Operator(f) = &n.kind {
+            if !f.key_columns().is_empty() {
+                crate::key_group::check_parallelism(&n.name, n.parallelism)?;
+            }
+        }
+        for subtask in 0..n.parallelism {
+            let (tx, rx) = mpsc::channel::<Control>(64);
+            match n.kind {
+                NodeKind::Source(_) => {
+                    source_controls.push(((n.name.clone(), subtask), tx));
+                    source_rx.push(rx);
+                }
+                NodeKind::Sink(_) => {
+                    sink_controls.push(((n.name.clone(), subtask), tx));
+                    sink_rx.push(rx);
+                }
+                NodeKind::Operator(_) => {}
             }
         }
     }
     let first_id = opts.restore.as_ref().map_or(1, |c| c.id + 1);
-    let coordinator = Arc::new(Coordinator::new(total_tasks, source_controls, first_id));
+    let coordinator = Arc::new(Coordinator::new(
+        parallelism,
+        source_controls,
+        sink_controls,
+        first_id,
+        opts.clock.clone(),
+    ));
+    let mut sink_rx = sink_rx.into_iter();
     let mut source_rx = source_rx.into_iter();
 
     let mut tasks = JoinSet::new();
@@ -514,7 +597,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                 edges: outs,
                 metrics: ctx.metrics.clone(),
             };
-            let state = restored(&opts.restore, &node.name, subtask);
+            let states = restored(&opts.restore, node, subtask)?;
             let coord = coordinator.clone();
             let wrap = {
                 let name = node.name.clone();
@@ -530,8 +613,8 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
             match &node.kind {
                 NodeKind::Source(f) => {
                     let mut source = f.create(&ctx)?;
-                    if let Some(s) = state {
-                        source.restore(s)?;
+                    for s in states {
+                        source.restore(s).map_err(wrap.clone())?;
                     }
                     let et = f.event_time_column();
                     let schema = f.output_schema();
@@ -561,8 +644,8 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                 }
                 NodeKind::Operator(f) => {
                     let mut op = f.create(&ctx)?;
-                    if let Some(s) = state {
-                        op.restore(s)?;
+                    for s in states {
+                        op.restore(s).map_err(wrap.clone())?;
                     }
                     let ins = Inputs::new(slots);
                     tasks.spawn(async move {
@@ -577,9 +660,19 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                         .ok_or_else(|| {
                             EngineError::Internal(format!("sink {} has no input", node.name))
                         })?;
-                    let sink = f.create(&ctx, schema)?;
+                    let mut sink = f.create(&ctx, schema)?;
+                    for s in states {
+                        sink.restore(s).map_err(wrap.clone())?;
+                    }
                     let ins = Inputs::new(slots);
-                    tasks.spawn(async move { run_sink(ctx, sink, ins, coord).await.map_err(wrap) });
+                    let control = sink_rx
+                        .next()
+                        .ok_or_else(|| EngineError::Internal("sink control missing".into()))?;
+                    tasks.spawn(async move {
+                        run_sink(ctx, sink, ins, control, coord)
+                            .await
+                            .map_err(wrap)
+                    });
                 }
             }
         }
@@ -590,6 +683,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
         metrics,
         stop: StopHandle::default(),
         checkpoint_interval: opts.checkpoint_interval,
+        store: opts.store,
     })
 }
 
@@ -622,6 +716,9 @@ async fn run_source(
             if let Some(w) = wm.poll(clock.now_ms()) {
                 outs.watermark(w).await?;
             }
+            // Later checkpoints take this final position without a barrier.
+            let last = source.snapshot(CheckpointId::MAX)?;
+            coord.finished(&ctx.node, ctx.subtask, last);
             outs.broadcast(Message::EndOfInput).await?;
             return Ok(());
         }
@@ -689,7 +786,11 @@ async fn run_operator(
             InputEvent::Batch(input, batch) => {
                 TaskMetrics::add(&ctx.metrics.records_in, batch.num_rows());
                 TaskMetrics::add(&ctx.metrics.batches_in, 1);
-                op.process_batch(input, batch, &mut out)?;
+                if op.is_stateless() {
+                    process_isolating(&ctx, op.as_mut(), input, batch, &mut out)?;
+                } else {
+                    op.process_batch(input, batch, &mut out)?;
+                }
                 outs.emit(&mut out).await?;
             }
             InputEvent::Watermark(Watermark::EventTime(t)) => {
@@ -710,6 +811,8 @@ async fn run_operator(
             InputEvent::End => {
                 op.on_end(&mut out)?;
                 outs.emit(&mut out).await?;
+                let last = op.snapshot()?;
+                coord.finished(&ctx.node, ctx.subtask, last);
                 outs.broadcast(Message::EndOfInput).await?;
                 return Ok(());
             }
@@ -717,14 +820,80 @@ async fn run_operator(
     }
 }
 
+/// Processes `batch` through a stateless operator; when it fails on data
+/// (an expression that cannot be evaluated for some row), retries the halves
+/// until the failing rows are alone and sends those to dead letters with the
+/// error, so one poison record neither fails the pipeline nor, after a
+/// restart, fails it again.
+fn process_isolating(
+    ctx: &TaskContext,
+    op: &mut dyn crate::operator::Operator,
+    input: usize,
+    batch: RecordBatch,
+    out: &mut Collector,
+) -> Result<()> {
+    let mut attempt = Collector::new();
+    let err = match op.process_batch(input, batch.clone(), &mut attempt) {
+        Ok(()) => {
+            out.absorb(attempt);
+            return Ok(());
+        }
+        Err(e) if e.domain() == crate::error::ErrorDomain::User => e,
+        Err(e) => return Err(e),
+    };
+    if batch.num_rows() == 1 {
+        TaskMetrics::add(&ctx.metrics.dead_letters, 1);
+        *ctx.metrics
+            .dead_letters_by_error
+            .lock()
+            .entry("processing_failed".to_string())
+            .or_insert(0) += 1;
+        tracing::warn!(node = %ctx.node, subtask = ctx.subtask, error = %err, "record sent to dead letters: the step fails on it");
+        let mut raw = Vec::new();
+        {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut raw);
+            w.write(&batch)?;
+            w.finish()?;
+        }
+        let raw = raw.trim_ascii_end();
+        let mut dead = crate::dead_letter::DeadLetters::new(&ctx.node);
+        dead.push(
+            &ctx.node,
+            None,
+            "processing_failed",
+            &err.to_string(),
+            raw,
+        );
+        if let Some(d) = dead.finish()? {
+            out.emit_side(crate::operator::DEAD_LETTER, d);
+        }
+        return Ok(());
+    }
+    let half = batch.num_rows() / 2;
+    process_isolating(ctx, op, input, batch.slice(0, half), out)?;
+    process_isolating(ctx, op, input, batch.slice(half, batch.num_rows() - half), out)
+}
+
 async fn run_sink(
     ctx: TaskContext,
     mut sink: Box<dyn crate::operator::Sink>,
     mut ins: Inputs,
+    mut control: mpsc::Receiver<Control>,
     coord: Arc<Coordinator>,
 ) -> Result<()> {
     loop {
-        match ins.next(&ctx.node).await? {
+        let event = tokio::select! {
+            biased;
+            Some(c) = control.recv() => {
+                if let Control::Complete(id) = c {
+                    sink.on_checkpoint_complete(id).await?;
+                    coord.handled(id);
+                }
+                continue;
+            }
+            e = ins.next(&ctx.node) => e?,
+        };
+        match event {
             InputEvent::Batch(_, batch) => {
                 let n = batch.num_rows();
                 TaskMetrics::add(&ctx.metrics.records_in, n);
@@ -739,16 +908,12 @@ async fn run_sink(
                 }
             }
             InputEvent::Barrier(b) => {
-                sink.flush().await?;
-                coord.ack(
-                    b.checkpoint,
-                    &ctx.node,
-                    ctx.subtask,
-                    OperatorState::default(),
-                );
+                let state = sink.snapshot(b.checkpoint).await?;
+                coord.ack(b.checkpoint, &ctx.node, ctx.subtask, state);
             }
             InputEvent::End => {
-                sink.flush().await?;
+                sink.finish().await?;
+                coord.finished(&ctx.node, ctx.subtask, OperatorState::default());
                 return Ok(());
             }
         }

@@ -75,6 +75,10 @@ struct Filter {
 }
 
 impl Operator for Filter {
+    fn is_stateless(&self) -> bool {
+        true
+    }
+
     fn process_batch(
         &mut self,
         _input: usize,

@@ -121,6 +121,10 @@ struct Project {
 }
 
 impl Operator for Project {
+    fn is_stateless(&self) -> bool {
+        true
+    }
+
     fn process_batch(
         &mut self,
         _input: usize,

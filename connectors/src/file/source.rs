@@ -419,37 +419,56 @@ impl Source for FileSource {
         &mut self,
         _checkpoint: vigil_engine::CheckpointId,
     ) -> vigil_engine::Result<OperatorState> {
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            "records",
-            DataType::UInt64,
-            false,
-        )]));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("file", DataType::Utf8, false),
+            Field::new("records", DataType::UInt64, false),
+        ]));
         // A held batch has not reached the pipeline yet: it is not part of this checkpoint.
         let mut done = self.records_done.clone();
         if let Some((p, _, records)) = &self.held {
             done[*p] -= records;
         }
-        let batch = RecordBatch::try_new(schema, vec![Arc::new(UInt64Array::from(done))])?;
+        for (d, s) in done.iter_mut().zip(&self.skip) {
+            // Records a restore has yet to skip were read before it.
+            *d += *s;
+        }
+        let files: Vec<String> = self.files.iter().map(|f| f.display().to_string()).collect();
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(arrow::array::StringArray::from(files)),
+                Arc::new(UInt64Array::from(done)),
+            ],
+        )?;
         Ok(OperatorState {
             batches: vec![batch],
         })
     }
 
+    /// Takes the positions of this subtask's files; a checkpoint taken at
+    /// another parallelism offers files other subtasks read now.
     fn restore(&mut self, state: OperatorState) -> vigil_engine::Result<()> {
         let Some(b) = state.batches.first() else {
             return Ok(());
         };
-        let done = b.column(0).as_primitive::<UInt64Type>();
-        if done.len() != self.files.len() {
+        if b.num_columns() != 2 {
             return Err(EngineError::Checkpoint(format!(
-                "file source {}: checkpoint has {} files, this subtask reads {}",
-                self.name,
-                done.len(),
-                self.files.len()
+                "file source {}: the checkpoint's positions are not per file",
+                self.name
             )));
         }
-        self.skip = done.values().to_vec();
-        self.records_done = vec![0; self.files.len()];
+        let files = b.column(0).as_string::<i32>();
+        let done = b.column(1).as_primitive::<UInt64Type>();
+        for (f, d) in files.iter().zip(done.values()) {
+            if let Some(i) = self
+                .files
+                .iter()
+                .position(|p| Some(p.display().to_string().as_str()) == f)
+            {
+                self.skip[i] = *d;
+                self.records_done[i] = 0;
+            }
+        }
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, UInt64Type};
 use async_trait::async_trait;
 use vigil_engine::{
-    EngineError, OperatorState, SharedClock, Source, SourceEvent, SourceFactory, TaskContext,
+    OperatorState, SharedClock, Source, SourceEvent, SourceFactory, TaskContext,
 };
 
 use super::config::{GeneratorConfig, Stream};
@@ -526,17 +526,12 @@ impl Source for GeneratorSource {
         };
         let parts = b.column(0).as_primitive::<UInt64Type>();
         let next = b.column(1).as_primitive::<UInt64Type>();
+        // After a rescale every old subtask's positions are offered: take
+        // the partitions this subtask generates.
         for (p, n) in parts.values().iter().zip(next.values()) {
-            let slot = self
-                .parts
-                .iter_mut()
-                .find(|g| g.p as u64 == *p)
-                .ok_or_else(|| {
-                    EngineError::Checkpoint(format!(
-                        "generator partition {p} is not read by this subtask"
-                    ))
-                })?;
-            slot.next = *n;
+            if let Some(slot) = self.parts.iter_mut().find(|g| g.p as u64 == *p) {
+                slot.next = *n;
+            }
         }
         Ok(())
     }

@@ -225,6 +225,18 @@ pub struct KafkaSinkConfig {
     /// `retract` become tombstones, the rest upserts), for a compacted topic.
     #[serde(default)]
     pub changelog: bool,
+    /// Write in Kafka transactions committed when a checkpoint completes, so
+    /// `read_committed` consumers see every record exactly once. Records
+    /// become visible one checkpoint later (default off: records are sent at
+    /// once by an idempotent producer, and a restart may repeat the ones
+    /// after the last checkpoint).
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// Prefix of the transactional ids (`<prefix>-<sink>-<subtask>`); two
+    /// pipelines writing the same topic must use different ones. Default
+    /// `vigil-<topic>`.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
     /// Extra librdkafka settings.
     #[serde(default)]
     pub properties: Properties,

@@ -9,6 +9,19 @@
 //! record is ever dropped silently. Rows are encoded with arrow-json or
 //! arrow-avro in one pass per batch, never through per-row value trees.
 //!
+//! With `exactly_once`, the sink takes part in checkpoints as a two-phase
+//! commit. Records go into a Kafka transaction; the checkpoint barrier
+//! flushes it (pre-commit) and the checkpoint's completion commits it.
+//! Records arriving while a transaction waits for its commit are held in
+//! memory (as the Arrow batches they came in) and sent in the next one, so
+//! a transaction only ever holds one checkpoint's records. The checkpoint
+//! keeps the pre-committed batches: librdkafka cannot resume another
+//! process's transaction, so a restore aborts the one left open (by
+//! `init_transactions` under the same transactional id) and sends the
+//! restored batches again in a new transaction. If the process died after
+//! the commit but before the next checkpoint, those records are written
+//! twice; every other crash point gives exactly-once.
+//!
 //! Avro values are in the Confluent wire format. Their schema is derived
 //! from the input columns and registered under `<topic>-value` when the
 //! first batch is written, so consumers find it by the id in each record.
@@ -30,7 +43,8 @@ use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use vigil_engine::{EngineError, Sink, SinkFactory, TaskContext};
+use rdkafka::producer::Producer as _;
+use vigil_engine::{CheckpointId, EngineError, OperatorState, Sink, SinkFactory, TaskContext};
 
 use super::config::{KafkaSinkConfig, Properties, SinkFormat};
 use crate::avro::Registry;
@@ -117,7 +131,7 @@ impl SinkFactory for KafkaSinkFactory {
         Ok(())
     }
 
-    fn create(&self, _ctx: &TaskContext, schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+    fn create(&self, ctx: &TaskContext, schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
         self.check_input(&schema)?;
         let encoding = match &self.registry {
             None => Encoding::Json,
@@ -132,12 +146,47 @@ impl SinkFactory for KafkaSinkFactory {
                 encoder: None,
             },
         };
+        let mut properties = self.config.properties.clone();
+        let transactions = if self.config.exactly_once {
+            let prefix = self
+                .config
+                .transactional_id
+                .clone()
+                .unwrap_or_else(|| format!("vigil-{}", self.config.topic));
+            let id = format!("{prefix}-{}-{}", ctx.node, ctx.subtask);
+            properties.0.insert("transactional.id".into(), id.clone());
+            Some(id)
+        } else {
+            None
+        };
+        let producer = Producer::new(&self.config.brokers, &properties)?;
+        if let Some(id) = &transactions {
+            // Fences an earlier instance and aborts the transaction it left open.
+            producer
+                .inner
+                .init_transactions(TXN_TIMEOUT)
+                .map_err(|e| transaction_error(id, "cannot initialise transactions", e))?;
+            producer
+                .inner
+                .begin_transaction()
+                .map_err(|e| transaction_error(id, "cannot begin a transaction", e))?;
+            tracing::debug!(transactional_id = %id, "kafka sink transactions initialised");
+        }
         Ok(Box::new(KafkaSink {
             changelog: self.config.changelog,
             topic: self.config.topic.clone(),
             key: self.config.key.clone(),
             encoding,
-            producer: Producer::new(&self.config.brokers, &self.config.properties)?,
+            producer,
+            txn: transactions.map(|id| Transactions {
+                id,
+                epochs: VecDeque::from([Epoch {
+                    barrier: None,
+                    batches: Vec::new(),
+                    sent: true,
+                }]),
+                restored: Vec::new(),
+            }),
         }))
     }
 
@@ -229,6 +278,36 @@ struct KafkaSink {
     key: Option<String>,
     encoding: Encoding,
     producer: Producer,
+    /// Set in exactly-once mode.
+    txn: Option<Transactions>,
+}
+
+/// How long a transaction call may take before the pipeline fails.
+const TXN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn transaction_error(id: &str, what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::io(
+        format!("kafka transactional id {id}: {what}"),
+        std::io::Error::other(e.to_string()),
+    )
+}
+
+/// The records between two checkpoint barriers.
+struct Epoch {
+    /// The barrier that closed it (None: the current epoch).
+    barrier: Option<CheckpointId>,
+    batches: Vec<RecordBatch>,
+    /// Sent in the open transaction (only the oldest epoch can be).
+    sent: bool,
+}
+
+/// Exactly-once state: uncommitted epochs, oldest first.
+struct Transactions {
+    id: String,
+    epochs: VecDeque<Epoch>,
+    /// Pre-committed batches of the checkpoint restored from, to send and
+    /// commit before anything else.
+    restored: Vec<RecordBatch>,
 }
 
 impl KafkaSink {
@@ -363,9 +442,70 @@ impl Producer {
     }
 }
 
-#[async_trait]
-impl Sink for KafkaSink {
-    async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
+impl KafkaSink {
+    fn commit(&mut self) -> vigil_engine::Result<()> {
+        let Some(t) = &self.txn else { return Ok(()) };
+        self.producer
+            .inner
+            .commit_transaction(TXN_TIMEOUT)
+            .map_err(|e| transaction_error(&t.id, "cannot commit", e))?;
+        self.producer
+            .inner
+            .begin_transaction()
+            .map_err(|e| transaction_error(&t.id, "cannot begin a transaction", e))
+    }
+
+    /// Sends and commits the restored batches first.
+    async fn settle_restored(&mut self) -> vigil_engine::Result<()> {
+        let restored = match &mut self.txn {
+            Some(t) if !t.restored.is_empty() => std::mem::take(&mut t.restored),
+            _ => return Ok(()),
+        };
+        let rows: usize = restored.iter().map(|b| b.num_rows()).sum();
+        for b in &restored {
+            self.send(b).await?;
+        }
+        self.producer.settle(0).await?;
+        self.commit()?;
+        tracing::info!(rows, "kafka sink: records pre-committed by the restored checkpoint committed");
+        Ok(())
+    }
+
+    /// Commits every epoch closed by a checkpoint up to `through`; then the
+    /// oldest open epoch goes into the new transaction.
+    async fn commit_through(&mut self, through: CheckpointId) -> vigil_engine::Result<()> {
+        self.settle_restored().await?;
+        loop {
+            let Some(t) = &mut self.txn else { return Ok(()) };
+            let Some(front) = t.epochs.front_mut() else { return Ok(()) };
+            let closed = front.barrier.is_some_and(|b| b <= through);
+            if !front.sent {
+                let batches = front.batches.clone();
+                front.sent = true;
+                for b in &batches {
+                    self.send(b).await?;
+                }
+            }
+            if !closed {
+                return Ok(());
+            }
+            self.producer.settle(0).await?;
+            self.commit()?;
+            if let Some(t) = &mut self.txn {
+                t.epochs.pop_front();
+                if t.epochs.is_empty() {
+                    t.epochs.push_back(Epoch {
+                        barrier: None,
+                        batches: Vec::new(),
+                        sent: true,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, batch: &RecordBatch) -> vigil_engine::Result<()> {
+        let batch = batch.clone();
         let (values, offsets) = self.encode(&batch).await?;
         let newline = usize::from(matches!(self.encoding, Encoding::Json));
         let keys = match &self.key {
@@ -399,8 +539,70 @@ impl Sink for KafkaSink {
         }
         Ok(())
     }
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
+        self.settle_restored().await?;
+        let Some(t) = &mut self.txn else {
+            return self.send(&batch).await;
+        };
+        let Some(current) = t.epochs.back_mut() else {
+            return Err(EngineError::Internal("kafka sink has no epoch".into()));
+        };
+        current.batches.push(batch.clone());
+        if current.sent {
+            self.send(&batch).await?;
+        }
+        Ok(())
+    }
 
     async fn flush(&mut self) -> vigil_engine::Result<()> {
+        self.producer.settle(0).await
+    }
+
+    async fn snapshot(&mut self, checkpoint: CheckpointId) -> vigil_engine::Result<OperatorState> {
+        self.settle_restored().await?;
+        self.producer.settle(0).await?;
+        let Some(t) = &mut self.txn else {
+            return Ok(OperatorState::default());
+        };
+        if let Some(current) = t.epochs.back_mut() {
+            current.barrier = Some(checkpoint);
+        }
+        t.epochs.push_back(Epoch {
+            barrier: None,
+            batches: Vec::new(),
+            sent: false,
+        });
+        // Everything not committed up to this barrier.
+        let batches = t
+            .epochs
+            .iter()
+            .filter(|e| e.barrier.is_some())
+            .flat_map(|e| e.batches.iter().cloned())
+            .collect::<Vec<_>>();
+        Ok(OperatorState { batches })
+    }
+
+    async fn on_checkpoint_complete(&mut self, checkpoint: CheckpointId) -> vigil_engine::Result<()> {
+        self.commit_through(checkpoint).await
+    }
+
+    fn restore(&mut self, state: OperatorState) -> vigil_engine::Result<()> {
+        if let Some(t) = &mut self.txn {
+            t.restored.extend(state.batches.into_iter().filter(|b| b.num_rows() > 0));
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> vigil_engine::Result<()> {
+        self.commit_through(CheckpointId::MAX).await?;
+        if self.txn.is_some() {
+            self.producer.settle(0).await?;
+            self.commit()?;
+        }
         self.producer.settle(0).await
     }
 }

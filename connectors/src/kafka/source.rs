@@ -1052,6 +1052,37 @@ impl Source for KafkaSource {
         })
     }
 
+    /// Reading resumes at the checkpoint's offsets, not at the group's
+    /// committed ones: the process may have died after the checkpoint was
+    /// stored and before its offsets were committed. The offsets apply to
+    /// whichever subtask the group assigns each partition to.
+    fn restore(&mut self, state: OperatorState) -> vigil_engine::Result<()> {
+        let Some(b) = state.batches.first() else {
+            return Ok(());
+        };
+        let (Some(topics), Some(parts), Some(next)) = (
+            b.column_by_name("topic").and_then(|c| arrow::array::AsArray::as_string_opt::<i32>(c)),
+            b.column_by_name("partition")
+                .and_then(|c| arrow::array::AsArray::as_primitive_opt::<arrow::datatypes::Int32Type>(c)),
+            b.column_by_name("next_offset")
+                .and_then(|c| arrow::array::AsArray::as_primitive_opt::<arrow::datatypes::Int64Type>(c)),
+        ) else {
+            return Err(EngineError::Checkpoint(format!(
+                "kafka source {}: the checkpoint's offsets have the wrong columns",
+                self.name
+            )));
+        };
+        let started = self.consumer.context().started.clone();
+        let mut resume = self.resume.lock();
+        for i in 0..b.num_rows() {
+            let tp = (topics.value(i).to_string(), parts.value(i));
+            started.lock().insert(tp.clone());
+            resume.insert(tp, next.value(i));
+        }
+        tracing::info!(source = %self.name, partitions = b.num_rows(), "kafka offsets restored from the checkpoint");
+        Ok(())
+    }
+
     fn on_checkpoint_complete(&mut self, checkpoint: CheckpointId) -> vigil_engine::Result<()> {
         let Some(offsets) = self.pending_commits.remove(&checkpoint) else {
             return Ok(());

@@ -1,0 +1,411 @@
+//! Durable checkpoints: Arrow IPC state files plus a manifest, in a local
+//! directory or S3-compatible object storage (through `object_store`).
+//!
+//! # Layout
+//! ```text
+//! <root>/checkpoints/chk-00000000000000000012/<task>-<node>-<subtask>/<n>.arrow
+//! <root>/checkpoints/chk-00000000000000000012/_manifest.json
+//! <root>/savepoints/<name>/...            (same shape, never pruned)
+//! ```
+//! Each state table of each subtask is one Arrow IPC file, so a restore reads
+//! the columns back without decoding rows, and a table may have any schema.
+//!
+//! # Atomic completion
+//! The manifest is written last, with a single `put` (atomic on every
+//! object store, and a write-then-rename on a local disk). A checkpoint
+//! without a manifest is not a checkpoint: a crash half-way through leaves
+//! files no reader looks at, and the next prune removes them. Pruning
+//! deletes a checkpoint's manifest before its files for the same reason.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use super::CompletedCheckpoint;
+use crate::error::{EngineError, Result};
+use crate::key_group::KEY_GROUPS;
+use crate::message::CheckpointId;
+use crate::operator::OperatorState;
+
+const MANIFEST: &str = "_manifest.json";
+const FORMAT: u32 = 1;
+/// Files written or read at once.
+const CONCURRENCY: usize = 16;
+
+/// The manifest of a stored checkpoint: what it holds and where.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// Layout version.
+    pub format: u32,
+    /// Checkpoint id.
+    pub id: CheckpointId,
+    /// Savepoint name, for a savepoint.
+    pub savepoint: Option<String>,
+    /// Number of key groups keyed state was divided into.
+    pub key_groups: usize,
+    /// Parallelism of each node when the checkpoint was taken.
+    pub parallelism: BTreeMap<String, usize>,
+    /// State files of each subtask: `(node, subtask, files)`.
+    pub tasks: Vec<TaskFiles>,
+    /// Bytes of state files.
+    pub bytes: u64,
+}
+
+/// The state files of one subtask.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskFiles {
+    /// Node name.
+    pub node: String,
+    /// Subtask index.
+    pub subtask: usize,
+    /// Files, relative to the checkpoint, in table order.
+    pub files: Vec<String>,
+}
+
+/// Size of a stored checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredSize {
+    /// Bytes of state files.
+    pub bytes: u64,
+    /// Number of state files.
+    pub files: usize,
+}
+
+/// Where a pipeline's checkpoints and savepoints are kept.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    location: String,
+    retain: usize,
+}
+
+fn store_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Checkpoint(format!("{what}: {e}"))
+}
+
+pub(crate) fn check_savepoint_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::User(format!(
+            "savepoint name {name:?}: use letters, digits, '-', '_' and '.', not starting with '.'"
+        )))
+    }
+}
+
+impl CheckpointStore {
+    /// Opens `location`: an `s3://bucket/prefix` URL (credentials, region and
+    /// endpoint from the usual `AWS_*` variables, e.g. `AWS_ENDPOINT_URL` for
+    /// MinIO or other S3-compatible stores) or a local directory, created if
+    /// missing. Keeps the newest `retain` checkpoints (at least 1).
+    pub fn open(location: &str, retain: usize) -> Result<Self> {
+        let (store, root): (Arc<dyn ObjectStore>, Path) = if location.contains("://") {
+            let url = url::Url::parse(location)
+                .map_err(|e| EngineError::User(format!("checkpoint storage {location:?}: {e}")))?;
+            let options: Vec<(String, String)> = std::env::vars()
+                .filter(|(k, _)| k.starts_with("AWS_"))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect();
+            let (store, path) = object_store::parse_url_opts(&url, options)
+                .map_err(|e| EngineError::User(format!("checkpoint storage {location:?}: {e}")))?;
+            (Arc::from(store), path)
+        } else {
+            std::fs::create_dir_all(location)
+                .map_err(|e| EngineError::io(format!("cannot create checkpoint directory {location}"), e))?;
+            let fs = LocalFileSystem::new_with_prefix(location)
+                .map_err(|e| store_error(format!("checkpoint directory {location}"), e))?;
+            (Arc::new(fs), Path::default())
+        };
+        Ok(Self {
+            store,
+            root,
+            location: location.to_string(),
+            retain: retain.max(1),
+        })
+    }
+
+    /// Where the checkpoints are, as given.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn dir_of(&self, id: CheckpointId, savepoint: Option<&str>) -> Path {
+        match savepoint {
+            Some(name) => self.root.clone().join("savepoints").join(name),
+            None => self
+                .root
+                .clone()
+                .join("checkpoints")
+                .join(format!("chk-{id:020}").as_str()),
+        }
+    }
+
+    /// Writes `checkpoint`; when this returns, it is complete and durable.
+    /// A savepoint is also stored as a checkpoint, so it is the latest one.
+    pub async fn write(&self, checkpoint: &CompletedCheckpoint) -> Result<StoredSize> {
+        let size = self.write_at(checkpoint, self.dir_of(checkpoint.id, None)).await?;
+        if let Some(name) = &checkpoint.savepoint {
+            self.write_at(checkpoint, self.dir_of(checkpoint.id, Some(name)))
+                .await?;
+        }
+        self.prune(checkpoint.id).await?;
+        Ok(size)
+    }
+
+    async fn write_at(&self, checkpoint: &CompletedCheckpoint, dir: Path) -> Result<StoredSize> {
+        let mut tasks: Vec<TaskFiles> = Vec::new();
+        let mut puts = Vec::new();
+        let mut keys: Vec<_> = checkpoint.states.keys().collect();
+        keys.sort();
+        for (task, key) in keys.into_iter().enumerate() {
+            let state = &checkpoint.states[key];
+            let mut files = Vec::new();
+            for (n, batch) in state.batches.iter().enumerate() {
+                let name = format!("{task:04}-{}-{}/{n}.arrow", encode(&key.0), key.1);
+                let mut buf = Vec::new();
+                let mut w = FileWriter::try_new(&mut buf, &batch.schema())?;
+                w.write(batch)?;
+                w.finish()?;
+                drop(w);
+                puts.push((child(&dir, &name), Bytes::from(buf)));
+                files.push(name);
+            }
+            tasks.push(TaskFiles {
+                node: key.0.clone(),
+                subtask: key.1,
+                files,
+            });
+        }
+        let bytes: u64 = puts.iter().map(|(_, b)| b.len() as u64).sum();
+        let files = puts.len();
+        futures::stream::iter(puts)
+            .map(|(path, data)| async move {
+                self.store
+                    .put(&path, PutPayload::from_bytes(data))
+                    .await
+                    .map_err(|e| store_error(format!("cannot write {path}"), e))
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_for_each(|_| async { Ok(()) })
+            .await?;
+        let manifest = Manifest {
+            format: FORMAT,
+            id: checkpoint.id,
+            savepoint: checkpoint.savepoint.clone(),
+            key_groups: KEY_GROUPS,
+            parallelism: checkpoint.parallelism.clone(),
+            tasks,
+            bytes,
+        };
+        let json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| store_error("cannot encode the manifest", e))?;
+        let path = dir.clone().join(MANIFEST);
+        self.store
+            .put(&path, PutPayload::from(json))
+            .await
+            .map_err(|e| store_error(format!("cannot write {path}"), e))?;
+        Ok(StoredSize { bytes, files })
+    }
+
+    /// Ids of checkpoint directories, complete or not, oldest first.
+    async fn checkpoint_dirs(&self) -> Result<Vec<CheckpointId>> {
+        let prefix = self.root.clone().join("checkpoints");
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| store_error(format!("cannot list {}", self.location), e))?;
+        let mut ids: Vec<CheckpointId> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename()?.strip_prefix("chk-")?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    async fn manifest_at(&self, dir: &Path) -> Result<Option<Manifest>> {
+        let path = dir.clone().join(MANIFEST);
+        match self.store.get(&path).await {
+            Ok(got) => {
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|e| store_error(format!("cannot read {path}"), e))?;
+                let m: Manifest = serde_json::from_slice(&bytes)
+                    .map_err(|e| store_error(format!("{path} is not a manifest"), e))?;
+                if m.format != FORMAT {
+                    return Err(EngineError::Checkpoint(format!(
+                        "{path}: layout version {} is not {FORMAT}",
+                        m.format
+                    )));
+                }
+                Ok(Some(m))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_error(format!("cannot read {path}"), e)),
+        }
+    }
+
+    /// Manifests of the complete checkpoints, oldest first.
+    pub async fn list(&self) -> Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        for id in self.checkpoint_dirs().await? {
+            if let Some(m) = self.manifest_at(&self.dir_of(id, None)).await? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The latest complete checkpoint, if any.
+    pub async fn latest(&self) -> Result<Option<CompletedCheckpoint>> {
+        for id in self.checkpoint_dirs().await?.into_iter().rev() {
+            let dir = self.dir_of(id, None);
+            if let Some(m) = self.manifest_at(&dir).await? {
+                return Ok(Some(self.read(&dir, m).await?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The savepoint called `name`.
+    pub async fn savepoint(&self, name: &str) -> Result<CompletedCheckpoint> {
+        check_savepoint_name(name)?;
+        let dir = self.dir_of(0, Some(name));
+        match self.manifest_at(&dir).await? {
+            Some(m) => self.read(&dir, m).await,
+            None => Err(EngineError::User(format!(
+                "no savepoint {name:?} in {}",
+                self.location
+            ))),
+        }
+    }
+
+    async fn read(&self, dir: &Path, m: Manifest) -> Result<CompletedCheckpoint> {
+        if m.key_groups != KEY_GROUPS {
+            return Err(EngineError::Checkpoint(format!(
+                "checkpoint {} divides keyed state into {} key groups, this build into {KEY_GROUPS}",
+                m.id, m.key_groups
+            )));
+        }
+        let reads = m.tasks.iter().flat_map(|t| {
+            t.files
+                .iter()
+                .enumerate()
+                .map(move |(n, f)| ((t.node.clone(), t.subtask, n), child(dir, f)))
+        });
+        let tables: Vec<((String, usize, usize), arrow::record_batch::RecordBatch)> =
+            futures::stream::iter(reads)
+                .map(|(key, path)| async move {
+                    let got = self
+                        .store
+                        .get(&path)
+                        .await
+                        .map_err(|e| store_error(format!("cannot read {path}"), e))?;
+                    let bytes = got
+                        .bytes()
+                        .await
+                        .map_err(|e| store_error(format!("cannot read {path}"), e))?;
+                    let reader = FileReader::try_new(std::io::Cursor::new(bytes), None)?;
+                    let schema = reader.schema();
+                    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+                    let table = arrow::compute::concat_batches(&schema, &batches)?;
+                    Ok::<_, EngineError>((key, table))
+                })
+                .buffer_unordered(CONCURRENCY)
+                .try_collect()
+                .await?;
+        let mut by_task: BTreeMap<(String, usize), Vec<(usize, arrow::record_batch::RecordBatch)>> =
+            BTreeMap::new();
+        for ((node, subtask, n), t) in tables {
+            by_task.entry((node, subtask)).or_default().push((n, t));
+        }
+        let mut states = std::collections::HashMap::new();
+        for t in &m.tasks {
+            let mut tables = by_task.remove(&(t.node.clone(), t.subtask)).unwrap_or_default();
+            tables.sort_by_key(|(n, _)| *n);
+            states.insert(
+                (t.node.clone(), t.subtask),
+                OperatorState {
+                    batches: tables.into_iter().map(|(_, b)| b).collect(),
+                },
+            );
+        }
+        Ok(CompletedCheckpoint {
+            id: m.id,
+            states,
+            parallelism: m.parallelism,
+            savepoint: m.savepoint,
+        })
+    }
+
+    /// Deletes checkpoints beyond the newest `retain`, and incomplete ones
+    /// older than `latest` (left by a crash).
+    async fn prune(&self, latest: CheckpointId) -> Result<()> {
+        let mut complete = Vec::new();
+        let mut doomed = Vec::new();
+        for id in self.checkpoint_dirs().await? {
+            if id >= latest {
+                if id == latest {
+                    complete.push(id);
+                }
+                continue;
+            }
+            match self.manifest_at(&self.dir_of(id, None)).await? {
+                Some(_) => complete.push(id),
+                None => doomed.push(id),
+            }
+        }
+        let keep_from = complete.len().saturating_sub(self.retain);
+        doomed.extend(&complete[..keep_from]);
+        for id in doomed {
+            let dir = self.dir_of(id, None);
+            // The manifest first: a half-deleted checkpoint must not look complete.
+            match self.store.delete(&dir.clone().join(MANIFEST)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(format!("cannot delete {dir}"), e)),
+            }
+            let files: Vec<Path> = self
+                .store
+                .list(Some(&dir))
+                .map_ok(|m| m.location)
+                .try_collect()
+                .await
+                .map_err(|e| store_error(format!("cannot list {dir}"), e))?;
+            for f in files {
+                match self.store.delete(&f).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(store_error(format!("cannot delete {f}"), e)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Node names as one path segment.
+fn encode(node: &str) -> String {
+    node.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect()
+}
+
+fn child(dir: &Path, relative: &str) -> Path {
+    relative.split('/').fold(dir.clone(), |p, part| p.join(part))
+}
