@@ -1,13 +1,15 @@
 //! The HTTP API of a running pipeline: its read models, queried while it
-//! runs (Kafka Streams' interactive queries).
+//! runs (Kafka Streams' interactive queries), and its checkpoints.
 //!
 //! | request | answer |
 //! |---|---|
+//! | `GET /v1/checkpoints` | checkpoint health: storage, restarts, the latest checkpoint, failures |
+//! | `POST /v1/savepoints?name=<name>` | takes a savepoint and answers once it is stored (`vigil savepoint`) |
 //! | `GET /v1/read-models` | the models and how many rows the tenant has in each |
 //! | `GET /v1/read-models/<name>/<key>` | one row, or 404 |
 //! | `GET /v1/read-models/<name>?col=value&limit=50&after=<key>&count_by=col` | a page: `items`, `next`, `total`, `counts` |
 //!
-//! Every request names its tenant in the `X-Tenant-Id` header (a gateway in
+//! Read-model requests name their tenant in the `X-Tenant-Id` header (a gateway in
 //! front of Vigil sets it from the caller's credentials); without one it is
 //! refused, and it never sees another tenant's rows: a row of tenant B is
 //! "not found" to tenant A. Row bodies are the JSON the read-model sink
@@ -19,7 +21,9 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use parking_lot::Mutex;
+use vigil_engine::{CheckpointHandle, EngineError};
 use axum::Router;
 use vigil_connectors::read_model::{self, ReadModels};
 
@@ -144,13 +148,129 @@ async fn list(
     }
 }
 
-/// The API's routes over `models`.
-pub fn router(models: Arc<ReadModels>) -> Router {
+/// What the API knows of the running pipeline's checkpoints; one for the
+/// whole run, attached to each start of the pipeline in turn.
+#[derive(Debug)]
+pub struct Control {
+    location: Option<String>,
+    current: Mutex<Option<CheckpointHandle>>,
+    restarts: Mutex<(u32, Option<String>)>,
+}
+
+impl Control {
+    /// For checkpoints stored at `location` (none: in memory).
+    pub fn new(location: Option<String>) -> Self {
+        Self {
+            location,
+            current: Mutex::new(None),
+            restarts: Mutex::new((0, None)),
+        }
+    }
+
+    /// The pipeline (re)started with these checkpoints.
+    pub fn attach(&self, handle: CheckpointHandle) {
+        *self.current.lock() = Some(handle);
+    }
+
+    /// The pipeline stopped.
+    pub fn detach(&self) {
+        *self.current.lock() = None;
+    }
+
+    /// The pipeline failed with `error` and is being restarted.
+    pub fn restarted(&self, error: &EngineError) {
+        let mut r = self.restarts.lock();
+        r.0 += 1;
+        r.1 = Some(error.to_string());
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    models: Arc<ReadModels>,
+    control: Arc<Control>,
+}
+
+async fn checkpoints(State(api): State<Api>) -> Response {
+    let handle = api.control.current.lock().clone();
+    let (restarts, last_error) = api.control.restarts.lock().clone();
+    let body = serde_json::json!({
+        "storage": api.control.location,
+        "running": handle.is_some(),
+        "restarts": restarts,
+        "last_failure": last_error,
+        "checkpoints": handle.map(|h| h.stats()),
+    });
+    json(StatusCode::OK, body.to_string())
+}
+
+/// How long a savepoint request waits for the savepoint to be stored.
+const SAVEPOINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+async fn savepoint(
+    State(api): State<Api>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let Some(name) = params.iter().find(|(k, _)| k == "name").map(|(_, v)| v.clone()) else {
+        return error(StatusCode::BAD_REQUEST, "name the savepoint: ?name=<name>");
+    };
+    let Some(location) = api.control.location.clone() else {
+        return error(
+            StatusCode::CONFLICT,
+            "this run keeps checkpoints in memory; start it with --checkpoints to take savepoints",
+        );
+    };
+    let Some(handle) = api.control.current.lock().clone() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the pipeline is not running");
+    };
+    let id = match handle.savepoint(&name) {
+        Ok(id) => id,
+        Err(e @ EngineError::User(_)) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    match tokio::time::timeout(SAVEPOINT_TIMEOUT, handle.wait_for(id)).await {
+        Ok(done) if done.id == id => json(
+            StatusCode::OK,
+            serde_json::json!({ "savepoint": name, "checkpoint": id, "storage": location })
+                .to_string(),
+        ),
+        Ok(_) | Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("savepoint {name:?} (checkpoint {id}) was not stored in time"),
+        ),
+    }
+}
+
+async fn index_api(State(api): State<Api>, headers: HeaderMap) -> Response {
+    index(State(api.models), headers).await
+}
+
+async fn one_api(
+    State(api): State<Api>,
+    path: Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    one(State(api.models), path, headers).await
+}
+
+async fn list_api(
+    State(api): State<Api>,
+    path: Path<String>,
+    query: Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    list(State(api.models), path, query, headers).await
+}
+
+/// The API's routes over `models` and the run's `control`.
+pub fn router(models: Arc<ReadModels>, control: Arc<Control>) -> Router {
     Router::new()
-        .route("/v1/read-models", get(index))
-        .route("/v1/read-models/{name}", get(list))
-        .route("/v1/read-models/{name}/{key}", get(one))
-        .with_state(models)
+        .route("/v1/read-models", get(index_api))
+        .route("/v1/read-models/{name}", get(list_api))
+        .route("/v1/read-models/{name}/{key}", get(one_api))
+        .route("/v1/checkpoints", get(checkpoints))
+        .route("/v1/savepoints", post(savepoint))
+        .with_state(Api { models, control })
 }
 
 /// A bound listener for the API, so the address is known (and a port in
@@ -159,10 +279,11 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serves `models` on `listener` until the future is dropped.
+/// Serves the API on `listener` until the future is dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     models: Arc<ReadModels>,
+    control: Arc<Control>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(models)).await
+    axum::serve(listener, router(models, control)).await
 }

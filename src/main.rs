@@ -1,7 +1,8 @@
 //! The `vigil` command.
 //!
 //! `validate`, `explain` and `run` take a pipeline file; `demo` runs the
-//! embedded demo pipeline; `sql` runs one query and prints its rows. Exit codes: 0 success, 1 the pipeline failed while
+//! embedded demo pipeline; `sql` runs one query and prints its rows;
+//! `savepoint` asks a running pipeline for a savepoint. Exit codes: 0 success, 1 the pipeline failed while
 //! running, 2 the pipeline file is invalid (nothing was started).
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use vigil::pipeline::{self, Diagnostics, Plan, PlanOptions};
-use vigil::run::{run, Progress, RunOptions, Summary};
+use vigil::run::{run, Progress, Restore, RestartPolicy, RunOptions, Summary};
+
+/// Where `vigil run` keeps checkpoints unless told otherwise.
+const DEFAULT_CHECKPOINTS: &str = ".vigil/checkpoints";
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +59,16 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         run: RunArgs,
+    },
+    /// Take a savepoint of a running pipeline (through its HTTP API) and
+    /// print where it is stored; `vigil run --from-savepoint NAME` starts
+    /// from it.
+    Savepoint {
+        /// Name to keep it under (letters, digits, '-', '_', '.').
+        name: String,
+        /// The running pipeline's API address (its `--http`).
+        #[arg(long, default_value = "127.0.0.1:8686")]
+        http: String,
     },
     /// Run the embedded demo: generated logins with injected attacks, detected live.
     Demo {
@@ -104,9 +118,32 @@ struct RunArgs {
     /// Directory for the default dead-letter file.
     #[arg(long, default_value = ".")]
     dead_letter_dir: PathBuf,
-    /// Take a checkpoint this often (Kafka offsets are committed when one completes).
+    /// Take a checkpoint this often (Kafka offsets are committed and sinks
+    /// commit when one completes).
     #[arg(long, value_parser = humantime_duration, default_value = "10s")]
     checkpoint_interval: Duration,
+    /// Where checkpoints are kept: a directory, an s3://bucket/prefix URL
+    /// (AWS_* variables configure it), or `off` (in memory). Each pipeline
+    /// uses a subdirectory named after it. Default for `run`:
+    /// `.vigil/checkpoints`; for `demo` and `sql`: off.
+    #[arg(long)]
+    checkpoints: Option<String>,
+    /// Complete checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    retain: usize,
+    /// Start from this savepoint instead of the latest checkpoint.
+    #[arg(long, conflicts_with = "fresh")]
+    from_savepoint: Option<String>,
+    /// Start from nothing, ignoring (and replacing) existing checkpoints.
+    #[arg(long)]
+    fresh: bool,
+    /// Give up after this many failures in a row with no checkpoint
+    /// completing in between (0: never restart).
+    #[arg(long, default_value_t = 5)]
+    max_restarts: u32,
+    /// After the input ends, keep serving the HTTP API until stopped.
+    #[arg(long)]
+    keep_serving: bool,
     /// Serve the pipeline's read models over HTTP on this address, or `off`.
     #[arg(long, default_value = "127.0.0.1:8686")]
     http: String,
@@ -162,6 +199,19 @@ fn print_summary(plan: &Plan, s: &Summary) {
         s.late,
         if s.stopped { " (stopped)" } else { "" }
     );
+    if s.restarts > 0 || s.checkpoints.failed > 0 {
+        eprintln!(
+            "restarts {}, checkpoints completed {}, failed {}{}",
+            s.restarts,
+            s.checkpoints.completed,
+            s.checkpoints.failed,
+            s.checkpoints
+                .last_failure
+                .as_ref()
+                .map(|f| format!(" (last: {f})"))
+                .unwrap_or_default()
+        );
+    }
     if s.dead_letters > 0 {
         let classes: Vec<String> = s
             .dead_letters_by_error
@@ -175,7 +225,28 @@ fn print_summary(plan: &Plan, s: &Summary) {
     }
 }
 
+/// The checkpoint store of `plan` for `args`; `default` is the command's
+/// default location (None: in memory).
+fn checkpoint_store(
+    plan: &Plan,
+    args: &RunArgs,
+    default: Option<&str>,
+) -> Result<Option<vigil_engine::CheckpointStore>, Failure> {
+    let location = match args.checkpoints.as_deref().or(default) {
+        None | Some("off") => return Ok(None),
+        Some(l) => l,
+    };
+    let at = format!("{}/{}", location.trim_end_matches('/'), plan.name);
+    let store = vigil_engine::CheckpointStore::open(&at, args.retain)
+        .with_context(|| format!("cannot open checkpoint storage {at}"))?;
+    Ok(Some(store))
+}
+
 fn run_plan(plan: Plan, args: &RunArgs) -> Result<(), Failure> {
+    run_plan_with(plan, args, None)
+}
+
+fn run_plan_with(plan: Plan, args: &RunArgs, default_store: Option<&str>) -> Result<(), Failure> {
     let progress = match args.progress.as_str() {
         "auto" => Progress::detect(),
         "live" => Progress::Live,
@@ -199,11 +270,32 @@ fn run_plan(plan: Plan, args: &RunArgs) -> Result<(), Failure> {
             ))
         })?),
     };
+    let checkpoints = checkpoint_store(&plan, args, default_store)?;
+    let restore = match (&args.from_savepoint, args.fresh) {
+        (Some(name), _) => Restore::Savepoint(name.clone()),
+        (None, true) => Restore::Fresh,
+        (None, false) => Restore::Latest,
+    };
+    if let (Some(store), Restore::Fresh) = (&checkpoints, &restore) {
+        runtime
+            .block_on(store.clear())
+            .with_context(|| format!("cannot clear {}", store.location()))?;
+    }
+    if let Some(store) = &checkpoints {
+        tracing::info!(storage = store.location(), every = %humantime::format_duration(args.checkpoint_interval), "checkpoints");
+    }
     let options = RunOptions {
         progress,
         duration: args.duration,
         checkpoint_interval: Some(args.checkpoint_interval),
+        checkpoints,
+        restore,
+        restarts: RestartPolicy {
+            max_failures: args.max_restarts,
+            ..RestartPolicy::default()
+        },
         http,
+        keep_serving: args.keep_serving,
         ..RunOptions::default()
     };
     tracing::info!(pipeline = %plan.name, "starting");
@@ -211,6 +303,35 @@ fn run_plan(plan: Plan, args: &RunArgs) -> Result<(), Failure> {
         .block_on(run(&plan, options))
         .with_context(|| format!("pipeline {} failed", plan.name))?;
     print_summary(&plan, &summary);
+    Ok(())
+}
+
+/// Asks the pipeline serving `http` for a savepoint called `name`.
+fn take_savepoint(name: &str, http: &str) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let url = format!("http://{http}/v1/savepoints");
+    let (status, body) = runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(&url)
+            .query(&[("name", name)])
+            .send()
+            .await
+            .with_context(|| format!("no pipeline answers on {http}"))?;
+        let status = response.status();
+        let body = response.text().await.context("cannot read the answer")?;
+        anyhow::Ok((status, body))
+    })?;
+    if !status.is_success() {
+        let reason = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(body);
+        return Err(Failure::Failed(anyhow::anyhow!("savepoint {name:?} not taken: {reason}")));
+    }
+    println!("{body}");
     Ok(())
 }
 
@@ -259,11 +380,14 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 "embedded Kafka broker at {brokers} with topics {}",
                 plan.kafka_topics.join(", ")
             );
-            run_plan(plan, run)
+            run_plan_with(plan, run, Some(DEFAULT_CHECKPOINTS))
         }
-        Command::Run { file, run } => {
-            run_plan(plan_file(file, &options(&run.dead_letter_dir))?, run)
-        }
+        Command::Run { file, run } => run_plan_with(
+            plan_file(file, &options(&run.dead_letter_dir))?,
+            run,
+            Some(DEFAULT_CHECKPOINTS),
+        ),
+        Command::Savepoint { name, http } => take_savepoint(name, http),
         Command::Sql {
             query,
             file,

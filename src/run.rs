@@ -1,4 +1,14 @@
-//! Running a planned pipeline: progress while it runs, a summary when it ends.
+//! Running a planned pipeline: checkpoints, restarts from them when a task
+//! fails, progress while it runs, a summary when it ends.
+//!
+//! A run restores the latest complete checkpoint of its store (or a named
+//! savepoint) before any data flows. When a task fails, the whole pipeline
+//! is torn down and started again from the latest complete checkpoint after
+//! a back-off that doubles with each failure in a row; a run that fails
+//! [`RestartPolicy::max_failures`] times without completing a checkpoint in
+//! between gives up, so a failure that repeats is reported rather than
+//! retried for ever. A run whose input ended clears its checkpoints: there
+//! is nothing left to resume.
 //!
 //! Progress goes to stderr, so stdout stays clean for the pipeline's own
 //! output: on a terminal, one status line rewritten in place every second;
@@ -10,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vigil_engine::{
-    start, EngineError, MetricsRegistry, NodeRole, RuntimeOptions, SharedClock, SystemClock,
+    start, CheckpointStats, CheckpointStore, CompletedCheckpoint, EngineError, MetricsRegistry,
+    NodeRole, RuntimeOptions, SharedClock, SystemClock,
 };
 
 use crate::pipeline::Plan;
@@ -37,6 +48,40 @@ impl Progress {
     }
 }
 
+/// Which state a run starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Restore {
+    /// The latest complete checkpoint in the store, if there is one.
+    #[default]
+    Latest,
+    /// A named savepoint.
+    Savepoint(String),
+    /// Nothing: ignore the store's checkpoints (they are replaced).
+    Fresh,
+}
+
+/// How a failed pipeline is restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Failures in a row (with no checkpoint completing in between) after
+    /// which the run gives up; 0 never restarts.
+    pub max_failures: u32,
+    /// Wait before the first restart; doubled for each failure in a row.
+    pub backoff: Duration,
+    /// Longest wait between restarts.
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -49,10 +94,18 @@ pub struct RunOptions {
     /// Channel capacity in batches.
     pub channel_capacity: usize,
     /// Take a checkpoint this often; completed checkpoints are when Kafka
-    /// offsets are committed.
+    /// offsets are committed and sinks commit.
     pub checkpoint_interval: Option<Duration>,
-    /// Where to serve the read models over HTTP, when the pipeline has any.
+    /// Where checkpoints are stored (none: in memory, lost with the process).
+    pub checkpoints: Option<CheckpointStore>,
+    /// Which state the run starts from.
+    pub restore: Restore,
+    /// How failures are retried.
+    pub restarts: RestartPolicy,
+    /// Where to serve the HTTP API (read models, checkpoints, savepoints).
     pub http: Option<std::net::SocketAddr>,
+    /// After the input ends, keep serving the API until stopped.
+    pub keep_serving: bool,
 }
 
 impl Default for RunOptions {
@@ -63,7 +116,11 @@ impl Default for RunOptions {
             clock: Arc::new(SystemClock),
             channel_capacity: RuntimeOptions::default().channel_capacity,
             checkpoint_interval: Some(Duration::from_secs(10)),
+            checkpoints: None,
+            restore: Restore::Latest,
+            restarts: RestartPolicy::default(),
             http: None,
+            keep_serving: false,
         }
     }
 }
@@ -85,6 +142,10 @@ pub struct Summary {
     pub late: u64,
     /// Stopped by a deadline or a signal rather than by its sources ending.
     pub stopped: bool,
+    /// Times the pipeline failed and was restarted from a checkpoint.
+    pub restarts: u32,
+    /// Health of the checkpoints of the last attempt.
+    pub checkpoints: CheckpointStats,
 }
 
 impl Summary {
@@ -164,44 +225,192 @@ fn status_line(s: &Snapshot, rate: f64, elapsed: Duration, now_ms: i64) -> Strin
     )
 }
 
-/// Runs `plan` to completion (or until `options.duration` passes, or Ctrl-C).
-#[allow(clippy::disallowed_methods)] // elapsed time and rates for people, outside the data path
-pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineError> {
-    let runtime = RuntimeOptions {
-        channel_capacity: options.channel_capacity,
-        clock: options.clock.clone(),
-        checkpoint_interval: options.checkpoint_interval,
-        ..RuntimeOptions::default()
-    };
-    // Bound first, so a port in use stops the run before anything starts.
-    let listener = match options.http.filter(|_| !plan.read_models.is_empty()) {
-        Some(addr) => {
-            let l = crate::http::bind(addr)
-                .await
-                .map_err(|e| EngineError::io(format!("cannot serve read models on {addr}"), e))?;
-            let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            tracing::info!(address = %at, models = ?plan.read_models.names(), "read models served on http://{at}/v1/read-models");
-            Some(l)
+/// How one attempt ended.
+enum Attempt {
+    /// The input ended, or the run was stopped.
+    Done(Summary),
+    /// A task failed; `progressed` when a checkpoint completed meanwhile.
+    Failed {
+        error: EngineError,
+        progressed: bool,
+        latest: Option<Arc<CompletedCheckpoint>>,
+    },
+}
+
+/// Waits for Ctrl-C or SIGTERM (how Kubernetes stops a pod).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut t) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = t.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs `plan` to completion (or until `options.duration` passes, or Ctrl-C
+/// or SIGTERM), restarting it from its latest checkpoint when a task fails.
+#[allow(clippy::disallowed_methods)] // elapsed time for people, outside the data path
+pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineError> {
+    let control = Arc::new(crate::http::Control::new(
+        options.checkpoints.as_ref().map(|s| s.location().to_string()),
+    ));
+    // Bound first, so a port in use stops the run before anything starts.
+    let listener = match options.http {
+        Some(addr) => match crate::http::bind(addr).await {
+            Ok(l) => {
+                let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(address = %at, models = ?plan.read_models.names(), "HTTP API on http://{at}/v1/ (read models, checkpoints, savepoints)");
+                Some(l)
+            }
+            Err(e) if plan.read_models.is_empty() => {
+                tracing::warn!(address = %addr, error = %e, "HTTP API not served");
+                None
+            }
+            Err(e) => return Err(EngineError::io(format!("cannot serve read models on {addr}"), e)),
+        },
         None => None,
     };
     let serving = listener.is_some();
     let server = async {
         match listener {
-            Some(l) => crate::http::serve(l, plan.read_models.clone()).await,
+            Some(l) => crate::http::serve(l, plan.read_models.clone(), control.clone()).await,
             None => std::future::pending().await,
         }
     };
     tokio::pin!(server);
+    let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
+    let started = Instant::now();
+    let mut restore = match (&options.checkpoints, &options.restore) {
+        (Some(store), Restore::Latest) => store.latest().await?.map(Arc::new),
+        (Some(store), Restore::Savepoint(name)) => Some(Arc::new(store.savepoint(name).await?)),
+        (None, Restore::Savepoint(name)) => {
+            return Err(EngineError::User(format!(
+                "savepoint {name:?}: no checkpoint storage to read it from"
+            )))
+        }
+        (_, _) => None,
+    };
+    if let Some(c) = &restore {
+        tracing::info!(checkpoint = c.id, savepoint = ?c.savepoint, rows = c.rows(), "restoring state");
+    }
+    let mut failures = 0u32;
+    let mut restarts = 0u32;
+    loop {
+        let attempt = run_once(
+            plan,
+            &options,
+            restore.clone(),
+            &control,
+            deadline,
+            &mut server,
+            serving,
+            started,
+        );
+        match attempt.await? {
+            Attempt::Done(mut summary) => {
+                summary.restarts = restarts;
+                summary.elapsed = started.elapsed();
+                if !summary.stopped {
+                    if let Some(store) = &options.checkpoints {
+                        // A run whose input ended has nothing to resume.
+                        store.clear().await?;
+                    }
+                    if options.keep_serving && serving {
+                        tracing::info!("input ended; serving the API until stopped");
+                        tokio::select! {
+                            r = &mut server => {
+                                if let Err(e) = r {
+                                    return Err(EngineError::io("the HTTP API stopped", e));
+                                }
+                            }
+                            _ = shutdown_signal() => {}
+                        }
+                    }
+                }
+                return Ok(summary);
+            }
+            Attempt::Failed {
+                error,
+                progressed,
+                latest,
+            } => {
+                failures = if progressed { 1 } else { failures + 1 };
+                if failures > options.restarts.max_failures {
+                    tracing::error!(failures, error = %error, "pipeline failed; giving up");
+                    return Err(error);
+                }
+                restarts += 1;
+                control.restarted(&error);
+                let wait = options
+                    .restarts
+                    .backoff
+                    .saturating_mul(1 << (failures - 1).min(16))
+                    .min(options.restarts.max_backoff);
+                restore = match &options.checkpoints {
+                    Some(store) => store.latest().await?.map(Arc::new),
+                    None => latest.or(restore),
+                };
+                tracing::warn!(
+                    error = %error,
+                    restart = restarts,
+                    from_checkpoint = ?restore.as_ref().map(|c| c.id),
+                    in_ms = wait.as_millis() as u64,
+                    "pipeline failed; restarting from the latest checkpoint"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown_signal() => return Err(error),
+                }
+            }
+        }
+    }
+}
+
+/// One start of the pipeline, until it ends, is stopped or fails.
+#[allow(clippy::disallowed_methods)] // elapsed time and rates for people, outside the data path
+#[allow(clippy::too_many_arguments)]
+async fn run_once<S>(
+    plan: &Plan,
+    options: &RunOptions,
+    restore: Option<Arc<CompletedCheckpoint>>,
+    control: &crate::http::Control,
+    deadline: Option<tokio::time::Instant>,
+    server: &mut std::pin::Pin<&mut S>,
+    serving: bool,
+    started: Instant,
+) -> Result<Attempt, EngineError>
+where
+    S: std::future::Future<Output = std::io::Result<()>>,
+{
+    let runtime = RuntimeOptions {
+        channel_capacity: options.channel_capacity,
+        clock: options.clock.clone(),
+        checkpoint_interval: options.checkpoint_interval,
+        store: options.checkpoints.clone(),
+        restore,
+    };
     let running = start(&plan.graph, runtime)?;
     let metrics = running.metrics();
     let stop = running.stop_handle();
-    let started = Instant::now();
+    let checkpoints = running.checkpoints();
+    control.attach(checkpoints.clone());
     let wait = running.wait();
     tokio::pin!(wait);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     let mut stopped = false;
     let mut last_in = 0u64;
     let mut last_at = Instant::now();
@@ -209,10 +418,10 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
     let result = loop {
         tokio::select! {
             r = &mut wait => break r,
-            r = &mut server, if serving => {
+            r = server.as_mut(), if serving => {
                 if let Err(e) = r {
                     stop.stop();
-                    break Err(EngineError::io("the read-model API stopped", e));
+                    break Err(EngineError::io("the HTTP API stopped", e));
                 }
             }
             _ = tick.tick() => {
@@ -239,7 +448,7 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
                 stopped = true;
                 stop.stop();
             }
-            _ = tokio::signal::ctrl_c(), if !stopped => {
+            _ = shutdown_signal(), if !stopped => {
                 stopped = true;
                 stop.stop();
             }
@@ -248,9 +457,20 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
     if options.progress == Progress::Live {
         eprintln!();
     }
-    result?;
+    control.detach();
+    let stats = checkpoints.stats();
+    if let Err(error) = result {
+        if stopped {
+            return Err(error);
+        }
+        return Ok(Attempt::Failed {
+            error,
+            progressed: stats.completed > 0,
+            latest: checkpoints.latest(),
+        });
+    }
     let s = snapshot(&metrics, &plan.sinks);
-    Ok(Summary {
+    Ok(Attempt::Done(Summary {
         elapsed: started.elapsed(),
         events_in: s.events_in,
         records_out: s.out,
@@ -258,5 +478,7 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
         dead_letters_by_error: metrics.dead_letters_by_error(),
         late: s.late,
         stopped,
-    })
+        restarts: 0,
+        checkpoints: stats,
+    }))
 }

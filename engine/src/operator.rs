@@ -112,6 +112,21 @@ pub struct OperatorState {
     pub batches: Vec<RecordBatch>,
 }
 
+impl OperatorState {
+    /// What subtask `subtask` of `parallelism` restores from this state:
+    /// the rows of keyed tables in its key groups, without the key-group
+    /// column, and the other tables whole (as the runtime hands it over).
+    pub fn owned_by(&self, subtask: usize, parallelism: usize) -> Result<OperatorState> {
+        Ok(OperatorState {
+            batches: self
+                .batches
+                .iter()
+                .map(|b| crate::key_group::owned(b, subtask, parallelism))
+                .collect::<Result<Vec<_>>>()?,
+        })
+    }
+}
+
 /// What a running subtask knows about its place in the graph.
 #[derive(Debug, Clone)]
 pub struct TaskContext {

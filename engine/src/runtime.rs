@@ -458,15 +458,7 @@ fn restored(
         return Ok(Vec::new());
     };
     let p = node.parallelism;
-    let strip = |state: &OperatorState| -> Result<OperatorState> {
-        Ok(OperatorState {
-            batches: state
-                .batches
-                .iter()
-                .map(|b| crate::key_group::owned(b, subtask, p))
-                .collect::<Result<Vec<_>>>()?,
-        })
-    };
+    let strip = |state: &OperatorState| state.owned_by(subtask, p);
     let olds: Vec<usize> = match node.kind {
         _ if old == p => vec![subtask],
         NodeKind::Sink(_) => (0..old).filter(|s| s % p == subtask).collect(),

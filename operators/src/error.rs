@@ -22,6 +22,15 @@ pub enum OperatorError {
     /// A query cannot run.
     #[error("{0}")]
     Sql(#[from] crate::sql::SqlError),
+    /// The engine refused state or data (a key-group table it cannot build).
+    #[error("{0}")]
+    Engine(Box<EngineError>),
+}
+
+impl From<EngineError> for OperatorError {
+    fn from(e: EngineError) -> Self {
+        OperatorError::Engine(Box::new(e))
+    }
 }
 
 impl OperatorError {
@@ -76,6 +85,7 @@ impl From<OperatorError> for EngineError {
             OperatorError::Arrow(a) => EngineError::Arrow(a),
             OperatorError::Config(c) => EngineError::User(c.to_string()),
             OperatorError::Sql(s) => EngineError::User(s.to_string()),
+            OperatorError::Engine(e) => *e,
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod join;
 mod late;
 pub mod project;
 pub mod sql;
+mod state;
 pub mod threshold;
 pub mod window;
 

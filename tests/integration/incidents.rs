@@ -104,7 +104,8 @@ async fn serve(plan: &Plan, tasks: &mut JoinSet<std::io::Result<()>>) -> SocketA
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tasks.spawn(vigil::http::serve(listener, plan.read_models.clone()));
+    let control = std::sync::Arc::new(vigil::http::Control::new(None));
+    tasks.spawn(vigil::http::serve(listener, plan.read_models.clone(), control));
     addr
 }
 

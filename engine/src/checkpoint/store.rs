@@ -355,6 +355,39 @@ impl CheckpointStore {
         })
     }
 
+    /// Deletes every checkpoint (savepoints stay): for a run whose input
+    /// ended, or one told to start fresh.
+    pub async fn clear(&self) -> Result<()> {
+        let ids = self.checkpoint_dirs().await?;
+        for id in ids {
+            self.delete_dir(id).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_dir(&self, id: CheckpointId) -> Result<()> {
+        let dir = self.dir_of(id, None);
+        // The manifest first: a half-deleted checkpoint must not look complete.
+        match self.store.delete(&dir.clone().join(MANIFEST)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_error(format!("cannot delete {dir}"), e)),
+        }
+        let files: Vec<Path> = self
+            .store
+            .list(Some(&dir))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| store_error(format!("cannot list {dir}"), e))?;
+        for f in files {
+            match self.store.delete(&f).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(format!("cannot delete {f}"), e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes checkpoints beyond the newest `retain`, and incomplete ones
     /// older than `latest` (left by a crash).
     async fn prune(&self, latest: CheckpointId) -> Result<()> {
@@ -375,25 +408,7 @@ impl CheckpointStore {
         let keep_from = complete.len().saturating_sub(self.retain);
         doomed.extend(&complete[..keep_from]);
         for id in doomed {
-            let dir = self.dir_of(id, None);
-            // The manifest first: a half-deleted checkpoint must not look complete.
-            match self.store.delete(&dir.clone().join(MANIFEST)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(store_error(format!("cannot delete {dir}"), e)),
-            }
-            let files: Vec<Path> = self
-                .store
-                .list(Some(&dir))
-                .map_ok(|m| m.location)
-                .try_collect()
-                .await
-                .map_err(|e| store_error(format!("cannot list {dir}"), e))?;
-            for f in files {
-                match self.store.delete(&f).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(store_error(format!("cannot delete {f}"), e)),
-                }
-            }
+            self.delete_dir(id).await?;
         }
         Ok(())
     }

@@ -824,7 +824,10 @@ impl Operator for Correlation {
                 *input as i32;
                 b.num_rows()
             ])));
-            batches.push(RecordBatch::try_new(pending_schema.clone(), cols)?);
+            let nkeys = self.spec.group_by.len();
+            let keys = b.columns()[1..=nkeys].to_vec();
+            let table = RecordBatch::try_new(pending_schema.clone(), cols)?;
+            batches.push(vigil_engine::key_group::tag(table, &keys)?);
         }
         let mut rows = StateRows::default();
         let mut push = |k, slot, p, t, id, v, c| rows.push(k, slot, p, t, id, v, c);
@@ -869,10 +872,10 @@ impl Operator for Correlation {
             Field::new("value", DataType::Binary, true),
             Field::new("carried", DataType::Utf8, true),
         ]));
-        batches.push(RecordBatch::try_new(
+        let groups = RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(BinaryArray::from_vec(rows.keys)),
+                Arc::new(BinaryArray::from_vec(rows.keys.clone())),
                 Arc::new(Int32Array::from(rows.slots)),
                 Arc::new(Int32Array::from(rows.pos)),
                 Arc::new(Int64Array::from(rows.ts)),
@@ -880,7 +883,8 @@ impl Operator for Correlation {
                 Arc::new(BinaryArray::from_opt_vec(rows.values)),
                 Arc::new(StringArray::from(rows.carried)),
             ],
-        )?);
+        )?;
+        batches.push(crate::state::tag_rows(groups, &self.keys, rows.keys.iter().copied())?);
         Ok(OperatorState { batches })
     }
 
@@ -888,8 +892,7 @@ impl Operator for Correlation {
         let Some((groups, pending)) = state.batches.split_last() else {
             return Ok(());
         };
-        self.pending.clear();
-        self.groups.clear();
+        // Restores add up (one per old subtask after a rescale).
         let width = self.spec.input.fields().len();
         for b in pending {
             let input = b

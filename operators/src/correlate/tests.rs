@@ -620,7 +620,10 @@ fn snapshot_and_restore_keep_pending_rows_and_sequences() {
     h.watermark(5_000);
     let state = h.op.snapshot().expect("snapshot");
     let mut restored = Harness::new(&c);
-    restored.op.restore(state).expect("restore");
+    restored
+        .op
+        .restore(state.owned_by(0, 1).expect("owned"))
+        .expect("restore");
     restored.watermark(i64::MAX);
     let got = restored.rows();
     assert_eq!(sequences(&got, &["a", "b", "c"]), vec!["1,2,3"]);

@@ -948,17 +948,21 @@ impl Operator for IncidentOperator {
         if let Some(log) = &self.log {
             log.flush()?;
         }
+        let table = self.projection.state()?;
+        let keys = KEYS
+            .iter()
+            .map(|k| Ok(table.column(table.schema().index_of(k)?).clone()))
+            .collect::<Result<Vec<_>>>()?;
         Ok(OperatorState {
-            batches: vec![self.projection.state()?],
+            batches: vec![vigil_engine::key_group::tag(table, &keys)?],
         })
     }
 
     fn restore(&mut self, state: OperatorState) -> Result<()> {
-        let mut p = Projection::new(self.spec.clone());
+        // Restores add up (one per old subtask after a rescale).
         for b in &state.batches {
-            p.load(state_from_batch(b)?);
+            self.projection.load(state_from_batch(b)?);
         }
-        self.projection = p;
         self.publish = true;
         Ok(())
     }

@@ -826,7 +826,14 @@ impl Operator for IntervalJoin {
                 false,
             )));
             let schema = Arc::new(arrow::datatypes::Schema::new(fields));
-            batches.push(RecordBatch::try_new(schema, columns)?);
+            let table = RecordBatch::try_new(schema, columns)?;
+            let key_cols = if side == 0 {
+                &self.spec.left_keys
+            } else {
+                &self.spec.right_keys
+            };
+            let keys: Vec<ArrayRef> = key_cols.iter().map(|&k| table.column(k).clone()).collect();
+            batches.push(vigil_engine::key_group::tag(table, &keys)?);
         }
         Ok(OperatorState { batches })
     }
@@ -839,12 +846,7 @@ impl Operator for IntervalJoin {
                 state.batches.len()
             )));
         }
-        self.keys.clear();
-        self.slab.clear();
-        self.free_keys.clear();
-        self.queues = [VecDeque::new(), VecDeque::new()];
-        self.left_heap.clear();
-        self.sides = [Side::default(), Side::default()];
+        // Restores add up (one per old subtask after a rescale).
         let mut sink = Collector::new();
         for (side, table) in state.batches.into_iter().enumerate() {
             let width = table.num_columns() - 1;
@@ -856,10 +858,11 @@ impl Operator for IntervalJoin {
             };
             let batch = RecordBatch::try_new(schema, table.columns()[..width].to_vec())?;
             // Buffer without pairing: the pairs were emitted before.
+            let slot = self.sides[side].slots.len() as u32;
             self.insert(side, batch, false, &mut sink)?;
             if side == 0 && self.spec.kind == JoinKind::Left {
                 for k in &self.slab {
-                    for e in &k.rows[0] {
+                    for e in k.rows[0].iter().filter(|e| e.slot == slot) {
                         let m = matched.value(e.row as usize);
                         self.sides[0].stored_mut(e.slot).matched[e.row as usize] = m;
                     }

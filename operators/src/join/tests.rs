@@ -357,7 +357,9 @@ fn snapshot_and_restore_keep_pending_rows_and_their_pairing_marks() {
     );
     let state = join.snapshot().expect("snapshot");
     let mut restored = factory.build(&ctx).expect("join");
-    restored.restore(state).expect("restore");
+    restored
+        .restore(state.owned_by(0, 1).expect("owned"))
+        .expect("restore");
     restored
         .process_batch(1, batch(&schema, &[row(3_000, 11, "a")]), &mut out)
         .expect("right");

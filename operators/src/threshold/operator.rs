@@ -459,12 +459,13 @@ impl Operator for Threshold {
             acc_schema,
             vec![
                 Arc::new(Int64Array::from(starts)),
-                Arc::new(BinaryArray::from(keys)),
+                Arc::new(BinaryArray::from(keys.clone())),
                 Arc::new(UInt64Array::from(counts)),
                 Arc::new(Int64Array::from(firsts)),
                 Arc::new(Int64Array::from(lasts)),
             ],
         )?;
+        let accs_keys = keys;
         let d_schema = Arc::new(Schema::new(vec![
             Field::new("window_start", DataType::Int64, false),
             Field::new("key", DataType::Binary, false),
@@ -474,10 +475,11 @@ impl Operator for Threshold {
             d_schema,
             vec![
                 Arc::new(Int64Array::from(d_starts)),
-                Arc::new(BinaryArray::from(d_keys)),
+                Arc::new(BinaryArray::from(d_keys.clone())),
                 Arc::new(BinaryArray::from(d_values)),
             ],
         )?;
+        let distinct_keys = d_keys;
         let wm_schema = Arc::new(Schema::new(vec![Field::new(
             "watermark",
             DataType::Int64,
@@ -487,6 +489,8 @@ impl Operator for Threshold {
             wm_schema,
             vec![Arc::new(Int64Array::from(vec![self.watermark]))],
         )?;
+        let accs = crate::state::tag_rows(accs, &self.keys, keys_of(&accs_keys))?;
+        let distinct = crate::state::tag_rows(distinct, &self.keys, keys_of(&distinct_keys))?;
         Ok(OperatorState {
             batches: vec![accs, distinct, wm],
         })
@@ -500,7 +504,6 @@ impl Operator for Threshold {
                 state.batches.len()
             )));
         };
-        self.windows.clear();
         let starts = accs.column(0).as_primitive::<Int64Type>();
         let keys = accs.column(1).as_binary::<i32>();
         let counts = accs
@@ -533,7 +536,12 @@ impl Operator for Threshold {
             }
         }
         let w = wm.column(0).as_primitive::<Int64Type>();
-        self.watermark = (w.len() == 1 && w.is_valid(0)).then(|| w.value(0));
+        let restored = (w.len() == 1 && w.is_valid(0)).then(|| w.value(0));
+        self.watermark = crate::state::merge_watermark(self.watermark, restored);
         Ok(())
     }
+}
+
+fn keys_of<'a>(keys: &'a [&'a [u8]]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    keys.iter().copied()
 }

@@ -184,7 +184,8 @@ fn snapshot_and_restore_give_the_same_alerts() {
     feed(a.as_mut(), rows(&EVENTS[..3]), 2, &mut out);
     let state = a.snapshot().expect("snapshot");
     let mut b = op(&spray());
-    b.restore(state).expect("restore");
+    b.restore(state.owned_by(0, 1).expect("owned"))
+        .expect("restore");
     for o in [&mut a, &mut b] {
         feed(o.as_mut(), rows(&EVENTS[3..]), 2, &mut out);
         o.on_watermark(i64::MAX, &mut out).expect("end");

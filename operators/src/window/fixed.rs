@@ -412,6 +412,11 @@ impl FixedWindows {
             let n = window.groups;
             let (keys, states) = take_state(&spec, &self.key_schema, &mut window)?;
             let table = state_table(start, window.fired, n, &keys, &states)?;
+            let table = if keys.is_empty() {
+                table
+            } else {
+                vigil_engine::key_group::tag(table, &keys)?
+            };
             load(&spec, &mut window, &keys, &states, n)?;
             rebuilt.insert(start, window);
             tables.push(table);
@@ -434,13 +439,18 @@ impl FixedWindows {
     /// Replaces the state with a snapshot's.
     pub fn restore(&mut self, state: OperatorState) -> Result<()> {
         let spec = self.spec.clone();
-        self.windows.clear();
         let mut tables = state.batches.into_iter();
         let wm = tables.next().ok_or_else(|| {
             OperatorError::config("query", "window state has no watermark table", None)
         })?;
         let w = wm.column(0).as_primitive::<arrow::datatypes::Int64Type>();
-        self.watermark = (w.len() == 1 && w.is_valid(0)).then(|| w.value(0));
+        let restored = (w.len() == 1 && w.is_valid(0)).then(|| w.value(0));
+        // Restores add up (one per old subtask after a rescale); the
+        // earliest watermark is the one every restored window is behind.
+        self.watermark = match (self.watermark, restored) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         for table in tables {
             let meta = table
                 .column(0)
@@ -453,9 +463,12 @@ impl FixedWindows {
             let nk = spec.key_columns.len();
             let keys: Vec<ArrayRef> = (0..nk).map(|i| table.column(2 + i).clone()).collect();
             let states: Vec<ArrayRef> = table.columns()[2 + nk..].to_vec();
-            let mut window = self.new_window()?;
+            let mut window = match self.windows.remove(&start) {
+                Some(w) => w,
+                None => self.new_window()?,
+            };
             load(&spec, &mut window, &keys, &states, table.num_rows())?;
-            window.fired = fired.value(0);
+            window.fired |= fired.value(0);
             self.windows.insert(start, window);
         }
         Ok(())
@@ -551,12 +564,18 @@ fn load(
     n: usize,
 ) -> Result<()> {
     let mut ids = Vec::with_capacity(n);
-    match &mut window.keys {
-        Some(k) => k.intern(keys, &mut ids).map_err(Box::new)?,
-        None => ids.resize(n, 0),
-    }
-    window.groups = n;
-    merge_states(spec, &mut window.accumulators, states, &ids, n)
+    let groups = match &mut window.keys {
+        Some(k) => {
+            k.intern(keys, &mut ids).map_err(Box::new)?;
+            k.len()
+        }
+        None => {
+            ids.resize(n, 0);
+            window.groups.max(n.min(1))
+        }
+    };
+    window.groups = groups;
+    merge_states(spec, &mut window.accumulators, states, &ids, groups)
 }
 
 /// Merges intermediate states (every aggregate's state columns, side by

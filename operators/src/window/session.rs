@@ -684,6 +684,15 @@ impl Sessions {
             columns.push(array);
         }
         let table = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+        let table = if self.spec.key_columns.is_empty() {
+            table
+        } else {
+            let parser = self.converter.parser();
+            let key_arrays = self
+                .converter
+                .convert_rows(keys.iter().map(|k| parser.parse(k)))?;
+            vigil_engine::key_group::tag(table, &key_arrays)?
+        };
         let wm = RecordBatch::try_new(
             Arc::new(Schema::new(vec![Field::new(
                 "watermark",
@@ -708,8 +717,11 @@ impl Sessions {
         };
         let w = wm.column(0).as_primitive::<arrow::datatypes::Int64Type>();
         let watermark = (w.len() == 1 && w.is_valid(0)).then(|| w.value(0));
-        *self = Self::new(self.spec.clone(), self.metrics.clone())?;
-        self.watermark = watermark;
+        // Restores add up (one per old subtask after a rescale).
+        self.watermark = match (self.watermark, watermark) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if tables.is_empty() {
             return Ok(());
         }

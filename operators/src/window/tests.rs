@@ -133,7 +133,10 @@ impl Harness {
     pub fn snapshot_restore(&mut self, sql: &str, lateness_s: i64) {
         let state = self.op.snapshot().expect("snapshot");
         let mut fresh = Harness::new(sql, lateness_s);
-        fresh.op.restore(state).expect("restore");
+        fresh
+            .op
+            .restore(state.owned_by(0, 1).expect("owned"))
+            .expect("restore");
         self.op = fresh.op;
     }
 }
