@@ -234,11 +234,39 @@ impl Graph {
         let id = self
             .find(name)
             .ok_or_else(|| EngineError::User(format!("no sink named {name:?}")))?;
-        let node = &mut self.nodes[id];
-        if !matches!(node.kind, NodeKind::Sink(_)) {
+        if !matches!(self.nodes[id].kind, NodeKind::Sink(_)) {
             return Err(EngineError::User(format!("{name:?} is not a sink")));
         }
+        // The new sink may run fewer subtasks (a file sink runs one).
+        let parallelism = factory
+            .max_parallelism()
+            .map_or(self.nodes[id].parallelism, |m| {
+                self.nodes[id].parallelism.min(m.max(1))
+            });
+        let inputs: Vec<(NodeId, Port)> = self.nodes[id]
+            .inputs
+            .iter()
+            .map(|e| (e.from, e.port))
+            .collect();
+        let edges = self.edges(&inputs, parallelism, &[])?;
+        let node = &mut self.nodes[id];
         node.kind = NodeKind::Sink(factory);
+        node.parallelism = parallelism;
+        node.inputs = edges;
+        Ok(())
+    }
+
+    /// Replaces the factory of source `name` (tests wrap sources this way;
+    /// the schema must stay the same).
+    pub fn replace_source(&mut self, name: &str, factory: Arc<dyn SourceFactory>) -> Result<()> {
+        let id = self
+            .find(name)
+            .ok_or_else(|| EngineError::User(format!("no source named {name:?}")))?;
+        let node = &mut self.nodes[id];
+        if !matches!(node.kind, NodeKind::Source(_)) {
+            return Err(EngineError::User(format!("{name:?} is not a source")));
+        }
+        node.kind = NodeKind::Source(factory);
         Ok(())
     }
 

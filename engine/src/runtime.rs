@@ -564,6 +564,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
         sink_controls,
         first_id,
         opts.clock.clone(),
+        opts.store.is_some(),
     ));
     let mut sink_rx = sink_rx.into_iter();
     let mut source_rx = source_rx.into_iter();

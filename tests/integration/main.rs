@@ -8,6 +8,7 @@ mod demo;
 mod incidents;
 mod kafka;
 mod pipeline_errors;
+mod recovery;
 mod registry;
 mod runtime;
 mod sensor_files;

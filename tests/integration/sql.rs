@@ -187,13 +187,13 @@ async fn oracle(rows: &[Row], sql: &str) -> Vec<String> {
     normalized(&out)
 }
 
-async fn stream(
+fn stream_pipeline(
     dir: &std::path::Path,
     query: &str,
     batch_size: usize,
     parallelism: usize,
-) -> (Vec<String>, u64) {
-    let text = format!(
+) -> String {
+    format!(
         "\
 name: oracle
 parallelism: {parallelism}
@@ -225,7 +225,16 @@ sinks:
             .map(|l| format!("      {l}"))
             .collect::<Vec<_>>()
             .join("\n"),
-    );
+    )
+}
+
+async fn stream(
+    dir: &std::path::Path,
+    query: &str,
+    batch_size: usize,
+    parallelism: usize,
+) -> (Vec<String>, u64) {
+    let text = stream_pipeline(dir, query, batch_size, parallelism);
     let mut plan = load_str("oracle.yaml", &text, &options_with(&[])).expect("valid pipeline");
     let out = plan.capture("out").expect("sink");
     let summary = run_to_end(&plan).await;
@@ -247,6 +256,13 @@ async fn check(rows: Vec<Row>, streaming: &str, batch_sql: &str) {
             );
         }
     }
+    // Straight, checkpointed at parallelism 2, crashed and restored at 3.
+    let out = crate::recovery::three_modes(
+        |p| stream_pipeline(dir.path(), streaming, 64, p),
+        &["out"],
+    )
+    .await;
+    assert_eq!(out[0].len(), expected.len() - 1, "one line per result row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,8 @@ pub struct CheckpointStore {
     root: Path,
     location: String,
     retain: usize,
+    /// The directory, for a local store (emptied directories are removed).
+    local: Option<std::path::PathBuf>,
 }
 
 fn store_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> EngineError {
@@ -114,6 +116,7 @@ impl CheckpointStore {
     /// MinIO or other S3-compatible stores) or a local directory, created if
     /// missing. Keeps the newest `retain` checkpoints (at least 1).
     pub fn open(location: &str, retain: usize) -> Result<Self> {
+        let local = (!location.contains("://")).then(|| std::path::PathBuf::from(location));
         let (store, root): (Arc<dyn ObjectStore>, Path) = if location.contains("://") {
             let url = url::Url::parse(location)
                 .map_err(|e| EngineError::User(format!("checkpoint storage {location:?}: {e}")))?;
@@ -136,6 +139,7 @@ impl CheckpointStore {
             root,
             location: location.to_string(),
             retain: retain.max(1),
+            local,
         })
     }
 
@@ -383,6 +387,14 @@ impl CheckpointStore {
             match self.store.delete(&f).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(store_error(format!("cannot delete {f}"), e)),
+            }
+        }
+        if let Some(root) = &self.local {
+            let path = root.join("checkpoints").join(format!("chk-{id:020}"));
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EngineError::io(format!("cannot remove {}", path.display()), e)),
             }
         }
         Ok(())

@@ -894,7 +894,7 @@ impl Operator for Correlation {
         };
         // Restores add up (one per old subtask after a rescale).
         let width = self.spec.input.fields().len();
-        for b in pending {
+        for b in pending.iter().filter(|b| b.num_rows() > 0) {
             let input = b
                 .column(width)
                 .as_primitive::<arrow::datatypes::Int32Type>();

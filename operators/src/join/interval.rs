@@ -858,7 +858,10 @@ impl Operator for IntervalJoin {
             };
             let batch = RecordBatch::try_new(schema, table.columns()[..width].to_vec())?;
             // Buffer without pairing: the pairs were emitted before.
-            let slot = self.sides[side].slots.len() as u32;
+            // The slot `store` gives the batch: a freed one first (an empty
+            // table restored before is freed at once).
+            let s = &self.sides[side];
+            let slot = s.free.last().copied().unwrap_or(s.slots.len() as u32);
             self.insert(side, batch, false, &mut sink)?;
             if side == 0 && self.spec.kind == JoinKind::Left {
                 for k in &self.slab {

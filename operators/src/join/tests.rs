@@ -377,6 +377,71 @@ fn snapshot_and_restore_keep_pending_rows_and_their_pairing_marks() {
     assert_eq!(got, vec![(1, Some(11)), (2, None)]);
 }
 
+#[test]
+fn the_states_of_two_subtasks_restore_into_one_with_their_pairing_marks() {
+    let spec = spec(JoinKind::Left, 0, 5_000);
+    let schema = spec.left.clone();
+    let factory = IntervalJoinFactory::new(spec);
+    let ctx = TaskContext::detached("j", 0, 1, 0);
+    let row = |ts, id, k: &str| Row {
+        ts,
+        id,
+        key: Some(k.into()),
+    };
+    let mut out = Collector::new();
+    // Old subtask 0 holds "a" (paired) and "b" (not); old subtask 1 "c" (paired) and "d".
+    let mut states = Vec::new();
+    for (paired, alone) in [("a", "b"), ("c", "d")] {
+        let mut join = factory.build(&ctx).expect("join");
+        join.process_batch(
+            0,
+            batch(&schema, &[row(1_000, 1, paired), row(1_000, 2, alone)]),
+            &mut out,
+        )
+        .expect("left");
+        join.process_batch(1, batch(&schema, &[row(2_000, 10, paired)]), &mut out)
+            .expect("right");
+        states.push(join.snapshot().expect("snapshot"));
+    }
+    out.take_main();
+    let mut restored = factory.build(&ctx).expect("join");
+    // An old subtask with nothing buffered comes first: its empty tables
+    // take slots that are freed at once and reused.
+    let empty = factory.build(&ctx).expect("join").snapshot().expect("snapshot");
+    states.insert(0, empty);
+    for s in states {
+        restored
+            .restore(s.owned_by(0, 1).expect("owned"))
+            .expect("restore");
+    }
+    restored.on_watermark(i64::MAX, &mut out).expect("end");
+    let unmatched: usize = out.take_main().iter().map(|b| b.num_rows()).sum();
+    assert_eq!(unmatched, 2, "only b and d never paired");
+
+    // Many keys, split over three new subtasks by key group.
+    let keys: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
+    let mut join = factory.build(&ctx).expect("join");
+    let lefts: Vec<Row> = keys.iter().enumerate().map(|(i, k)| row(1_000, i as i64, k)).collect();
+    join.process_batch(0, batch(&schema, &lefts), &mut out).expect("left");
+    let rights: Vec<Row> = keys
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(i, k)| row(2_000, 100 + i as i64, k))
+        .collect();
+    join.process_batch(1, batch(&schema, &rights), &mut out).expect("right");
+    out.take_main();
+    let state = join.snapshot().expect("snapshot");
+    let mut unmatched = 0;
+    for s in 0..3 {
+        let mut part = factory.build(&ctx).expect("join");
+        part.restore(state.owned_by(s, 3).expect("owned")).expect("restore");
+        part.on_watermark(i64::MAX, &mut out).expect("end");
+        unmatched += out.take_main().iter().map(|b| b.num_rows()).sum::<usize>();
+    }
+    assert_eq!(unmatched, 30, "the odd keys never paired");
+}
+
 mod lookup {
     //! Lookup joins against a table fed by hand (the file and Kafka feeds
     //! are the connectors' and have tests of their own).
