@@ -221,6 +221,7 @@ impl ReadModel {
         key: &str,
         tenant: &str,
         op: &str,
+        touched: &mut std::collections::HashSet<(String, String)>,
     ) -> vigil_engine::Result<()> {
         let text = |name: &str| -> vigil_engine::Result<Option<arrow::array::ArrayRef>> {
             batch
@@ -274,6 +275,9 @@ impl ReadModel {
                 continue;
             }
             let id = (tenants.value(r).to_string(), keys.value(r).to_string());
+            if !touched.contains(&id) {
+                touched.insert(id.clone());
+            }
             let delete = ops
                 .filter(|o| o.is_valid(r))
                 .is_some_and(|o| matches!(o.value(r), "delete" | "retract"));
@@ -297,6 +301,86 @@ impl ReadModel {
         self.changes
             .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl ReadModel {
+    /// The rows of `keys` that exist, as a state table: tenant, key, the
+    /// row's JSON and its scalar fields (a JSON array), with the model's
+    /// column names in the schema's metadata.
+    fn export(
+        &self,
+        keys: &std::collections::HashSet<(String, String)>,
+    ) -> vigil_engine::Result<RecordBatch> {
+        use arrow::array::StringBuilder;
+        let rows = self.rows.read();
+        let (mut tenants, mut ids, mut jsons, mut fields) = (
+            StringBuilder::new(),
+            StringBuilder::new(),
+            StringBuilder::new(),
+            StringBuilder::new(),
+        );
+        for k in keys {
+            if let Some(row) = rows.get(k) {
+                tenants.append_value(&k.0);
+                ids.append_value(&k.1);
+                jsons.append_value(&row.json);
+                let f: Vec<Option<&str>> = row.fields.iter().map(|f| f.as_deref()).collect();
+                fields.append_value(serde_json::to_string(&f).unwrap_or_else(|_| "[]".into()));
+            }
+        }
+        let columns = serde_json::to_string(&*self.columns.read()).unwrap_or_else(|_| "[]".into());
+        let schema = arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("tenant", DataType::Utf8, false),
+            arrow::datatypes::Field::new("key", DataType::Utf8, false),
+            arrow::datatypes::Field::new("json", DataType::Utf8, false),
+            arrow::datatypes::Field::new("fields", DataType::Utf8, false),
+        ])
+        .with_metadata([("columns".to_string(), columns)].into());
+        Ok(RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(tenants.finish()),
+                Arc::new(ids.finish()),
+                Arc::new(jsons.finish()),
+                Arc::new(fields.finish()),
+            ],
+        )?)
+    }
+
+    /// Puts back rows [`ReadModel::export`] wrote; returns their keys.
+    fn import(
+        &self,
+        table: &RecordBatch,
+    ) -> vigil_engine::Result<Vec<(String, String)>> {
+        let bad = || EngineError::Checkpoint(format!("read model {:?}: the checkpoint's rows have the wrong columns", self.name));
+        if table.num_columns() != 4 {
+            return Err(bad());
+        }
+        let col = |i: usize| table.column(i).as_string_opt::<i32>().ok_or_else(bad);
+        let (tenants, ids, jsons, fields) = (col(0)?, col(1)?, col(2)?, col(3)?);
+        if let Some(c) = table.schema().metadata().get("columns") {
+            let names: Vec<String> = serde_json::from_str(c).map_err(|_| bad())?;
+            let mut cols = self.columns.write();
+            if cols.is_empty() {
+                *cols = names;
+            }
+        }
+        let mut rows = self.rows.write();
+        let mut keys = Vec::with_capacity(table.num_rows());
+        for r in 0..table.num_rows() {
+            let f: Vec<Option<String>> = serde_json::from_str(fields.value(r)).map_err(|_| bad())?;
+            let id = (tenants.value(r).to_string(), ids.value(r).to_string());
+            rows.insert(
+                id.clone(),
+                Row {
+                    json: jsons.value(r).into(),
+                    fields: f.into_iter().map(|v| v.map(Box::from)).collect(),
+                },
+            );
+            keys.push(id);
+        }
+        Ok(keys)
     }
 }
 
@@ -372,6 +456,7 @@ impl SinkFactory for ReadModelSinkFactory {
         Ok(Box::new(ReadModelSink {
             config: self.config.clone(),
             model: self.model.clone(),
+            touched: std::collections::HashSet::new(),
         }))
     }
 
@@ -383,9 +468,15 @@ impl SinkFactory for ReadModelSinkFactory {
     }
 }
 
+/// A subtask of a `read_model` sink. Upserts and deletes by key are
+/// idempotent, so a replay after a restore applies the same changes again
+/// with the same result; the checkpoint keeps the rows this subtask wrote,
+/// so a new process serves them before its replay starts.
 struct ReadModelSink {
     config: ReadModelSinkConfig,
     model: Arc<ReadModel>,
+    /// Keys this subtask has written or restored.
+    touched: std::collections::HashSet<(String, String)>,
 }
 
 #[async_trait]
@@ -396,7 +487,27 @@ impl Sink for ReadModelSink {
             &self.config.key,
             &self.config.tenant,
             &self.config.op,
+            &mut self.touched,
         )
+    }
+
+    async fn snapshot(
+        &mut self,
+        _checkpoint: vigil_engine::CheckpointId,
+    ) -> vigil_engine::Result<vigil_engine::OperatorState> {
+        let table = self.model.export(&self.touched)?;
+        // Deleted keys need no state.
+        self.touched.retain(|k| self.model.rows.read().contains_key(k));
+        Ok(vigil_engine::OperatorState {
+            batches: vec![table],
+        })
+    }
+
+    fn restore(&mut self, state: vigil_engine::OperatorState) -> vigil_engine::Result<()> {
+        for table in &state.batches {
+            self.touched.extend(self.model.import(table)?);
+        }
+        Ok(())
     }
 }
 
@@ -439,6 +550,7 @@ mod tests {
     fn upserts_deletes_filters_pages_and_tenants() {
         let models = ReadModels::new();
         let m = models.model("open_incidents");
+        let mut touched = std::collections::HashSet::new();
         m.apply(
             &batch(&[
                 ("upsert", "acme", "i1", "high", 1),
@@ -451,9 +563,26 @@ mod tests {
             "incident_id",
             "tenant_id",
             "op",
+            &mut touched,
         )
         .expect("apply");
         assert_eq!(m.count("acme"), 2);
+        // A checkpoint's rows rebuild the same model in a new process.
+        let table = m.export(&touched).expect("export");
+        assert_eq!(table.num_rows(), 3, "i3 was deleted");
+        let again = ReadModels::new().model("open_incidents");
+        again.import(&table).expect("import");
+        let all = Query {
+            limit: 10,
+            ..Query::default()
+        };
+        assert_eq!(again.list("acme", &all), m.list("acme", &all));
+        let high = Query {
+            filters: vec![("severity".into(), "high".into())],
+            limit: 10,
+            ..Query::default()
+        };
+        assert_eq!(again.list("acme", &high), m.list("acme", &high));
         assert!(m
             .get("acme", "i2")
             .expect("i2")

@@ -22,10 +22,10 @@ use vigil_engine::RuntimeOptions;
 
 use crate::{launch, options_with};
 
-const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
+pub(crate) const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
 
 /// `GET path` with the tenant header: status and body.
-async fn get(addr: SocketAddr, path: &str, tenant: Option<&str>) -> (u16, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str, tenant: Option<&str>) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let tenant = tenant.map_or(String::new(), |t| format!("X-Tenant-Id: {t}\r\n"));
     let req = format!("GET {path} HTTP/1.1\r\nHost: vigil\r\n{tenant}Connection: close\r\n\r\n");

@@ -431,3 +431,179 @@ async fn detections_and_incidents_give_the_same_output_in_three_modes() {
         assert!(!lines.is_empty(), "{name} has output");
     }
 }
+
+/// The crash test's pipeline: generated logins paced at 40k a second (about
+/// six seconds of wall time), a threshold window and a correlation into
+/// files, and incidents into a file and a read model.
+fn crash_pipeline(out: &std::path::Path) -> String {
+    format!(
+        r#"
+name: crash
+parallelism: 2
+sources:
+  auth:
+    type: generator
+    stream: auth
+    seed: 7
+    partitions: 4
+    rate: 40000
+    event_rate: 2000
+    count: 240000
+    start_time: 2026-01-01T00:00:00Z
+    out_of_orderness: 2s
+    attacks:
+      - {{ kind: brute_force, at: 20s, every: 20s }}
+      - {{ kind: password_spray, at: 50s }}
+    watermark: {{ out_of_orderness: 2s, idle_timeout: 30s }}
+transforms:
+  failed_logins: {{ type: filter, input: auth, where: "outcome = 'failure'" }}
+  brute_force:
+    type: threshold
+    input: failed_logins
+    key: [tenant_id, src_ip, user]
+    window: 1m
+    min_count: 20
+  password_spray:
+    type: correlate
+    correlation: value_count
+    rules: [failed_logins]
+    group-by: [src_ip]
+    timespan: 2m
+    condition: {{ field: user, gte: 10 }}
+  incidents:
+    type: incidents
+    alerts:
+      - input: brute_force
+        id: "concat(rule, ':', user, ':', src_ip, ':', CAST(window_end AS VARCHAR))"
+        detection: rule
+        severity: "'high'"
+        entity_type: "'user'"
+        entity_id: user
+      - input: password_spray
+        id: id
+        detection: rule
+        severity: "'medium'"
+        entity_type: "'ip'"
+        entity_id: src_ip
+sinks:
+  alerts: {{ type: file, input: brute_force, path: {out}/alerts.ndjson }}
+  sprays: {{ type: file, input: password_spray, path: {out}/sprays.ndjson }}
+  events: {{ type: file, input: incidents, path: {out}/events.ndjson }}
+  incident_summary: {{ type: read_model, input: incidents.summary, key: incident_id }}
+"#,
+        out = out.display()
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A `vigil run` of the crash pipeline, killed on drop.
+struct Vigil(std::process::Child);
+
+impl Drop for Vigil {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_vigil(dir: &std::path::Path, port: u16) -> Vigil {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("run")
+        .arg(dir.join("crash.yaml"))
+        .arg("--checkpoints")
+        .arg(dir.join("checkpoints"))
+        .args(["--checkpoint-interval", "200ms", "--progress", "off"])
+        .args(["--http", &format!("127.0.0.1:{port}"), "--keep-serving"])
+        .arg("--dead-letter-dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("vigil.log"))
+                .map_or(std::process::Stdio::null(), std::process::Stdio::from),
+        )
+        .spawn()
+        .expect("start vigil");
+    Vigil(child)
+}
+
+/// Waits until the run behind `port` has ended its input, then returns
+/// every tenant's incident summaries and the committed output files.
+async fn finished_output(dir: &std::path::Path, port: u16) -> (Vec<Vec<String>>, Vec<String>) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let (status, body) = crate::incidents::get(addr, "/v1/checkpoints", None).await;
+            if status == 200 && body.contains("\"running\":false") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the run ends its input");
+    let mut models = Vec::new();
+    for t in crate::incidents::TENANTS {
+        let (status, body) =
+            crate::incidents::get(addr, "/v1/read-models/incident_summary?limit=1000", Some(t)).await;
+        assert_eq!(status, 200, "{body}");
+        models.push(body);
+    }
+    (output(&["alerts", "sprays", "events"], dir), models)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_with_sigkill_again_and_again_commits_what_an_uninterrupted_run_does() {
+    let reference_dir = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for d in [reference_dir.path(), dir.path()] {
+        std::fs::write(d.join("crash.yaml"), crash_pipeline(d)).expect("write the pipeline");
+    }
+    let port = free_port();
+    let reference = {
+        let _run = spawn_vigil(reference_dir.path(), port);
+        finished_output(reference_dir.path(), port).await
+    };
+    assert!(reference.0.iter().all(|f| !f.is_empty()), "every sink has output");
+
+    // Killed at pseudo-random points, restarted each time.
+    let mut seed = 0x5eed_u64;
+    let mut kills = 0;
+    for _ in 0..3 {
+        let port = free_port();
+        let run = spawn_vigil(dir.path(), port);
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let wait_ms = 700 + (seed >> 33) % 1200;
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        drop(run); // SIGKILL
+        kills += 1;
+    }
+    assert_eq!(kills, 3);
+    let log = std::fs::read_to_string(dir.path().join("vigil.log")).unwrap_or_default();
+    let port = free_port();
+    let after = {
+        let _run = spawn_vigil(dir.path(), port);
+        finished_output(dir.path(), port).await
+    };
+    assert!(
+        log.contains("restoring state"),
+        "a killed run left a checkpoint the next one restored: {log}"
+    );
+    for (name, (got, want)) in ["alerts", "sprays", "events"].iter().zip(after.0.iter().zip(&reference.0)) {
+        assert_eq!(got.len(), want.len(), "{name}: nothing lost, nothing doubled");
+        assert_eq!(got, want, "{name}");
+    }
+    assert_eq!(after.1, reference.1, "the read models");
+}
