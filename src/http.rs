@@ -22,10 +22,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use parking_lot::Mutex;
-use vigil_engine::{CheckpointHandle, EngineError};
 use axum::Router;
+use parking_lot::Mutex;
 use vigil_connectors::read_model::{self, ReadModels};
+use vigil_engine::{CheckpointHandle, EngineError};
 
 /// Header naming the caller's tenant.
 pub const TENANT_HEADER: &str = "x-tenant-id";
@@ -211,7 +211,11 @@ async fn savepoint(
     State(api): State<Api>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
-    let Some(name) = params.iter().find(|(k, _)| k == "name").map(|(_, v)| v.clone()) else {
+    let Some(name) = params
+        .iter()
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.clone())
+    else {
         return error(StatusCode::BAD_REQUEST, "name the savepoint: ?name=<name>");
     };
     let Some(location) = api.control.location.clone() else {
@@ -221,7 +225,10 @@ async fn savepoint(
         );
     };
     let Some(handle) = api.control.current.lock().clone() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the pipeline is not running");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running",
+        );
     };
     let id = match handle.savepoint(&name) {
         Ok(id) => id,

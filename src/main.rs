@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use vigil::pipeline::{self, Diagnostics, Plan, PlanOptions};
-use vigil::run::{run, Progress, Restore, RestartPolicy, RunOptions, Summary};
+use vigil::run::{run, Progress, RestartPolicy, Restore, RunOptions, Summary};
 
 /// Where `vigil run` keeps checkpoints unless told otherwise.
 const DEFAULT_CHECKPOINTS: &str = ".vigil/checkpoints";
@@ -329,7 +329,9 @@ fn take_savepoint(name: &str, http: &str) -> Result<(), Failure> {
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
             .unwrap_or(body);
-        return Err(Failure::Failed(anyhow::anyhow!("savepoint {name:?} not taken: {reason}")));
+        return Err(Failure::Failed(anyhow::anyhow!(
+            "savepoint {name:?} not taken: {reason}"
+        )));
     }
     println!("{body}");
     Ok(())

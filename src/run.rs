@@ -265,7 +265,10 @@ async fn shutdown_signal() {
 #[allow(clippy::disallowed_methods)] // elapsed time for people, outside the data path
 pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineError> {
     let control = Arc::new(crate::http::Control::new(
-        options.checkpoints.as_ref().map(|s| s.location().to_string()),
+        options
+            .checkpoints
+            .as_ref()
+            .map(|s| s.location().to_string()),
     ));
     // Bound first, so a port in use stops the run before anything starts.
     let listener = match options.http {
@@ -279,7 +282,12 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
                 tracing::warn!(address = %addr, error = %e, "HTTP API not served");
                 None
             }
-            Err(e) => return Err(EngineError::io(format!("cannot serve read models on {addr}"), e)),
+            Err(e) => {
+                return Err(EngineError::io(
+                    format!("cannot serve read models on {addr}"),
+                    e,
+                ))
+            }
         },
         None => None,
     };

@@ -349,11 +349,13 @@ impl ReadModel {
     }
 
     /// Puts back rows [`ReadModel::export`] wrote; returns their keys.
-    fn import(
-        &self,
-        table: &RecordBatch,
-    ) -> vigil_engine::Result<Vec<(String, String)>> {
-        let bad = || EngineError::Checkpoint(format!("read model {:?}: the checkpoint's rows have the wrong columns", self.name));
+    fn import(&self, table: &RecordBatch) -> vigil_engine::Result<Vec<(String, String)>> {
+        let bad = || {
+            EngineError::Checkpoint(format!(
+                "read model {:?}: the checkpoint's rows have the wrong columns",
+                self.name
+            ))
+        };
         if table.num_columns() != 4 {
             return Err(bad());
         }
@@ -369,7 +371,8 @@ impl ReadModel {
         let mut rows = self.rows.write();
         let mut keys = Vec::with_capacity(table.num_rows());
         for r in 0..table.num_rows() {
-            let f: Vec<Option<String>> = serde_json::from_str(fields.value(r)).map_err(|_| bad())?;
+            let f: Vec<Option<String>> =
+                serde_json::from_str(fields.value(r)).map_err(|_| bad())?;
             let id = (tenants.value(r).to_string(), ids.value(r).to_string());
             rows.insert(
                 id.clone(),
@@ -497,7 +500,8 @@ impl Sink for ReadModelSink {
     ) -> vigil_engine::Result<vigil_engine::OperatorState> {
         let table = self.model.export(&self.touched)?;
         // Deleted keys need no state.
-        self.touched.retain(|k| self.model.rows.read().contains_key(k));
+        self.touched
+            .retain(|k| self.model.rows.read().contains_key(k));
         Ok(vigil_engine::OperatorState {
             batches: vec![table],
         })

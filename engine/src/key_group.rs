@@ -75,8 +75,15 @@ pub fn check_parallelism(node: &str, parallelism: usize) -> Result<()> {
 
 /// Row indices of `batch` per subtask of `parallelism`, by the key columns
 /// at `key_columns`.
-pub fn route(batch: &RecordBatch, key_columns: &[usize], parallelism: usize) -> Result<Vec<Vec<u32>>> {
-    let keys: Vec<ArrayRef> = key_columns.iter().map(|&i| batch.column(i).clone()).collect();
+pub fn route(
+    batch: &RecordBatch,
+    key_columns: &[usize],
+    parallelism: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let keys: Vec<ArrayRef> = key_columns
+        .iter()
+        .map(|&i| batch.column(i).clone())
+        .collect();
     let mut out = vec![Vec::new(); parallelism.max(1)];
     for (row, g) in groups(&keys, batch.num_rows())?.into_iter().enumerate() {
         out[subtask_of(g, parallelism)].push(row as u32);
@@ -103,11 +110,18 @@ pub fn split(batch: &RecordBatch, keys: &[&str], parallelism: usize) -> Result<V
 pub fn tag(table: RecordBatch, keys: &[ArrayRef]) -> Result<RecordBatch> {
     let groups = UInt16Array::from(groups(keys, table.num_rows())?);
     let mut fields: Vec<Arc<Field>> = table.schema().fields().iter().cloned().collect();
-    fields.push(Arc::new(Field::new(KEY_GROUP_COLUMN, DataType::UInt16, false)));
+    fields.push(Arc::new(Field::new(
+        KEY_GROUP_COLUMN,
+        DataType::UInt16,
+        false,
+    )));
     let mut columns = table.columns().to_vec();
     columns.push(Arc::new(groups));
     Ok(RecordBatch::try_new(
-        Arc::new(Schema::new_with_metadata(fields, table.schema().metadata().clone())),
+        Arc::new(Schema::new_with_metadata(
+            fields,
+            table.schema().metadata().clone(),
+        )),
         columns,
     )?)
 }
@@ -119,7 +133,9 @@ pub fn owned(table: &RecordBatch, subtask: usize, parallelism: usize) -> Result<
     let Ok(i) = table.schema().index_of(KEY_GROUP_COLUMN) else {
         return Ok(table.clone());
     };
-    let groups = table.column(i).as_primitive::<arrow::datatypes::UInt16Type>();
+    let groups = table
+        .column(i)
+        .as_primitive::<arrow::datatypes::UInt16Type>();
     let keep: arrow::array::BooleanArray = groups
         .iter()
         .map(|g| Some(g.is_some_and(|g| subtask_of(g, parallelism) == subtask)))

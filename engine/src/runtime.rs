@@ -662,9 +662,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                         .next()
                         .ok_or_else(|| EngineError::Internal("sink control missing".into()))?;
                     tasks.spawn(async move {
-                        run_sink(ctx, sink, ins, control, coord)
-                            .await
-                            .map_err(wrap)
+                        run_sink(ctx, sink, ins, control, coord).await.map_err(wrap)
                     });
                 }
             }
@@ -850,13 +848,7 @@ fn process_isolating(
         }
         let raw = raw.trim_ascii_end();
         let mut dead = crate::dead_letter::DeadLetters::new(&ctx.node);
-        dead.push(
-            &ctx.node,
-            None,
-            "processing_failed",
-            &err.to_string(),
-            raw,
-        );
+        dead.push(&ctx.node, None, "processing_failed", &err.to_string(), raw);
         if let Some(d) = dead.finish()? {
             out.emit_side(crate::operator::DEAD_LETTER, d);
         }
@@ -864,7 +856,13 @@ fn process_isolating(
     }
     let half = batch.num_rows() / 2;
     process_isolating(ctx, op, input, batch.slice(0, half), out)?;
-    process_isolating(ctx, op, input, batch.slice(half, batch.num_rows() - half), out)
+    process_isolating(
+        ctx,
+        op,
+        input,
+        batch.slice(half, batch.num_rows() - half),
+        out,
+    )
 }
 
 async fn run_sink(

@@ -57,6 +57,14 @@ impl FilterFactory {
 }
 
 impl OperatorFactory for FilterFactory {
+    /// Records the step cannot evaluate go to dead letters (see the
+    /// runtime's poison-record isolation).
+    fn side_outputs(&self) -> Vec<(vigil_engine::operator::SidePort, SchemaRef)> {
+        vec![(
+            vigil_engine::DEAD_LETTER,
+            vigil_engine::dead_letter::schema(),
+        )]
+    }
     fn output_schema(&self) -> SchemaRef {
         self.schema.clone()
     }

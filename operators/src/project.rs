@@ -95,6 +95,14 @@ impl ProjectFactory {
 }
 
 impl OperatorFactory for ProjectFactory {
+    /// Records the step cannot evaluate go to dead letters (see the
+    /// runtime's poison-record isolation).
+    fn side_outputs(&self) -> Vec<(vigil_engine::operator::SidePort, SchemaRef)> {
+        vec![(
+            vigil_engine::DEAD_LETTER,
+            vigil_engine::dead_letter::schema(),
+        )]
+    }
     fn output_schema(&self) -> SchemaRef {
         self.schema.clone()
     }

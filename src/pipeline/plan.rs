@@ -654,13 +654,19 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
             _ => orphans.push(input),
         }
     }
-    // Operators that reject records (an incidents step refusing an action).
-    for t in &spec.transforms {
-        let Some(b) = built.get(&t.name) else {
-            continue;
-        };
-        let input = (b.id, Port::Side(DEAD_LETTER));
-        if !consumed.contains(&input) && graph.nodes()[b.id].output_schema(input.1).is_some() {
+    // Operators that reject records (an incidents step refusing an action,
+    // a poison record a SQL step cannot evaluate), the steps a transform is
+    // planned into included.
+    let operators: Vec<NodeId> = graph
+        .nodes()
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| matches!(n.kind, vigil_engine::graph::NodeKind::Operator(_)))
+        .map(|(id, _)| id)
+        .collect();
+    for id in operators {
+        let input = (id, Port::Side(DEAD_LETTER));
+        if !consumed.contains(&input) && graph.nodes()[id].output_schema(input.1).is_some() {
             orphans.push(input);
         }
     }

@@ -105,7 +105,11 @@ async fn serve(plan: &Plan, tasks: &mut JoinSet<std::io::Result<()>>) -> SocketA
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let control = std::sync::Arc::new(vigil::http::Control::new(None));
-    tasks.spawn(vigil::http::serve(listener, plan.read_models.clone(), control));
+    tasks.spawn(vigil::http::serve(
+        listener,
+        plan.read_models.clone(),
+        control,
+    ));
     addr
 }
 

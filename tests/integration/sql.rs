@@ -257,11 +257,9 @@ async fn check(rows: Vec<Row>, streaming: &str, batch_sql: &str) {
         }
     }
     // Straight, checkpointed at parallelism 2, crashed and restored at 3.
-    let out = crate::recovery::three_modes(
-        |p| stream_pipeline(dir.path(), streaming, 64, p),
-        &["out"],
-    )
-    .await;
+    let out =
+        crate::recovery::three_modes(|p| stream_pipeline(dir.path(), streaming, 64, p), &["out"])
+            .await;
     assert_eq!(out[0].len(), expected.len() - 1, "one line per result row");
 }
 

@@ -80,12 +80,19 @@ impl SinkFactory for FileSinkFactory {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| {
-                EngineError::User(format!("file sink path {} has no file name", self.path.display()))
+                EngineError::User(format!(
+                    "file sink path {} has no file name",
+                    self.path.display()
+                ))
             })?;
         let sibling = |suffix: &str| self.path.with_file_name(format!(".{name}.{suffix}"));
         let sink = FileSink {
             inprogress: sibling("inprogress"),
-            pending_dir: self.path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            pending_dir: self
+                .path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
             name,
             factory: self.clone(),
             writer: None,
@@ -184,9 +191,13 @@ impl FileSink {
         let file = buf
             .into_inner()
             .map_err(|e| io("write", &self.inprogress, e.into_error()))?;
-        file.sync_all().map_err(|e| io("sync", &self.inprogress, e))?;
+        file.sync_all()
+            .map_err(|e| io("sync", &self.inprogress, e))?;
         self.written = 0;
-        Ok(file.metadata().map_err(|e| io("read", &self.inprogress, e))?.len())
+        Ok(file
+            .metadata()
+            .map_err(|e| io("read", &self.inprogress, e))?
+            .len())
     }
 
     /// Appends part `part` (of `size` bytes) to the output, which is
@@ -265,7 +276,10 @@ impl Sink for FileSink {
                 let f = File::create(&self.inprogress)
                     .map_err(|e| io("create", &self.inprogress, e))?;
                 self.writer
-                    .insert(LineDelimitedWriter::new(BufWriter::with_capacity(1 << 20, f)))
+                    .insert(LineDelimitedWriter::new(BufWriter::with_capacity(
+                        1 << 20,
+                        f,
+                    )))
             }
         };
         w.write(&batch)?;
@@ -308,7 +322,10 @@ impl Sink for FileSink {
         })
     }
 
-    async fn on_checkpoint_complete(&mut self, checkpoint: CheckpointId) -> vigil_engine::Result<()> {
+    async fn on_checkpoint_complete(
+        &mut self,
+        checkpoint: CheckpointId,
+    ) -> vigil_engine::Result<()> {
         self.commit_through(checkpoint)
     }
 

@@ -15,9 +15,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, UInt64Type};
 use async_trait::async_trait;
-use vigil_engine::{
-    OperatorState, SharedClock, Source, SourceEvent, SourceFactory, TaskContext,
-};
+use vigil_engine::{OperatorState, SharedClock, Source, SourceEvent, SourceFactory, TaskContext};
 
 use super::config::{GeneratorConfig, Stream};
 use super::scenario::{mix, plans, InjectedAttack, Plan, Row};

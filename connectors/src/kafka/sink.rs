@@ -42,8 +42,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::producer::Producer as _;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use vigil_engine::{CheckpointId, EngineError, OperatorState, Sink, SinkFactory, TaskContext};
 
 use super::config::{KafkaSinkConfig, Properties, SinkFormat};
@@ -467,7 +467,10 @@ impl KafkaSink {
         }
         self.producer.settle(0).await?;
         self.commit()?;
-        tracing::info!(rows, "kafka sink: records pre-committed by the restored checkpoint committed");
+        tracing::info!(
+            rows,
+            "kafka sink: records pre-committed by the restored checkpoint committed"
+        );
         Ok(())
     }
 
@@ -476,8 +479,12 @@ impl KafkaSink {
     async fn commit_through(&mut self, through: CheckpointId) -> vigil_engine::Result<()> {
         self.settle_restored().await?;
         loop {
-            let Some(t) = &mut self.txn else { return Ok(()) };
-            let Some(front) = t.epochs.front_mut() else { return Ok(()) };
+            let Some(t) = &mut self.txn else {
+                return Ok(());
+            };
+            let Some(front) = t.epochs.front_mut() else {
+                return Ok(());
+            };
             let closed = front.barrier.is_some_and(|b| b <= through);
             if !front.sent {
                 let batches = front.batches.clone();
@@ -586,13 +593,17 @@ impl Sink for KafkaSink {
         Ok(OperatorState { batches })
     }
 
-    async fn on_checkpoint_complete(&mut self, checkpoint: CheckpointId) -> vigil_engine::Result<()> {
+    async fn on_checkpoint_complete(
+        &mut self,
+        checkpoint: CheckpointId,
+    ) -> vigil_engine::Result<()> {
         self.commit_through(checkpoint).await
     }
 
     fn restore(&mut self, state: OperatorState) -> vigil_engine::Result<()> {
         if let Some(t) = &mut self.txn {
-            t.restored.extend(state.batches.into_iter().filter(|b| b.num_rows() > 0));
+            t.restored
+                .extend(state.batches.into_iter().filter(|b| b.num_rows() > 0));
         }
         Ok(())
     }

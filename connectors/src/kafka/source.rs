@@ -1061,11 +1061,14 @@ impl Source for KafkaSource {
             return Ok(());
         };
         let (Some(topics), Some(parts), Some(next)) = (
-            b.column_by_name("topic").and_then(|c| arrow::array::AsArray::as_string_opt::<i32>(c)),
-            b.column_by_name("partition")
-                .and_then(|c| arrow::array::AsArray::as_primitive_opt::<arrow::datatypes::Int32Type>(c)),
-            b.column_by_name("next_offset")
-                .and_then(|c| arrow::array::AsArray::as_primitive_opt::<arrow::datatypes::Int64Type>(c)),
+            b.column_by_name("topic")
+                .and_then(|c| arrow::array::AsArray::as_string_opt::<i32>(c)),
+            b.column_by_name("partition").and_then(|c| {
+                arrow::array::AsArray::as_primitive_opt::<arrow::datatypes::Int32Type>(c)
+            }),
+            b.column_by_name("next_offset").and_then(|c| {
+                arrow::array::AsArray::as_primitive_opt::<arrow::datatypes::Int64Type>(c)
+            }),
         ) else {
             return Err(EngineError::Checkpoint(format!(
                 "kafka source {}: the checkpoint's offsets have the wrong columns",

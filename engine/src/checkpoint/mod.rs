@@ -273,7 +273,12 @@ impl Coordinator {
     }
 
     /// `checkpoint` is durable: make it the latest and tell sources and sinks.
-    pub(crate) fn complete(&self, checkpoint: Arc<CompletedCheckpoint>, started_ms: i64, bytes: Option<u64>) {
+    pub(crate) fn complete(
+        &self,
+        checkpoint: Arc<CompletedCheckpoint>,
+        started_ms: i64,
+        bytes: Option<u64>,
+    ) {
         let id = checkpoint.id;
         {
             let mut completed = self.completed.lock();
@@ -369,7 +374,14 @@ impl CheckpointHandle {
     pub async fn wait_for(&self, id: CheckpointId) -> Arc<CompletedCheckpoint> {
         loop {
             let notified = self.inner.notify.notified();
-            if let Some(c) = self.inner.completed.lock().iter().rev().find(|c| c.id >= id) {
+            if let Some(c) = self
+                .inner
+                .completed
+                .lock()
+                .iter()
+                .rev()
+                .find(|c| c.id >= id)
+            {
                 return c.clone();
             }
             notified.await;

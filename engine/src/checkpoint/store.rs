@@ -128,8 +128,9 @@ impl CheckpointStore {
                 .map_err(|e| EngineError::User(format!("checkpoint storage {location:?}: {e}")))?;
             (Arc::from(store), path)
         } else {
-            std::fs::create_dir_all(location)
-                .map_err(|e| EngineError::io(format!("cannot create checkpoint directory {location}"), e))?;
+            std::fs::create_dir_all(location).map_err(|e| {
+                EngineError::io(format!("cannot create checkpoint directory {location}"), e)
+            })?;
             let fs = LocalFileSystem::new_with_prefix(location)
                 .map_err(|e| store_error(format!("checkpoint directory {location}"), e))?;
             (Arc::new(fs), Path::default())
@@ -162,7 +163,9 @@ impl CheckpointStore {
     /// Writes `checkpoint`; when this returns, it is complete and durable.
     /// A savepoint is also stored as a checkpoint, so it is the latest one.
     pub async fn write(&self, checkpoint: &CompletedCheckpoint) -> Result<StoredSize> {
-        let size = self.write_at(checkpoint, self.dir_of(checkpoint.id, None)).await?;
+        let size = self
+            .write_at(checkpoint, self.dir_of(checkpoint.id, None))
+            .await?;
         if let Some(name) = &checkpoint.savepoint {
             self.write_at(checkpoint, self.dir_of(checkpoint.id, Some(name)))
                 .await?;
@@ -342,7 +345,9 @@ impl CheckpointStore {
         }
         let mut states = std::collections::HashMap::new();
         for t in &m.tasks {
-            let mut tables = by_task.remove(&(t.node.clone(), t.subtask)).unwrap_or_default();
+            let mut tables = by_task
+                .remove(&(t.node.clone(), t.subtask))
+                .unwrap_or_default();
             tables.sort_by_key(|(n, _)| *n);
             states.insert(
                 (t.node.clone(), t.subtask),
@@ -394,7 +399,12 @@ impl CheckpointStore {
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(EngineError::io(format!("cannot remove {}", path.display()), e)),
+                Err(e) => {
+                    return Err(EngineError::io(
+                        format!("cannot remove {}", path.display()),
+                        e,
+                    ))
+                }
             }
         }
         Ok(())
@@ -429,10 +439,18 @@ impl CheckpointStore {
 /// Node names as one path segment.
 fn encode(node: &str) -> String {
     node.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 fn child(dir: &Path, relative: &str) -> Path {
-    relative.split('/').fold(dir.clone(), |p, part| p.join(part))
+    relative
+        .split('/')
+        .fold(dir.clone(), |p, part| p.join(part))
 }

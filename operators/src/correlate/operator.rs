@@ -884,7 +884,11 @@ impl Operator for Correlation {
                 Arc::new(StringArray::from(rows.carried)),
             ],
         )?;
-        batches.push(crate::state::tag_rows(groups, &self.keys, rows.keys.iter().copied())?);
+        batches.push(crate::state::tag_rows(
+            groups,
+            &self.keys,
+            rows.keys.iter().copied(),
+        )?);
         Ok(OperatorState { batches })
     }
 

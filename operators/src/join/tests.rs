@@ -407,7 +407,11 @@ fn the_states_of_two_subtasks_restore_into_one_with_their_pairing_marks() {
     let mut restored = factory.build(&ctx).expect("join");
     // An old subtask with nothing buffered comes first: its empty tables
     // take slots that are freed at once and reused.
-    let empty = factory.build(&ctx).expect("join").snapshot().expect("snapshot");
+    let empty = factory
+        .build(&ctx)
+        .expect("join")
+        .snapshot()
+        .expect("snapshot");
     states.insert(0, empty);
     for s in states {
         restored
@@ -421,21 +425,28 @@ fn the_states_of_two_subtasks_restore_into_one_with_their_pairing_marks() {
     // Many keys, split over three new subtasks by key group.
     let keys: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
     let mut join = factory.build(&ctx).expect("join");
-    let lefts: Vec<Row> = keys.iter().enumerate().map(|(i, k)| row(1_000, i as i64, k)).collect();
-    join.process_batch(0, batch(&schema, &lefts), &mut out).expect("left");
+    let lefts: Vec<Row> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| row(1_000, i as i64, k))
+        .collect();
+    join.process_batch(0, batch(&schema, &lefts), &mut out)
+        .expect("left");
     let rights: Vec<Row> = keys
         .iter()
         .enumerate()
         .filter(|(i, _)| i % 2 == 0)
         .map(|(i, k)| row(2_000, 100 + i as i64, k))
         .collect();
-    join.process_batch(1, batch(&schema, &rights), &mut out).expect("right");
+    join.process_batch(1, batch(&schema, &rights), &mut out)
+        .expect("right");
     out.take_main();
     let state = join.snapshot().expect("snapshot");
     let mut unmatched = 0;
     for s in 0..3 {
         let mut part = factory.build(&ctx).expect("join");
-        part.restore(state.owned_by(s, 3).expect("owned")).expect("restore");
+        part.restore(state.owned_by(s, 3).expect("owned"))
+            .expect("restore");
         part.on_watermark(i64::MAX, &mut out).expect("end");
         unmatched += out.take_main().iter().map(|b| b.num_rows()).sum::<usize>();
     }

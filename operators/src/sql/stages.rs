@@ -270,6 +270,14 @@ impl StatelessFactory {
 }
 
 impl OperatorFactory for StatelessFactory {
+    /// Records the step cannot evaluate go to dead letters (see the
+    /// runtime's poison-record isolation).
+    fn side_outputs(&self) -> Vec<(vigil_engine::operator::SidePort, SchemaRef)> {
+        vec![(
+            vigil_engine::DEAD_LETTER,
+            vigil_engine::dead_letter::schema(),
+        )]
+    }
     fn output_schema(&self) -> SchemaRef {
         self.stages.output_schema()
     }
@@ -299,6 +307,10 @@ struct Stateless {
 }
 
 impl Operator for Stateless {
+    fn is_stateless(&self) -> bool {
+        true
+    }
+
     fn process_batch(
         &mut self,
         _input: usize,
