@@ -25,9 +25,7 @@ use arrow::record_batch::RecordBatch;
 use support::{arg, spread};
 use vigil::pipeline::{load_str, PlanOptions};
 use vigil_engine::graph::NodeKind;
-use vigil_engine::{
-    CheckpointStore, Collector, CompletedCheckpoint, Operator, OperatorFactory, TaskContext,
-};
+use vigil_engine::{CheckpointStore, Collector, CompletedCheckpoint, OperatorFactory, TaskContext};
 
 const PIPELINE: &str = "\
 name: checkpoint-bench
