@@ -86,9 +86,13 @@ fn main() {
             let batch = RecordBatch::try_new(
                 schema.clone(),
                 vec![
-                    Arc::new(TimestampMillisecondArray::from_iter_values(
-                        (start..end).map(|i| 1_767_225_600_000 + (i as i64 % 3_000_000) + round),
-                    )),
+                    Arc::new(
+                        TimestampMillisecondArray::from_iter_values(
+                            (start..end)
+                                .map(|i| 1_767_225_600_000 + (i as i64 % 3_000_000) + round),
+                        )
+                        .with_timezone("UTC"),
+                    ),
                     Arc::new(StringArray::from_iter_values(
                         (start..end).map(|i| format!("user-{i:08}")),
                     )),

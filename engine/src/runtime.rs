@@ -904,7 +904,10 @@ async fn run_sink(
             }
             InputEvent::End => {
                 sink.finish().await?;
-                coord.finished(&ctx.node, ctx.subtask, OperatorState::default());
+                // What later checkpoints hold for this sink: everything
+                // committed (a file sink's full length, so a restore keeps it).
+                let last = sink.snapshot(CheckpointId::MAX).await?;
+                coord.finished(&ctx.node, ctx.subtask, last);
                 return Ok(());
             }
         }

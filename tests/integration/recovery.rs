@@ -636,6 +636,33 @@ async fn a_run_killed_with_sigkill_again_and_again_commits_what_an_uninterrupted
     let port = free_port();
     let reference = {
         let _run = spawn_vigil(reference_dir.path(), port);
+        // `vigil savepoint` against the running process.
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while stored_checkpoints(reference_dir.path()) == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a checkpoint is stored");
+        let saved = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args([
+                "savepoint",
+                "mid-run",
+                "--http",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .output()
+            .expect("run vigil savepoint");
+        let answer = String::from_utf8_lossy(&saved.stdout);
+        assert!(
+            saved.status.success() && answer.contains("\"savepoint\":\"mid-run\""),
+            "{answer} {}",
+            String::from_utf8_lossy(&saved.stderr)
+        );
+        assert!(reference_dir
+            .path()
+            .join("checkpoints/crash/savepoints/mid-run/_manifest.json")
+            .exists());
         finished_output(reference_dir.path(), port).await
     };
     assert!(
@@ -748,4 +775,162 @@ sinks:
     let dead = std::fs::read_to_string(dir.path().join("poison.dlq.ndjson")).expect("dead letters");
     assert!(dead.contains("not-a-number"), "{dead}");
     assert!(dead.contains("big"), "names the step: {dead}");
+}
+
+/// An S3-compatible server for the duration of a test: moto's, from PyPI
+/// (`pip install "moto[server]"`; `.ci/run` installs it). A real S3 protocol
+/// implementation over HTTP, since no object store can run here otherwise.
+struct Moto(std::process::Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_round_trip_through_s3_compatible_storage() {
+    let port = free_port();
+    let child = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(child) = child else {
+        panic!("python3 is needed for the S3 test");
+    };
+    let _moto = Moto(child);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    // Wait for the server, then create the bucket (moto takes unsigned requests).
+    let client = reqwest::Client::new();
+    let mut created = false;
+    for _ in 0..200 {
+        if let Ok(r) = client
+            .put(format!("{endpoint}/vigil-checkpoints"))
+            .send()
+            .await
+        {
+            created = r.status().is_success();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        created || std::env::var_os("CI").is_none(),
+        "moto is missing in CI: .ci/run installs moto[server]"
+    );
+    if !created {
+        eprintln!("skipping: no S3-compatible server (pip install \"moto[server]\")");
+        return;
+    }
+    let options = vec![
+        ("aws_endpoint".to_string(), endpoint.clone()),
+        ("aws_allow_http".to_string(), "true".to_string()),
+        ("aws_region".to_string(), "us-east-1".to_string()),
+        ("aws_access_key_id".to_string(), "test".to_string()),
+        ("aws_secret_access_key".to_string(), "test".to_string()),
+    ];
+    let store = CheckpointStore::open_with("s3://vigil-checkpoints/pipelines/demo", 2, options)
+        .expect("store");
+    // A real pipeline's checkpoint: the window pipeline of the SQL tests at
+    // parallelism 2, restored from S3 at parallelism 3.
+    let rows_dir = tempfile::tempdir().expect("tempdir");
+    let lines: Vec<String> = (0..3000)
+        .map(|i| {
+            format!(
+                r#"{{"ts":{},"user":"u{}","bytes":{}}}"#,
+                1_767_225_600_000i64 + i * 100,
+                i % 37,
+                i
+            )
+        })
+        .collect();
+    std::fs::write(rows_dir.path().join("in.ndjson"), lines.join("\n")).expect("write");
+    let yaml = |p: usize| {
+        format!(
+            r#"
+name: s3
+parallelism: {p}
+sources:
+  t:
+    type: file
+    path: {}
+    batch_size: 100
+    schema:
+      fields:
+        - {{ name: ts, type: timestamp }}
+        - {{ name: user, type: string }}
+        - {{ name: bytes, type: int64 }}
+      event_time: {{ field: ts, format: epoch_ms }}
+transforms:
+  w:
+    type: sql
+    query: "SELECT window_start, user, count(*) AS n, sum(bytes) AS b FROM t GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), user"
+sinks:
+  out: {{ type: null, input: w }}
+"#,
+            rows_dir.path().join("in.ndjson").display()
+        )
+    };
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let straight_dir = tempfile::tempdir().expect("tempdir");
+    run(
+        &plan(&yaml(1), &["out"], straight_dir.path()),
+        RuntimeOptions::default(),
+    )
+    .await;
+    let mut first = plan(&yaml(2), &["out"], out_dir.path());
+    let gate = gate(&mut first, 5);
+    let running = start(
+        &first.graph,
+        RuntimeOptions {
+            store: Some(store.clone()),
+            ..RuntimeOptions::default()
+        },
+    )
+    .expect("start");
+    let handle = running.checkpoints();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(running.wait());
+    while gate.handed.load(Ordering::SeqCst) < 5 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let id = handle.savepoint("mid-run").expect("trigger");
+    tokio::time::timeout(Duration::from_secs(60), handle.wait_for(id))
+        .await
+        .expect("stored in S3");
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let ids: Vec<u64> = store
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, vec![id]);
+    let saved = store.savepoint("mid-run").await.expect("the savepoint");
+    assert!(saved.rows() > 0, "window state was stored");
+    run(
+        &plan(&yaml(3), &["out"], out_dir.path()),
+        RuntimeOptions {
+            restore: Some(Arc::new(saved)),
+            store: Some(store.clone()),
+            ..RuntimeOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        output(&["out"], out_dir.path()),
+        output(&["out"], straight_dir.path()),
+        "restored from S3 at parallelism 3"
+    );
 }

@@ -234,7 +234,9 @@ impl Coordinator {
                 "every task has finished; nothing is left to checkpoint".into(),
             ));
         }
-        if pending.len() >= MAX_IN_FLIGHT {
+        // A savepoint is asked for by a person: it is never refused for
+        // the periodic ones still in flight.
+        if savepoint.is_none() && pending.len() >= MAX_IN_FLIGHT {
             return Err(EngineError::Checkpoint(format!(
                 "{} checkpoints are still in flight",
                 pending.len()

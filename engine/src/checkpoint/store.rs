@@ -116,14 +116,25 @@ impl CheckpointStore {
     /// MinIO or other S3-compatible stores) or a local directory, created if
     /// missing. Keeps the newest `retain` checkpoints (at least 1).
     pub fn open(location: &str, retain: usize) -> Result<Self> {
+        let options: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        Self::open_with(location, retain, options)
+    }
+
+    /// [`CheckpointStore::open`] with the object store's settings given
+    /// (`aws_endpoint`, `aws_region`, `aws_access_key_id`, ...) instead of
+    /// read from the environment.
+    pub fn open_with(
+        location: &str,
+        retain: usize,
+        options: Vec<(String, String)>,
+    ) -> Result<Self> {
         let local = (!location.contains("://")).then(|| std::path::PathBuf::from(location));
         let (store, root): (Arc<dyn ObjectStore>, Path) = if location.contains("://") {
             let url = url::Url::parse(location)
                 .map_err(|e| EngineError::User(format!("checkpoint storage {location:?}: {e}")))?;
-            let options: Vec<(String, String)> = std::env::vars()
-                .filter(|(k, _)| k.starts_with("AWS_"))
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                .collect();
             let (store, path) = object_store::parse_url_opts(&url, options)
                 .map_err(|e| EngineError::User(format!("checkpoint storage {location:?}: {e}")))?;
             (Arc::from(store), path)
