@@ -345,6 +345,12 @@ pub trait Sink: Send {
     fn restore(&mut self, _state: OperatorState) -> Result<()> {
         Ok(())
     }
+    /// [`Sink::restore`] from a checkpoint every sink is known to have
+    /// committed: its pre-commits must not be committed again. By default
+    /// the same as `restore` (for sinks whose commit is idempotent).
+    fn restore_committed(&mut self, state: OperatorState) -> Result<()> {
+        self.restore(state)
+    }
     /// Every input has ended: commit everything (by default, flush).
     async fn finish(&mut self) -> Result<()> {
         self.flush().await

@@ -140,6 +140,13 @@ impl RunningPipeline {
                     continue;
                 }
                 _ = coordinator.acknowledged_notify.notified() => {
+                    if let Some(store) = &self.store {
+                        for id in coordinator.take_committed() {
+                            if let Err(e) = store.mark_committed(id).await {
+                                tracing::warn!(checkpoint = id, error = %e, "commit marker not written; a restore from it repeats its sinks' last commit");
+                            }
+                        }
+                    }
                     for (checkpoint, started) in coordinator.take_acknowledged() {
                         let stored = match &self.store {
                             Some(store) => store.write(&checkpoint).await.map(|s| Some(s.bytes)),
@@ -200,6 +207,14 @@ impl RunningPipeline {
                 Some(_) => {}
             }
             self.tasks.abort_all();
+        }
+        // Commits that finished as the tasks did still get their marker.
+        if let Some(store) = &self.store {
+            for id in coordinator.take_committed() {
+                if let Err(e) = store.mark_committed(id).await {
+                    tracing::warn!(checkpoint = id, error = %e, "commit marker not written");
+                }
+            }
         }
         first.map_or(Ok(()), Err)
     }
@@ -654,8 +669,13 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                             EngineError::Internal(format!("sink {} has no input", node.name))
                         })?;
                     let mut sink = f.create(&ctx, schema)?;
+                    let committed = opts.restore.as_ref().is_some_and(|c| c.committed);
                     for s in states {
-                        sink.restore(s).map_err(wrap.clone())?;
+                        if committed {
+                            sink.restore_committed(s).map_err(wrap.clone())?;
+                        } else {
+                            sink.restore(s).map_err(wrap.clone())?;
+                        }
                     }
                     let ins = Inputs::new(slots);
                     let control = sink_rx

@@ -765,6 +765,10 @@ async fn an_exactly_once_sink_writes_in_transactions_committed_with_the_checkpoi
     // (fencing the old producers, aborting what they left open) and, with
     // everything committed, writes nothing again.
     let latest = store.latest().await.expect("read").expect("a checkpoint");
+    assert!(
+        latest.committed,
+        "the last checkpoint carries the marker that every sink committed it"
+    );
     let plan = load_str("kafka.yaml", &text, &options_with(&[])).expect("valid");
     let restarted = crate::launch(
         &plan.graph,

@@ -38,7 +38,9 @@ sinks:
 #[test]
 fn the_good_file_is_accepted() {
     let plan = load_str("p.yaml", GOOD, &options_with(&[])).expect("valid");
-    assert_eq!(plan.graph.nodes().len(), 4);
+    // Source, filter, threshold, sink, and the dead-letter file the
+    // source's and the filter's rejects go to.
+    assert_eq!(plan.graph.nodes().len(), 5);
 }
 
 #[test]

@@ -18,9 +18,10 @@
 //! keeps the pre-committed batches: librdkafka cannot resume another
 //! process's transaction, so a restore aborts the one left open (by
 //! `init_transactions` under the same transactional id) and sends the
-//! restored batches again in a new transaction. If the process died after
-//! the commit but before the next checkpoint, those records are written
-//! twice; every other crash point gives exactly-once.
+//! restored batches again in a new transaction, unless the store's commit
+//! marker says every sink committed that checkpoint (a clean stop, or a
+//! crash after the marker). Only a crash between a commit and its marker
+//! writes those records twice; every other crash point gives exactly-once.
 //!
 //! Avro values are in the Confluent wire format. Their schema is derived
 //! from the input columns and registered under `<topic>-value` when the
@@ -605,6 +606,11 @@ impl Sink for KafkaSink {
             t.restored
                 .extend(state.batches.into_iter().filter(|b| b.num_rows() > 0));
         }
+        Ok(())
+    }
+
+    fn restore_committed(&mut self, _state: OperatorState) -> vigil_engine::Result<()> {
+        // Committed before the process stopped: nothing to send again.
         Ok(())
     }
 

@@ -51,6 +51,9 @@ pub struct CompletedCheckpoint {
     pub parallelism: BTreeMap<String, usize>,
     /// Set for a savepoint: the name it is kept under.
     pub savepoint: Option<String>,
+    /// Every sink is known to have committed it (read back from the store's
+    /// commit marker): a restore must not commit its pre-commits again.
+    pub committed: bool,
 }
 
 impl CompletedCheckpoint {
@@ -119,6 +122,9 @@ pub(crate) struct Coordinator {
     pending: Mutex<BTreeMap<CheckpointId, Pending>>,
     /// Acknowledged everywhere, waiting to be stored.
     acknowledged: Mutex<VecDeque<(Arc<CompletedCheckpoint>, i64)>>,
+    /// Committed by every live source and sink, waiting for the store's
+    /// commit marker.
+    committed: Mutex<Vec<CheckpointId>>,
     /// Per checkpoint, source and sink subtasks that have acted on its completion.
     handled: Mutex<HashMap<CheckpointId, usize>>,
     completed: Mutex<VecDeque<Arc<CompletedCheckpoint>>>,
@@ -154,6 +160,7 @@ impl Coordinator {
             finished: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             acknowledged: Mutex::new(VecDeque::new()),
+            committed: Mutex::new(Vec::new()),
             handled: Mutex::new(HashMap::new()),
             completed: Mutex::new(VecDeque::new()),
             stats: Mutex::new(CheckpointStats::default()),
@@ -191,6 +198,7 @@ impl Coordinator {
             states: p.acks,
             parallelism: self.parallelism.clone(),
             savepoint: p.savepoint,
+            committed: false,
         });
         tracing::debug!(checkpoint = id, "checkpoint acknowledged by every subtask");
         if !self.durable {
@@ -316,8 +324,32 @@ impl Coordinator {
 
     /// A source or sink subtask has acted on checkpoint `id`'s completion.
     pub(crate) fn handled(&self, id: CheckpointId) {
-        *self.handled.lock().entry(id).or_insert(0) += 1;
+        let done = {
+            let mut handled = self.handled.lock();
+            let n = handled.entry(id).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if self.durable && done == self.live_participants() {
+            self.committed.lock().push(id);
+            self.acknowledged_notify.notify_one();
+        }
         self.notify.notify_waiters();
+    }
+
+    /// Source and sink subtasks that have not finished.
+    fn live_participants(&self) -> usize {
+        let finished = self.finished.lock();
+        self.sources
+            .iter()
+            .chain(&self.sinks)
+            .filter(|(k, _)| !finished.contains_key(k))
+            .count()
+    }
+
+    /// Checkpoints every live source and sink has committed.
+    pub(crate) fn take_committed(&self) -> Vec<CheckpointId> {
+        std::mem::take(&mut *self.committed.lock())
     }
 }
 
@@ -355,15 +387,7 @@ impl CheckpointHandle {
     pub async fn wait_handled(&self, id: CheckpointId) {
         loop {
             let notified = self.inner.notify.notified();
-            let live = {
-                let finished = self.inner.finished.lock();
-                self.inner
-                    .sources
-                    .iter()
-                    .chain(&self.inner.sinks)
-                    .filter(|(k, _)| !finished.contains_key(k))
-                    .count()
-            };
+            let live = self.inner.live_participants();
             let done = self.inner.handled.lock().get(&id).copied().unwrap_or(0);
             if done >= live {
                 return;

@@ -36,6 +36,8 @@ use crate::message::CheckpointId;
 use crate::operator::OperatorState;
 
 const MANIFEST: &str = "_manifest.json";
+/// Written once every sink has committed a checkpoint.
+const COMMITTED: &str = "_committed";
 const FORMAT: u32 = 1;
 /// Files written or read at once.
 const CONCURRENCY: usize = 16;
@@ -88,6 +90,9 @@ pub struct CheckpointStore {
     retain: usize,
     /// The directory, for a local store (emptied directories are removed).
     local: Option<std::path::PathBuf>,
+    /// Savepoints written by this process, by checkpoint id, so their
+    /// commit marker goes beside them too.
+    savepoints: Arc<parking_lot::Mutex<BTreeMap<CheckpointId, String>>>,
 }
 
 fn store_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> EngineError {
@@ -152,6 +157,7 @@ impl CheckpointStore {
             location: location.to_string(),
             retain: retain.max(1),
             local,
+            savepoints: Arc::default(),
         })
     }
 
@@ -180,6 +186,7 @@ impl CheckpointStore {
         if let Some(name) = &checkpoint.savepoint {
             self.write_at(checkpoint, self.dir_of(checkpoint.id, Some(name)))
                 .await?;
+            self.savepoints.lock().insert(checkpoint.id, name.clone());
         }
         self.prune(checkpoint.id).await?;
         Ok(size)
@@ -238,6 +245,22 @@ impl CheckpointStore {
             .await
             .map_err(|e| store_error(format!("cannot write {path}"), e))?;
         Ok(StoredSize { bytes, files })
+    }
+
+    /// Records that every sink has committed checkpoint `id`, so a restore
+    /// from it does not commit its sinks' pre-commits a second time.
+    pub async fn mark_committed(&self, id: CheckpointId) -> Result<()> {
+        let savepoint = self.savepoints.lock().remove(&id);
+        let mut dirs = vec![self.dir_of(id, None)];
+        dirs.extend(savepoint.map(|name| self.dir_of(id, Some(&name))));
+        for dir in dirs {
+            let path = dir.join(COMMITTED);
+            self.store
+                .put(&path, PutPayload::from_static(b"committed"))
+                .await
+                .map_err(|e| store_error(format!("cannot write {path}"), e))?;
+        }
+        Ok(())
     }
 
     /// Ids of checkpoint directories, complete or not, oldest first.
@@ -367,11 +390,17 @@ impl CheckpointStore {
                 },
             );
         }
+        let committed = match self.store.head(&dir.clone().join(COMMITTED)).await {
+            Ok(_) => true,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(e) => return Err(store_error(format!("cannot read {dir}"), e)),
+        };
         Ok(CompletedCheckpoint {
             id: m.id,
             states,
             parallelism: m.parallelism,
             savepoint: m.savepoint,
+            committed,
         })
     }
 
