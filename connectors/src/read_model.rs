@@ -500,8 +500,9 @@ impl Sink for ReadModelSink {
     ) -> vigil_engine::Result<vigil_engine::OperatorState> {
         let table = self.model.export(&self.touched)?;
         // Deleted keys need no state.
-        self.touched
-            .retain(|k| self.model.rows.read().contains_key(k));
+        let rows = self.model.rows.read();
+        self.touched.retain(|k| rows.contains_key(k));
+        drop(rows);
         Ok(vigil_engine::OperatorState {
             batches: vec![table],
         })

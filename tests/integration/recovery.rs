@@ -165,6 +165,50 @@ async fn run(plan: &Plan, options: RuntimeOptions) {
         .expect("the pipeline runs");
 }
 
+/// Runs `plan` with gated sources until they have handed out `batches`
+/// batches, takes a checkpoint into `store` (a savepoint when named), lets
+/// as many batches again through that no checkpoint covers, and crashes the
+/// pipeline (every task aborted). Returns the checkpoint's id.
+async fn crash_after_checkpoint(
+    mut plan: Plan,
+    store: &CheckpointStore,
+    batches: usize,
+    savepoint: Option<&str>,
+) -> u64 {
+    let gate = gate(&mut plan, batches);
+    let running = start(
+        &plan.graph,
+        RuntimeOptions {
+            store: Some(store.clone()),
+            ..RuntimeOptions::default()
+        },
+    )
+    .expect("start");
+    let handle = running.checkpoints();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(running.wait());
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while gate.handed.load(Ordering::SeqCst) < batches {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the sources hand out their first batches");
+    let id = match savepoint {
+        Some(name) => handle.savepoint(name).expect("savepoint"),
+        None => handle.trigger().expect("trigger"),
+    };
+    tokio::time::timeout(Duration::from_secs(60), handle.wait_for(id))
+        .await
+        .expect("the checkpoint is stored");
+    // More input that no checkpoint covers, then the crash.
+    gate.limit.store(2 * batches, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    id
+}
+
 /// Runs the pipeline `yaml(parallelism)` straight, checkpointed at
 /// parallelism 2, and crashed and restored at parallelism 3; asserts that
 /// the committed outputs of `sinks` are the same, and returns them (one
@@ -214,35 +258,8 @@ pub async fn three_modes(yaml: impl Fn(usize) -> String, sinks: &[&str]) -> Vec<
     let dir = tempfile::tempdir().expect("tempdir");
     let store_dir = tempfile::tempdir().expect("tempdir");
     let store = CheckpointStore::open(&store_dir.path().display().to_string(), 2).expect("store");
-    let mut first = plan(&yaml(2), sinks, dir.path());
-    let gate = gate(&mut first, 3);
-    let running = start(
-        &first.graph,
-        RuntimeOptions {
-            store: Some(store.clone()),
-            ..RuntimeOptions::default()
-        },
-    )
-    .expect("start");
-    let handle = running.checkpoints();
-    let mut tasks = JoinSet::new();
-    tasks.spawn(running.wait());
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while gate.handed.load(Ordering::SeqCst) < 3 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the sources hand out their first batches");
-    let id = handle.trigger().expect("trigger");
-    tokio::time::timeout(Duration::from_secs(60), handle.wait_for(id))
-        .await
-        .expect("the checkpoint completes");
-    // More input that no checkpoint covers, then the crash.
-    gate.limit.store(6, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
+    let first = plan(&yaml(2), sinks, dir.path());
+    let id = crash_after_checkpoint(first, &store, 3, None).await;
     let restored = store.latest().await.expect("read").expect("a checkpoint");
     assert_eq!(restored.id, id);
     assert!(
@@ -887,28 +904,8 @@ sinks:
         RuntimeOptions::default(),
     )
     .await;
-    let mut first = plan(&yaml(2), &["out"], out_dir.path());
-    let gate = gate(&mut first, 5);
-    let running = start(
-        &first.graph,
-        RuntimeOptions {
-            store: Some(store.clone()),
-            ..RuntimeOptions::default()
-        },
-    )
-    .expect("start");
-    let handle = running.checkpoints();
-    let mut tasks = JoinSet::new();
-    tasks.spawn(running.wait());
-    while gate.handed.load(Ordering::SeqCst) < 5 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let id = handle.savepoint("mid-run").expect("trigger");
-    tokio::time::timeout(Duration::from_secs(60), handle.wait_for(id))
-        .await
-        .expect("stored in S3");
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
+    let first = plan(&yaml(2), &["out"], out_dir.path());
+    let id = crash_after_checkpoint(first, &store, 5, Some("mid-run")).await;
     let ids: Vec<u64> = store
         .list()
         .await

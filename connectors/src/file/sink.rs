@@ -298,17 +298,16 @@ impl Sink for FileSink {
         } else {
             remove_if_present(&self.inprogress)?;
         }
-        let n = self.pending.len().max(1);
-        let ids: Vec<Option<u64>> = if self.pending.is_empty() {
+        // One row per pending part, or one row without a part: the
+        // committed length is always there.
+        let parts: Vec<Option<(CheckpointId, u64)>> = if self.pending.is_empty() {
             vec![None]
         } else {
-            self.pending.iter().map(|(id, _)| Some(*id)).collect()
+            self.pending.iter().copied().map(Some).collect()
         };
-        let sizes: Vec<Option<u64>> = if self.pending.is_empty() {
-            vec![None]
-        } else {
-            self.pending.iter().map(|(_, s)| Some(*s)).collect()
-        };
+        let n = parts.len();
+        let ids: Vec<Option<u64>> = parts.iter().map(|p| p.map(|(id, _)| id)).collect();
+        let sizes: Vec<Option<u64>> = parts.iter().map(|p| p.map(|(_, s)| s)).collect();
         let batch = RecordBatch::try_new(
             state_schema(),
             vec![

@@ -513,8 +513,7 @@ impl KafkaSink {
     }
 
     async fn send(&mut self, batch: &RecordBatch) -> vigil_engine::Result<()> {
-        let batch = batch.clone();
-        let (values, offsets) = self.encode(&batch).await?;
+        let (values, offsets) = self.encode(batch).await?;
         let newline = usize::from(matches!(self.encoding, Encoding::Json));
         let keys = match &self.key {
             Some(k) => {
