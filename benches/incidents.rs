@@ -341,7 +341,7 @@ fn freshness(samples: u64) {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let models = plan.read_models.clone();
-        let control = Arc::new(vigil::http::Control::new(None));
+        let control = Arc::new(vigil::http::Control::for_plan(&plan));
         let server = tokio::spawn(vigil::http::serve(listener, models, control));
         let running = vigil_engine::start(&plan.graph, RuntimeOptions::default()).expect("start");
         let stop = running.stop_handle();

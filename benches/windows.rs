@@ -9,13 +9,17 @@
 //! with one partition on a current-thread runtime. The ratio is the figure
 //! that survives machine noise. Run with `cargo bench --bench windows`
 //! (add `-- --events N --runs R`).
+//!
+//! Last, the cost of observability: the tumbling query with the engine's
+//! detailed metrics on (as `vigil run` runs) and off, interleaved run by
+//! run, as the median of the per-pair throughput ratios.
 
 mod support;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use support::pipeline::{run_plan, runtime};
+use support::pipeline::{run_plan_metrics, runtime};
 use support::{arg, spread};
 
 use arrow::record_batch::RecordBatch;
@@ -74,27 +78,32 @@ sources:
 }
 
 /// Runs a pipeline file to its end; returns what its sink `out` received.
-fn run_captured(text: &str) -> Vec<RecordBatch> {
+fn run_captured(text: &str, metrics: bool) -> Vec<RecordBatch> {
     let mut plan = load_str("bench.yaml", text, &PlanOptions::default()).expect("valid pipeline");
     let out = plan.capture("out").expect("sink");
-    run_plan(&plan);
+    run_plan_metrics(&plan, metrics);
     let batches = out.lock().clone();
     batches
 }
 
-#[allow(clippy::disallowed_methods)] // a benchmark measures wall time
 /// One streaming run: events/s and result rows.
 fn stream_once(query: &str, events: u64) -> (f64, usize) {
+    stream_metrics(query, events, true)
+}
+
+#[allow(clippy::disallowed_methods)] // a benchmark measures wall time
+/// One streaming run with detailed metrics on or off: events/s and rows.
+fn stream_metrics(query: &str, events: u64, metrics: bool) -> (f64, usize) {
     let text = pipeline(events, Some(query));
     let started = Instant::now();
-    let out = run_captured(&text);
+    let out = run_captured(&text, metrics);
     let rate = events as f64 / started.elapsed().as_secs_f64();
     (rate, out.iter().map(|b| b.num_rows()).sum())
 }
 
 /// The generated rows, in memory.
 fn generated(events: u64) -> Vec<RecordBatch> {
-    run_captured(&pipeline(events, None))
+    run_captured(&pipeline(events, None), true)
 }
 
 #[allow(clippy::disallowed_methods)] // a benchmark measures wall time
@@ -119,9 +128,56 @@ fn batch_once(query: &str, batches: &[RecordBatch]) -> (f64, usize) {
     (rate, out.iter().map(|b| b.num_rows()).sum())
 }
 
+/// Throughput with detailed metrics on vs off, interleaved.
+fn overhead(events: u64, runs: usize) {
+    stream_metrics(TUMBLE, events / 10, true); // warm-up
+    let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        // Alternate which goes first, so drift falls on both alike.
+        let (a, b) = if i % 2 == 0 {
+            let a = stream_metrics(TUMBLE, events, true);
+            (a, stream_metrics(TUMBLE, events, false))
+        } else {
+            let b = stream_metrics(TUMBLE, events, false);
+            (stream_metrics(TUMBLE, events, true), b)
+        };
+        assert_eq!(a.1, b.1, "the same windows either way");
+        on.push(a.0);
+        off.push(b.0);
+        ratios.push(a.0 / b.0);
+    }
+    let (onm, onmin, onmax) = spread(on);
+    let (offm, offmin, offmax) = spread(off);
+    let (rm, rmin, rmax) = spread(ratios);
+    println!("TUMBLE(1 min), detailed metrics on vs off");
+    println!(
+        "  metrics on   median {:>6.2} M events/s (min {:.2}, max {:.2})",
+        onm / 1e6,
+        onmin / 1e6,
+        onmax / 1e6
+    );
+    println!(
+        "  metrics off  median {:>6.2} M events/s (min {:.2}, max {:.2})",
+        offm / 1e6,
+        offmin / 1e6,
+        offmax / 1e6
+    );
+    println!(
+        "  on / off     median {:.3} (min {:.3}, max {:.3}): overhead {:.1} %",
+        rm,
+        rmin,
+        rmax,
+        (1.0 - rm) * 100.0
+    );
+}
+
 fn main() {
     let events = arg("--events", 10_000_000);
     let runs = arg("--runs", 5) as usize;
+    if arg("--overhead-only", 0) == 1 {
+        overhead(events, runs);
+        return;
+    }
     println!(
         "vigil windows, one core (current-thread runtime), {events} generated auth events per run, median of {runs} runs"
     );
@@ -171,4 +227,5 @@ fn main() {
             sm / cm
         );
     }
+    overhead(events, runs);
 }

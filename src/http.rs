@@ -1,8 +1,13 @@
-//! The HTTP API of a running pipeline: its read models, queried while it
-//! runs (Kafka Streams' interactive queries), and its checkpoints.
+//! The HTTP API of a running pipeline: its health and metrics, its read
+//! models, queried while it runs (Kafka Streams' interactive queries), and
+//! its checkpoints.
 //!
 //! | request | answer |
 //! |---|---|
+//! | `GET /health` | 200 while the process serves (liveness) |
+//! | `GET /ready` | 200 when running, sources assigned and none stalled; 503 with the reasons otherwise |
+//! | `GET /metrics` | Prometheus text: per-subtask counters, channel fill, watermarks, state, lag, latency histograms, checkpoints |
+//! | `GET /v1/pipeline` | the running graph with each node's counters, rates and latencies |
 //! | `GET /v1/checkpoints` | checkpoint health: storage, restarts, the latest checkpoint, failures |
 //! | `POST /v1/savepoints?name=<name>` | takes a savepoint and answers once it is stored (`vigil savepoint`) |
 //! | `GET /v1/read-models` | the models and how many rows the tenant has in each |
@@ -26,6 +31,8 @@ use axum::Router;
 use parking_lot::Mutex;
 use vigil_connectors::read_model::{self, ReadModels};
 use vigil_engine::{CheckpointHandle, EngineError};
+
+use crate::observe::Observer;
 
 /// Header naming the caller's tenant.
 pub const TENANT_HEADER: &str = "x-tenant-id";
@@ -148,33 +155,57 @@ async fn list(
     }
 }
 
-/// What the API knows of the running pipeline's checkpoints; one for the
-/// whole run, attached to each start of the pipeline in turn.
+/// What the API knows of the running pipeline: its checkpoints and its
+/// [`Observer`]; one for the whole run, attached to each start of the
+/// pipeline in turn.
 #[derive(Debug)]
 pub struct Control {
     location: Option<String>,
     current: Mutex<Option<CheckpointHandle>>,
     restarts: Mutex<(u32, Option<String>)>,
+    /// Readiness, rates and metrics of the run.
+    pub observer: Arc<Observer>,
 }
 
 impl Control {
     /// For checkpoints stored at `location` (none: in memory).
-    pub fn new(location: Option<String>) -> Self {
+    pub fn new(location: Option<String>, observer: Arc<Observer>) -> Self {
         Self {
             location,
             current: Mutex::new(None),
             restarts: Mutex::new((0, None)),
+            observer,
         }
     }
 
-    /// The pipeline (re)started with these checkpoints.
-    pub fn attach(&self, handle: CheckpointHandle) {
+    /// For serving the API of `plan` run outside [`crate::run::run`]
+    /// (embedding, benchmarks): checkpoints in memory, the system clock,
+    /// a 30 s stall timeout.
+    pub fn for_plan(plan: &crate::pipeline::Plan) -> Self {
+        let observer = Observer::new(
+            &plan.name,
+            &plan.graph,
+            Arc::new(vigil_engine::SystemClock),
+            std::time::Duration::from_secs(30),
+        );
+        Self::new(None, Arc::new(observer))
+    }
+
+    /// The pipeline (re)started with these checkpoints and counters.
+    pub fn attach(&self, handle: CheckpointHandle, metrics: Arc<vigil_engine::MetricsRegistry>) {
         *self.current.lock() = Some(handle);
+        self.observer.attach(metrics);
     }
 
     /// The pipeline stopped.
     pub fn detach(&self) {
         *self.current.lock() = None;
+        self.observer.detach();
+    }
+
+    /// Times the pipeline was restarted.
+    pub fn restarts(&self) -> u32 {
+        self.restarts.lock().0
     }
 
     /// The pipeline failed with `error` and is being restarted.
@@ -202,6 +233,44 @@ async fn checkpoints(State(api): State<Api>) -> Response {
         "checkpoints": handle.map(|h| h.stats()),
     });
     json(StatusCode::OK, body.to_string())
+}
+
+async fn health() -> Response {
+    json(StatusCode::OK, r#"{"status":"ok"}"#.to_string())
+}
+
+async fn ready(State(api): State<Api>) -> Response {
+    let r = api.control.observer.readiness();
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, serde_json::to_string(&r).unwrap_or_default())
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    let stats = api.control.current.lock().as_ref().map(|h| h.stats());
+    let body = api
+        .control
+        .observer
+        .prometheus(stats.as_ref(), api.control.restarts());
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}
+
+async fn pipeline(State(api): State<Api>) -> Response {
+    let mut v = api.control.observer.pipeline_json();
+    if let serde_json::Value::Object(o) = &mut v {
+        let stats = api.control.current.lock().as_ref().map(|h| h.stats());
+        o.insert("checkpoints".into(), serde_json::json!(stats));
+        o.insert("restarts".into(), serde_json::json!(api.control.restarts()));
+    }
+    json(StatusCode::OK, v.to_string())
 }
 
 /// How long a savepoint request waits for the savepoint to be stored.
@@ -272,6 +341,10 @@ async fn list_api(
 /// The API's routes over `models` and the run's `control`.
 pub fn router(models: Arc<ReadModels>, control: Arc<Control>) -> Router {
     Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/pipeline", get(pipeline))
         .route("/v1/read-models", get(index_api))
         .route("/v1/read-models/{name}", get(list_api))
         .route("/v1/read-models/{name}/{key}", get(one_api))

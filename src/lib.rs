@@ -2,12 +2,14 @@
 //!
 //! This crate is the `vigil` command and the glue it needs: [`pipeline`]
 //! turns pipeline files into dataflow graphs (checking everything before
-//! anything starts), [`run`] runs a graph while reporting progress, and
-//! [`http`] serves its read models while it runs. The
+//! anything starts), [`run`] runs a graph while reporting progress,
+//! [`observe`] says whether it is ready and how it is doing, and [`http`]
+//! serves that, its metrics and its read models while it runs. The
 //! runtime itself is `vigil-engine`; sources and sinks are
 //! `vigil-connectors`; transforms and detections are `vigil-operators`.
 
 pub mod http;
+pub mod observe;
 pub mod pipeline;
 pub mod run;
 

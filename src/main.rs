@@ -144,9 +144,15 @@ struct RunArgs {
     /// After the input ends, keep serving the HTTP API until stopped.
     #[arg(long)]
     keep_serving: bool,
-    /// Serve the pipeline's read models over HTTP on this address, or `off`.
+    /// Serve the HTTP API on this address, or `off`: /metrics
+    /// (Prometheus), /health and /ready (probes), /v1/pipeline, the read
+    /// models, checkpoints and savepoints.
     #[arg(long, default_value = "127.0.0.1:8686")]
     http: String,
+    /// `/ready` turns false when a source has not come back for input this
+    /// long (its output is full, or its read hangs).
+    #[arg(long, value_parser = humantime_duration, default_value = "30s")]
+    stall_timeout: Duration,
     /// Run a Kafka broker inside the process (librdkafka's mock cluster) and
     /// point `${KAFKA_BROKERS}` at it, with the pipeline's topics created:
     /// for trying Kafka pipelines without a cluster. Nothing it holds
@@ -211,6 +217,9 @@ fn print_summary(plan: &Plan, s: &Summary) {
                 .map(|f| format!(" (last: {f})"))
                 .unwrap_or_default()
         );
+    }
+    for line in vigil::run::latency_lines(&s.latency) {
+        eprintln!("{line}");
     }
     if s.dead_letters > 0 {
         let classes: Vec<String> = s
@@ -296,6 +305,7 @@ fn run_plan_with(plan: Plan, args: &RunArgs, default_store: Option<&str>) -> Res
         },
         http,
         keep_serving: args.keep_serving,
+        stall_timeout: args.stall_timeout,
         ..RunOptions::default()
     };
     tracing::info!(pipeline = %plan.name, "starting");

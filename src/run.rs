@@ -13,7 +13,9 @@
 //! Progress goes to stderr, so stdout stays clean for the pipeline's own
 //! output: on a terminal, one status line rewritten in place every second;
 //! otherwise, a plain log line every ten seconds. Both read the engine's
-//! counters; nothing here touches the data path.
+//! counters; nothing here touches the data path. Sinks' latency
+//! percentiles are printed at the end, and on demand when the process gets
+//! SIGUSR1.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
@@ -21,8 +23,10 @@ use std::time::{Duration, Instant};
 
 use vigil_engine::{
     start, CheckpointStats, CheckpointStore, CompletedCheckpoint, EngineError, MetricsRegistry,
-    NodeRole, RuntimeOptions, SharedClock, SystemClock,
+    NodeRole, Percentiles, RuntimeOptions, SharedClock, SystemClock,
 };
+
+use crate::observe::Observer;
 
 use crate::pipeline::Plan;
 
@@ -106,6 +110,12 @@ pub struct RunOptions {
     pub http: Option<std::net::SocketAddr>,
     /// After the input ends, keep serving the API until stopped.
     pub keep_serving: bool,
+    /// A source that has not come back for input this long makes the run
+    /// unready (`/ready`).
+    pub stall_timeout: Duration,
+    /// Busy time, bytes, state sizes and latency histograms (see
+    /// [`RuntimeOptions::detailed_metrics`]).
+    pub detailed_metrics: bool,
 }
 
 impl Default for RunOptions {
@@ -121,6 +131,8 @@ impl Default for RunOptions {
             restarts: RestartPolicy::default(),
             http: None,
             keep_serving: false,
+            stall_timeout: Duration::from_secs(30),
+            detailed_metrics: true,
         }
     }
 }
@@ -146,6 +158,9 @@ pub struct Summary {
     pub restarts: u32,
     /// Health of the checkpoints of the last attempt.
     pub checkpoints: CheckpointStats,
+    /// Latency percentiles of each sink of the last attempt: (event time →
+    /// emit, ingest → emit).
+    pub latency: std::collections::BTreeMap<String, (Percentiles, Percentiles)>,
 }
 
 impl Summary {
@@ -185,6 +200,7 @@ struct Snapshot {
     dead: u64,
     late: u64,
     watermark: Option<i64>,
+    consumer_lag: i64,
 }
 
 fn snapshot(m: &MetricsRegistry, sinks: &[String]) -> Snapshot {
@@ -197,10 +213,48 @@ fn snapshot(m: &MetricsRegistry, sinks: &[String]) -> Snapshot {
         dead: src.dead_letters + ops.dead_letters,
         late: ops.late_records,
         watermark: src.min_watermark.filter(|w| *w != i64::MAX),
+        consumer_lag: m.consumer_lag(),
     }
 }
 
-fn status_line(s: &Snapshot, rate: f64, elapsed: Duration, now_ms: i64) -> String {
+/// Records in and out per second over the last sample.
+#[derive(Debug, Clone, Copy, Default)]
+struct Throughput {
+    in_per_s: f64,
+    out_per_s: f64,
+}
+
+/// One line per sink: its latency percentiles.
+pub fn latency_lines(
+    latency: &std::collections::BTreeMap<String, (Percentiles, Percentiles)>,
+) -> Vec<String> {
+    let ms = |s: f64| format!("{:.1}ms", s * 1e3);
+    let one = |name: &str, p: &Percentiles| {
+        if p.count == 0 {
+            format!("{name} -")
+        } else {
+            format!(
+                "{name} p50 {} p99 {} p99.9 {}",
+                ms(p.p50),
+                ms(p.p99),
+                ms(p.p999)
+            )
+        }
+    };
+    latency
+        .iter()
+        .filter(|(_, (e, i))| e.count > 0 || i.count > 0)
+        .map(|(sink, (event, ingest))| {
+            format!(
+                "latency {sink}: {} | {}",
+                one("event time→emit", event),
+                one("ingest→emit", ingest)
+            )
+        })
+        .collect()
+}
+
+fn status_line(s: &Snapshot, rate: Throughput, elapsed: Duration, now_ms: i64) -> String {
     let wm = match s.watermark {
         Some(w) => {
             let lag = (now_ms - w) as f64 / 1000.0;
@@ -213,12 +267,18 @@ fn status_line(s: &Snapshot, rate: f64, elapsed: Duration, now_ms: i64) -> Strin
         }
         None => "watermark -".to_string(),
     };
+    let lag = if s.consumer_lag > 0 {
+        format!(" | kafka lag {}", human(s.consumer_lag as f64))
+    } else {
+        String::new()
+    };
     format!(
-        "{:>6.1}s | in {} ({}/s) | out {} | dead letters {} | late {} | {}",
+        "{:>6.1}s | in {} ({}/s) | out {} ({}/s) | dead letters {} | late {} | {}{lag}",
         elapsed.as_secs_f64(),
         human(s.events_in as f64),
-        human(rate),
+        human(rate.in_per_s),
         s.out,
+        human(rate.out_per_s),
         s.dead,
         s.late,
         wm
@@ -264,18 +324,25 @@ async fn shutdown_signal() {
 /// or SIGTERM), restarting it from its latest checkpoint when a task fails.
 #[allow(clippy::disallowed_methods)] // elapsed time for people, outside the data path
 pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineError> {
+    let observer = Observer::new(
+        &plan.name,
+        &plan.graph,
+        options.clock.clone(),
+        options.stall_timeout,
+    );
     let control = Arc::new(crate::http::Control::new(
         options
             .checkpoints
             .as_ref()
             .map(|s| s.location().to_string()),
+        Arc::new(observer),
     ));
     // Bound first, so a port in use stops the run before anything starts.
     let listener = match options.http {
         Some(addr) => match crate::http::bind(addr).await {
             Ok(l) => {
                 let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                tracing::info!(address = %at, models = ?plan.read_models.names(), "HTTP API on http://{at}/v1/ (read models, checkpoints, savepoints)");
+                tracing::info!(address = %at, models = ?plan.read_models.names(), "HTTP API on http://{at}/ (/metrics, /health, /ready, /v1/pipeline, read models, checkpoints, savepoints)");
                 Some(l)
             }
             Err(e) if plan.read_models.is_empty() => {
@@ -409,20 +476,23 @@ where
         checkpoint_interval: options.checkpoint_interval,
         store: options.checkpoints.clone(),
         restore,
+        detailed_metrics: options.detailed_metrics,
     };
     let running = start(&plan.graph, runtime)?;
     let metrics = running.metrics();
     let stop = running.stop_handle();
     let checkpoints = running.checkpoints();
-    control.attach(checkpoints.clone());
+    control.attach(checkpoints.clone(), metrics.clone());
     let wait = running.wait();
     tokio::pin!(wait);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut stopped = false;
     let mut last_in = 0u64;
+    let mut last_out = 0u64;
     let mut last_at = Instant::now();
     let mut last_line = Instant::now();
+    let mut usr1 = latency_signal();
     let result = loop {
         tokio::select! {
             r = &mut wait => break r,
@@ -432,11 +502,21 @@ where
                     break Err(EngineError::io("the HTTP API stopped", e));
                 }
             }
+            _ = usr1.recv() => {
+                for line in latency_lines(&control.observer.latencies()) {
+                    tracing::info!(target: "vigil::latency", "{line}");
+                }
+            }
             _ = tick.tick() => {
+                control.observer.sample();
                 let s = snapshot(&metrics, &plan.sinks);
                 let dt = last_at.elapsed().as_secs_f64().max(1e-3);
-                let rate = (s.events_in - last_in) as f64 / dt;
+                let rate = Throughput {
+                    in_per_s: s.events_in.saturating_sub(last_in) as f64 / dt,
+                    out_per_s: s.out.saturating_sub(last_out) as f64 / dt,
+                };
                 last_in = s.events_in;
+                last_out = s.out;
                 last_at = Instant::now();
                 let line = status_line(&s, rate, started.elapsed(), options.clock.now_ms());
                 match options.progress {
@@ -465,6 +545,7 @@ where
     if options.progress == Progress::Live {
         eprintln!();
     }
+    let latency = control.observer.latencies();
     control.detach();
     let stats = checkpoints.stats();
     if let Err(error) = result {
@@ -488,5 +569,29 @@ where
         stopped,
         restarts: 0,
         checkpoints: stats,
+        latency,
     }))
+}
+
+/// SIGUSR1, which asks for the sinks' latency percentiles (never fires
+/// where there is no such signal).
+struct LatencySignal(Option<tokio::signal::unix::Signal>);
+
+fn latency_signal() -> LatencySignal {
+    LatencySignal(
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok(),
+    )
+}
+
+impl LatencySignal {
+    async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(s) => {
+                if s.recv().await.is_none() {
+                    self.0 = None;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
 }

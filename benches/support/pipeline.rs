@@ -14,12 +14,19 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// Runs `plan` to its end on a runtime of its own.
 pub fn run_plan(plan: &Plan) {
+    run_plan_metrics(plan, true)
+}
+
+/// [`run_plan`], with the engine's detailed metrics (busy time, bytes,
+/// state sizes, latency markers and histograms) on or off.
+pub fn run_plan_metrics(plan: &Plan, detailed_metrics: bool) {
     runtime().block_on(async {
         run(
             plan,
             RunOptions {
                 progress: Progress::Off,
                 checkpoint_interval: None,
+                detailed_metrics,
                 ..RunOptions::default()
             },
         )

@@ -511,7 +511,7 @@ impl KafkaFeed {
                     keys.push(key);
                 }
                 _ => {
-                    tracing::warn!(topic = %self.topic, partition, offset, "lookup table record skipped: its value is not a JSON object of the declared fields");
+                    tracing::trace!(topic = %self.topic, partition, offset, "lookup table record skipped: its value is not a JSON object of the declared fields");
                     decoder = builder().map_err(EngineError::Arrow)?;
                 }
             }

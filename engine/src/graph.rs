@@ -310,32 +310,79 @@ impl Graph {
             .collect()
     }
 
+    /// The nodes and edges, for `vigil explain` and the HTTP API.
+    pub fn summary(&self) -> Vec<NodeSummary> {
+        self.nodes
+            .iter()
+            .map(|n| NodeSummary {
+                name: n.name.clone(),
+                role: n.role(),
+                parallelism: n.parallelism,
+                description: n.describe(),
+                inputs: n
+                    .inputs
+                    .iter()
+                    .map(|e| EdgeSummary {
+                        from: self.nodes[e.from].name.clone(),
+                        port: match e.port {
+                            Port::Main => None,
+                            Port::Side(p) => Some(p),
+                        },
+                        partitioning: match &e.partitioning {
+                            Partitioning::Forward => "forward".to_string(),
+                            Partitioning::RoundRobin => "round-robin".to_string(),
+                            Partitioning::Hash(k) => format!("hash({})", k.join(", ")),
+                        },
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// The operator graph as text, one node a line, for `vigil explain`.
     pub fn explain(&self) -> String {
         let mut out = String::new();
-        for n in &self.nodes {
+        for n in self.summary() {
             let _ = writeln!(
                 out,
                 "{:<8} {:<24} x{:<3} {}",
-                n.role(),
-                n.name,
-                n.parallelism,
-                n.describe()
+                n.role, n.name, n.parallelism, n.description
             );
             for e in &n.inputs {
-                let from = &self.nodes[e.from];
-                let how = match &e.partitioning {
-                    Partitioning::Forward => "forward".to_string(),
-                    Partitioning::RoundRobin => "round-robin".to_string(),
-                    Partitioning::Hash(k) => format!("hash({})", k.join(", ")),
-                };
-                let port = match e.port {
-                    Port::Main => String::new(),
-                    Port::Side(p) => format!(".{p}"),
-                };
-                let _ = writeln!(out, "{:<8}   <- {}{} [{}]", "", from.name, port, how);
+                let port = e.port.map(|p| format!(".{p}")).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{:<8}   <- {}{} [{}]",
+                    "", e.from, port, e.partitioning
+                );
             }
         }
         out
     }
+}
+
+/// One node of a graph, as `vigil explain` and `/v1/pipeline` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeSummary {
+    /// Node name.
+    pub name: String,
+    /// `source`, `operator` or `sink`.
+    pub role: &'static str,
+    /// Subtasks.
+    pub parallelism: usize,
+    /// What it does, in one line.
+    pub description: String,
+    /// Its inputs.
+    pub inputs: Vec<EdgeSummary>,
+}
+
+/// One input of a node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EdgeSummary {
+    /// Upstream node.
+    pub from: String,
+    /// Upstream side output, if not the main one.
+    pub port: Option<&'static str>,
+    /// How records are spread over the subtasks.
+    pub partitioning: String,
 }

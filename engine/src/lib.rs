@@ -13,7 +13,8 @@
 //! * [`checkpoint`]: barrier coordination, durable checkpoints, commits;
 //! * [`key_group`]: how keyed state is divided, so it can be rescaled;
 //! * [`event_log`]: durable event logs for event-sourced operators;
-//! * [`metrics`]: per-subtask counters;
+//! * [`metrics`]: per-subtask counters, gauges and latency histograms, and
+//!   their Prometheus form;
 //! * [`clock`]: the injected wall clock.
 //!
 //! The engine knows nothing of particular connectors or operators; those live
@@ -40,8 +41,8 @@ pub use error::{ConfigError, EngineError, ErrorDomain, Result};
 pub use event_log::{EventLog, MemoryEventLog, Recovery};
 pub use graph::{Graph, NodeId, Partitioning, Port};
 pub use lookup::{TableFeed, TableUpdate};
-pub use message::{Barrier, CheckpointId, EventTime, Message, Watermark};
-pub use metrics::{MetricsRegistry, NodeRole, TaskMetrics};
+pub use message::{Barrier, CheckpointId, EventTime, LatencyMarker, Message, Watermark};
+pub use metrics::{MetricsRegistry, NodeRole, Percentiles, StateSize, TaskMetrics};
 pub use operator::{
     Collector, Operator, OperatorFactory, OperatorState, Sink, SinkFactory, Source, SourceEvent,
     SourceFactory, TaskContext, DEAD_LETTER, LATE,

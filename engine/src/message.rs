@@ -32,6 +32,16 @@ pub struct Barrier {
     pub checkpoint: CheckpointId,
 }
 
+/// A latency marker: when a source sent it. It travels one path from a
+/// source to a sink (one channel of each output edge, in turn), in order
+/// with the data, so the time a sink receives it says how long records
+/// spend in channels and behind other records' processing on that path.
+#[derive(Debug, Clone, Copy)]
+pub struct LatencyMarker {
+    /// When the source sent it (monotonic).
+    pub sent: std::time::Instant,
+}
+
 /// One message on an edge.
 #[derive(Debug, Clone)]
 pub enum Message {
@@ -41,6 +51,8 @@ pub enum Message {
     Watermark(Watermark),
     /// A checkpoint barrier; see [`Barrier`].
     Barrier(Barrier),
+    /// A latency marker; see [`LatencyMarker`].
+    Latency(LatencyMarker),
     /// The sender will send nothing more.
     EndOfInput,
 }

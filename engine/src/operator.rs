@@ -196,6 +196,12 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// How much state the operator holds; sampled by the runtime about
+    /// once a second, so it may walk its tables.
+    fn state_size(&self) -> crate::metrics::StateSize {
+        crate::metrics::StateSize::default()
+    }
+
     /// True when the operator keeps no state between batches, so a batch
     /// that fails can be retried in parts to isolate a poison record.
     fn is_stateless(&self) -> bool {
@@ -221,6 +227,12 @@ pub trait OperatorFactory: Send + Sync {
     /// Side outputs this operator may emit, with their schemas.
     fn side_outputs(&self) -> Vec<(SidePort, SchemaRef)> {
         Vec::new()
+    }
+    /// The output column holding each row's event time (a millisecond
+    /// timestamp), which sinks measure event-time latency on. `None`: the
+    /// input's event-time column if the output keeps it, else `window_end`.
+    fn event_time_column(&self) -> Option<String> {
+        None
     }
     /// One-line description for `vigil explain`.
     fn describe(&self) -> String;

@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 
-use arrow::array::AsArray;
+use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
 use tokio::sync::mpsc;
@@ -56,6 +56,10 @@ pub struct RuntimeOptions {
     /// Where completed checkpoints are written before they count as complete
     /// (none: kept in memory only).
     pub store: Option<CheckpointStore>,
+    /// Time processing, count bytes, sample state sizes, send latency
+    /// markers and record sink latencies. Off: only the record, batch,
+    /// dead-letter and watermark counters (what measuring the rest costs).
+    pub detailed_metrics: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -66,8 +70,22 @@ impl Default for RuntimeOptions {
             restore: None,
             checkpoint_interval: None,
             store: None,
+            detailed_metrics: true,
         }
     }
+}
+
+/// How often a source sends a latency marker.
+const LATENCY_MARKER_INTERVAL_MS: i64 = 200;
+
+/// How often an operator's state size is sampled.
+const STATE_SAMPLE_INTERVAL_MS: i64 = 1000;
+
+/// Monotonic time for metrics (busy time, back-pressure, latency markers);
+/// never for event-time logic, which reads the injected clock.
+#[allow(clippy::disallowed_methods)]
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
 }
 
 /// How long a stop waits for its final checkpoint before cancelling anyway.
@@ -147,21 +165,7 @@ impl RunningPipeline {
                             }
                         }
                     }
-                    for (checkpoint, started) in coordinator.take_acknowledged() {
-                        let stored = match &self.store {
-                            Some(store) => store.write(&checkpoint).await.map(|s| Some(s.bytes)),
-                            None => Ok(None),
-                        };
-                        match stored {
-                            Ok(bytes) => {
-                                if let (Some(store), Some(b)) = (&self.store, bytes) {
-                                    tracing::debug!(checkpoint = checkpoint.id, bytes = b, location = store.location(), "checkpoint stored");
-                                }
-                                coordinator.complete(checkpoint, started, bytes);
-                            }
-                            Err(e) => coordinator.failed(checkpoint.id, e.to_string()),
-                        }
-                    }
+                    store_acknowledged(&coordinator, self.store.as_ref()).await;
                     continue;
                 }
                 j = self.tasks.join_next() => match j {
@@ -208,7 +212,11 @@ impl RunningPipeline {
             }
             self.tasks.abort_all();
         }
-        // Commits that finished as the tasks did still get their marker.
+        // A checkpoint every task acknowledged as it finished still
+        // completes; commits that finished as the tasks did get their marker.
+        if first.is_none() {
+            store_acknowledged(&coordinator, self.store.as_ref()).await;
+        }
         if let Some(store) = &self.store {
             for id in coordinator.take_committed() {
                 if let Err(e) = store.mark_committed(id).await {
@@ -217,6 +225,31 @@ impl RunningPipeline {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// Stores the checkpoints every subtask has acknowledged (when there is a
+/// store) and completes them, so sources and sinks commit.
+async fn store_acknowledged(coordinator: &Coordinator, store: Option<&CheckpointStore>) {
+    for (checkpoint, started) in coordinator.take_acknowledged() {
+        let stored = match store {
+            Some(store) => store.write(&checkpoint).await.map(|s| Some(s.bytes)),
+            None => Ok(None),
+        };
+        match stored {
+            Ok(bytes) => {
+                if let (Some(store), Some(b)) = (store, bytes) {
+                    tracing::debug!(
+                        checkpoint = checkpoint.id,
+                        bytes = b,
+                        location = store.location(),
+                        "checkpoint stored"
+                    );
+                }
+                coordinator.complete(checkpoint, started, bytes);
+            }
+            Err(e) => coordinator.failed(checkpoint.id, e.to_string()),
+        }
     }
 }
 
@@ -232,14 +265,33 @@ struct Output {
     target: String,
     router: Router,
     senders: Vec<mpsc::Sender<Message>>,
+    /// The channel the next latency marker takes.
+    next_marker: usize,
+    metrics: Arc<TaskMetrics>,
 }
 
 impl Output {
     async fn send_to(&self, i: usize, msg: Message) -> Result<()> {
-        self.senders[i]
-            .send(msg)
-            .await
-            .map_err(|_| EngineError::ChannelClosed(self.target.clone()))
+        let closed = |_| EngineError::ChannelClosed(self.target.clone());
+        match self.senders[i].try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                // Only a full channel is timed: back-pressure.
+                let blocked = now();
+                let sent = self.senders[i].send(msg).await.map_err(closed);
+                TaskMetrics::add_time(&self.metrics.backpressure_ns, blocked.elapsed());
+                sent
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(EngineError::ChannelClosed(self.target.clone()))
+            }
+        }
+    }
+
+    async fn marker(&mut self, m: crate::message::LatencyMarker) -> Result<()> {
+        let i = self.next_marker % self.senders.len();
+        self.next_marker = self.next_marker.wrapping_add(1);
+        self.send_to(i, Message::Latency(m)).await
     }
 
     async fn send_batch(&mut self, batch: RecordBatch) -> Result<()> {
@@ -281,12 +333,17 @@ impl Output {
 struct Outputs {
     edges: Vec<Output>,
     metrics: Arc<TaskMetrics>,
+    detailed: bool,
 }
 
 impl Outputs {
     async fn emit(&mut self, out: &mut Collector) -> Result<()> {
         for batch in out.take_main() {
             TaskMetrics::add(&self.metrics.records_out, batch.num_rows());
+            TaskMetrics::add(&self.metrics.batches_out, 1);
+            if self.detailed {
+                TaskMetrics::add(&self.metrics.bytes_out, batch.get_array_memory_size());
+            }
             for e in self.edges.iter_mut().filter(|e| e.port == Port::Main) {
                 // Columns are reference-counted: a clone per consumer copies no data.
                 e.send_batch(batch.clone()).await?;
@@ -299,6 +356,7 @@ impl Outputs {
     }
 
     async fn emit_side(&mut self, port: &'static str, batch: RecordBatch) -> Result<()> {
+        TaskMetrics::add(&self.metrics.batches_out, 1);
         for e in self.edges.iter_mut() {
             if e.port == Port::Side(port) {
                 e.send_batch(batch.clone()).await?;
@@ -310,6 +368,14 @@ impl Outputs {
     async fn broadcast(&self, msg: Message) -> Result<()> {
         for e in &self.edges {
             e.broadcast(&msg).await?;
+        }
+        Ok(())
+    }
+
+    /// Passes a latency marker on: one channel of each edge.
+    async fn marker(&mut self, m: crate::message::LatencyMarker) -> Result<()> {
+        for e in self.edges.iter_mut() {
+            e.marker(m).await?;
         }
         Ok(())
     }
@@ -333,6 +399,7 @@ enum InputEvent {
     Batch(usize, RecordBatch),
     Watermark(Watermark),
     Barrier(Barrier),
+    Latency(crate::message::LatencyMarker),
     End,
 }
 
@@ -417,6 +484,7 @@ impl Inputs {
             };
             match msg {
                 Some(Message::Batch(b)) => return Ok(InputEvent::Batch(self.slots[i].logical, b)),
+                Some(Message::Latency(m)) => return Ok(InputEvent::Latency(m)),
                 Some(Message::Watermark(w)) => {
                     if let Some(m) = self.watermarks.update(i, w) {
                         return Ok(InputEvent::Watermark(m));
@@ -522,6 +590,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                 let mut senders = Vec::with_capacity(targets.len());
                 for &t in &targets {
                     let (tx, rx) = mpsc::channel(cap);
+                    metrics.register_channel((&up.name, u), (&node.name, t), &tx);
                     senders.push(tx);
                     inputs[d][t].push(Slot {
                         logical,
@@ -540,6 +609,9 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                     target: node.name.clone(),
                     router,
                     senders,
+                    next_marker: u,
+                    // Replaced by the subtask's own counters below.
+                    metrics: Arc::new(TaskMetrics::default()),
                 });
             }
         }
@@ -584,6 +656,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
     let mut sink_rx = sink_rx.into_iter();
     let mut source_rx = source_rx.into_iter();
 
+    let event_columns = event_time_columns(nodes);
     let mut tasks = JoinSet::new();
     for (id, node) in nodes.iter().enumerate() {
         let role = match node.kind {
@@ -602,8 +675,15 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                 metrics: metrics.register(&node.name, subtask, role),
             };
             let outs = Outputs {
-                edges: outs,
+                edges: outs
+                    .into_iter()
+                    .map(|mut o| {
+                        o.metrics = ctx.metrics.clone();
+                        o
+                    })
+                    .collect(),
                 metrics: ctx.metrics.clone(),
+                detailed: opts.detailed_metrics,
             };
             let states = restored(&opts.restore, node, subtask)?;
             let coord = coordinator.clone();
@@ -668,7 +748,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                         .ok_or_else(|| {
                             EngineError::Internal(format!("sink {} has no input", node.name))
                         })?;
-                    let mut sink = f.create(&ctx, schema)?;
+                    let mut sink = f.create(&ctx, schema.clone())?;
                     let committed = opts.restore.as_ref().is_some_and(|c| c.committed);
                     for s in states {
                         if committed {
@@ -681,8 +761,16 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                     let control = sink_rx
                         .next()
                         .ok_or_else(|| EngineError::Internal("sink control missing".into()))?;
+                    let latency = SinkLatencyRecorder {
+                        detailed: opts.detailed_metrics,
+                        event_time_column: event_columns[id]
+                            .as_deref()
+                            .and_then(|c| schema.index_of(c).ok()),
+                    };
                     tasks.spawn(async move {
-                        run_sink(ctx, sink, ins, control, coord).await.map_err(wrap)
+                        run_sink(ctx, sink, ins, control, coord, latency)
+                            .await
+                            .map_err(wrap)
                     });
                 }
             }
@@ -708,7 +796,18 @@ async fn run_source(
     coord: Arc<Coordinator>,
 ) -> Result<()> {
     let clock = ctx.clock.clone();
+    let m = ctx.metrics.clone();
+    let detailed = outs.detailed;
+    let mut last_marker = i64::MIN;
+    m.partitions.store(wm.active() as u64, Ordering::Relaxed);
     loop {
+        let now_ms = clock.now_ms();
+        m.last_poll_ms.store(now_ms, Ordering::Relaxed);
+        if detailed && now_ms.saturating_sub(last_marker) >= LATENCY_MARKER_INTERVAL_MS {
+            last_marker = now_ms;
+            outs.marker(crate::message::LatencyMarker { sent: now() })
+                .await?;
+        }
         while let Ok(c) = control.try_recv() {
             match c {
                 Control::Barrier(id) => {
@@ -730,6 +829,8 @@ async fn run_source(
             // Later checkpoints take this final position without a barrier.
             let last = source.snapshot(CheckpointId::MAX)?;
             coord.finished(&ctx.node, ctx.subtask, last);
+            m.partitions.store(0, Ordering::Relaxed);
+            m.finished.store(true, Ordering::Relaxed);
             outs.broadcast(Message::EndOfInput).await?;
             return Ok(());
         }
@@ -743,19 +844,22 @@ async fn run_source(
                 } else {
                     wm.touch(partition, clock.now_ms());
                 }
-                TaskMetrics::add(&ctx.metrics.records_in, batch.num_rows());
-                TaskMetrics::add(&ctx.metrics.batches_in, 1);
+                TaskMetrics::add(&m.records_in, batch.num_rows());
+                TaskMetrics::add(&m.batches_in, 1);
+                if detailed {
+                    TaskMetrics::add(&m.bytes_in, batch.get_array_memory_size());
+                }
                 let mut c = Collector::new();
                 c.emit(batch);
                 outs.emit(&mut c).await?;
             }
             SourceEvent::DeadLetters(batch) => {
-                TaskMetrics::add(&ctx.metrics.dead_letters, batch.num_rows());
+                TaskMetrics::add(&m.dead_letters, batch.num_rows());
                 if let Some(errors) = batch
                     .column_by_name("error")
                     .and_then(|c| c.as_string_opt::<i32>())
                 {
-                    let mut by = ctx.metrics.dead_letters_by_error.lock();
+                    let mut by = m.dead_letters_by_error.lock();
                     for e in errors.iter().flatten() {
                         *by.entry(e.to_string()).or_insert(0) += 1;
                     }
@@ -775,8 +879,25 @@ async fn run_source(
                 }
             }
         }
+        m.partitions.store(wm.active() as u64, Ordering::Relaxed);
         if let Some(w) = wm.poll(clock.now_ms()) {
             outs.watermark(w).await?;
+        }
+    }
+}
+
+/// Samples an operator's state size into its gauges, at most once per
+/// [`STATE_SAMPLE_INTERVAL_MS`] unless `force`d.
+struct StateSampler {
+    last_ms: i64,
+}
+
+impl StateSampler {
+    fn sample(&mut self, ctx: &TaskContext, op: &dyn crate::operator::Operator, force: bool) {
+        let now_ms = ctx.clock.now_ms();
+        if force || now_ms.saturating_sub(self.last_ms) >= STATE_SAMPLE_INTERVAL_MS {
+            self.last_ms = now_ms;
+            ctx.metrics.set_state_size(op.state_size());
         }
     }
 }
@@ -789,23 +910,44 @@ async fn run_operator(
     coord: Arc<Coordinator>,
 ) -> Result<()> {
     let mut out = Collector::new();
+    let m = ctx.metrics.clone();
+    let detailed = outs.detailed;
+    let stateless = op.is_stateless();
+    let mut sampler = StateSampler { last_ms: i64::MIN };
     // The last event-time watermark sent on; held back by the operator's
     // hold and never decreasing.
     let mut forwarded = EventTime::MIN;
     loop {
         match ins.next(&ctx.node).await? {
             InputEvent::Batch(input, batch) => {
-                TaskMetrics::add(&ctx.metrics.records_in, batch.num_rows());
-                TaskMetrics::add(&ctx.metrics.batches_in, 1);
-                if op.is_stateless() {
+                TaskMetrics::add(&m.records_in, batch.num_rows());
+                TaskMetrics::add(&m.batches_in, 1);
+                let started = detailed.then(now);
+                if detailed {
+                    TaskMetrics::add(&m.bytes_in, batch.get_array_memory_size());
+                }
+                if stateless {
                     process_isolating(&ctx, op.as_mut(), input, batch, &mut out)?;
                 } else {
                     op.process_batch(input, batch, &mut out)?;
                 }
+                if let Some(t) = started {
+                    TaskMetrics::add_time(&m.busy_ns, t.elapsed());
+                    if !stateless {
+                        sampler.sample(&ctx, op.as_ref(), false);
+                    }
+                }
                 outs.emit(&mut out).await?;
             }
             InputEvent::Watermark(Watermark::EventTime(t)) => {
+                let started = detailed.then(now);
                 op.on_watermark(t, &mut out)?;
+                if let Some(s) = started {
+                    TaskMetrics::add_time(&m.busy_ns, s.elapsed());
+                    if !stateless {
+                        sampler.sample(&ctx, op.as_ref(), false);
+                    }
+                }
                 outs.emit(&mut out).await?;
                 let held = op.watermark_hold().map_or(t, |h| h.min(t));
                 if held > forwarded {
@@ -814,6 +956,7 @@ async fn run_operator(
                 }
             }
             InputEvent::Watermark(w) => outs.watermark(w).await?,
+            InputEvent::Latency(marker) => outs.marker(marker).await?,
             InputEvent::Barrier(b) => {
                 let state = op.snapshot()?;
                 coord.ack(b.checkpoint, &ctx.node, ctx.subtask, state);
@@ -824,6 +967,10 @@ async fn run_operator(
                 outs.emit(&mut out).await?;
                 let last = op.snapshot()?;
                 coord.finished(&ctx.node, ctx.subtask, last);
+                if detailed && !stateless {
+                    sampler.sample(&ctx, op.as_ref(), true);
+                }
+                m.finished.store(true, Ordering::Relaxed);
                 outs.broadcast(Message::EndOfInput).await?;
                 return Ok(());
             }
@@ -853,13 +1000,10 @@ fn process_isolating(
         Err(e) => return Err(e),
     };
     if batch.num_rows() == 1 {
-        TaskMetrics::add(&ctx.metrics.dead_letters, 1);
-        *ctx.metrics
-            .dead_letters_by_error
-            .lock()
-            .entry("processing_failed".to_string())
-            .or_insert(0) += 1;
-        tracing::warn!(node = %ctx.node, subtask = ctx.subtask, error = %err, "record sent to dead letters: the step fails on it");
+        ctx.metrics.dead_lettered("processing_failed", 1);
+        // Per record, so below debug; the dead letter and its counter are
+        // what operators watch.
+        tracing::trace!(node = %ctx.node, subtask = ctx.subtask, error = %err, "record sent to dead letters: the step fails on it");
         let mut raw = Vec::new();
         {
             let mut w = arrow::json::LineDelimitedWriter::new(&mut raw);
@@ -891,13 +1035,19 @@ async fn run_sink(
     mut ins: Inputs,
     mut control: mpsc::Receiver<Control>,
     coord: Arc<Coordinator>,
+    latency: SinkLatencyRecorder,
 ) -> Result<()> {
+    let m = ctx.metrics.clone();
     loop {
         let event = tokio::select! {
             biased;
             Some(c) = control.recv() => {
                 if let Control::Complete(id) = c {
+                    let started = latency.detailed.then(now);
                     sink.on_checkpoint_complete(id).await?;
+                    if let Some(t) = started {
+                        TaskMetrics::add_time(&m.busy_ns, t.elapsed());
+                    }
                     coord.handled(id);
                 }
                 continue;
@@ -907,19 +1057,32 @@ async fn run_sink(
         match event {
             InputEvent::Batch(_, batch) => {
                 let n = batch.num_rows();
-                TaskMetrics::add(&ctx.metrics.records_in, n);
-                TaskMetrics::add(&ctx.metrics.batches_in, 1);
+                TaskMetrics::add(&m.records_in, n);
+                TaskMetrics::add(&m.batches_in, 1);
+                let started = latency.detailed.then(now);
+                if latency.detailed {
+                    TaskMetrics::add(&m.bytes_in, batch.get_array_memory_size());
+                    latency.event_time(&ctx, &batch);
+                }
                 sink.write(batch).await?;
-                TaskMetrics::add(&ctx.metrics.records_out, n);
+                if let Some(t) = started {
+                    TaskMetrics::add_time(&m.busy_ns, t.elapsed());
+                }
+                TaskMetrics::add(&m.records_out, n);
             }
             InputEvent::Watermark(w) => {
                 if let Watermark::EventTime(t) = w {
-                    ctx.metrics.watermark_ms.store(t, Ordering::Relaxed);
+                    m.watermark_ms.store(t, Ordering::Relaxed);
                     sink.on_watermark(t).await?;
                 }
             }
+            InputEvent::Latency(marker) => latency.ingest(&ctx, marker),
             InputEvent::Barrier(b) => {
+                let started = latency.detailed.then(now);
                 let state = sink.snapshot(b.checkpoint).await?;
+                if let Some(t) = started {
+                    TaskMetrics::add_time(&m.busy_ns, t.elapsed());
+                }
                 coord.ack(b.checkpoint, &ctx.node, ctx.subtask, state);
             }
             InputEvent::End => {
@@ -928,8 +1091,102 @@ async fn run_sink(
                 // committed (a file sink's full length, so a restore keeps it).
                 let last = sink.snapshot(CheckpointId::MAX).await?;
                 coord.finished(&ctx.node, ctx.subtask, last);
+                m.finished.store(true, Ordering::Relaxed);
                 return Ok(());
             }
         }
     }
+}
+
+/// Records a sink subtask's latencies into its histograms.
+struct SinkLatencyRecorder {
+    detailed: bool,
+    /// The input column holding event time, if any.
+    event_time_column: Option<usize>,
+}
+
+impl SinkLatencyRecorder {
+    /// Wall clock minus each row's event time (clamped at zero: rows from
+    /// the future count as on time).
+    fn event_time(&self, ctx: &TaskContext, batch: &RecordBatch) {
+        let (Some(col), Some(lat)) = (self.event_time_column, &ctx.metrics.latency) else {
+            return;
+        };
+        let Some(ts) = batch
+            .columns()
+            .get(col)
+            .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
+        else {
+            return;
+        };
+        let now_ms = ctx.clock.now_ms();
+        let mut h = lat.event_time.lock();
+        let us = |t: i64| (now_ms.saturating_sub(t).max(0) as u64).saturating_mul(1000);
+        if ts.null_count() == 0 {
+            for t in ts.values().iter() {
+                h.saturating_record(us(*t));
+            }
+        } else {
+            for t in ts.iter().flatten() {
+                h.saturating_record(us(t));
+            }
+        }
+    }
+
+    fn ingest(&self, ctx: &TaskContext, marker: crate::message::LatencyMarker) {
+        if let Some(lat) = &ctx.metrics.latency {
+            let us = marker.sent.elapsed().as_micros() as u64;
+            lat.ingest.lock().saturating_record(us.max(1));
+        }
+    }
+}
+
+/// The event-time column of each node's main output, by name: a source's
+/// declared column; an operator's own choice, or its input's column if the
+/// output keeps it, or `window_end`; a sink's input's.
+fn event_time_columns(nodes: &[crate::graph::Node]) -> Vec<Option<String>> {
+    fn is_ts(schema: &arrow::datatypes::Schema, name: &str) -> bool {
+        schema
+            .field_with_name(name)
+            .is_ok_and(|f| matches!(f.data_type(), DataType::Timestamp(TimeUnit::Millisecond, _)))
+    }
+    fn resolve(
+        nodes: &[crate::graph::Node],
+        i: usize,
+        memo: &mut Vec<Option<Option<String>>>,
+        depth: usize,
+    ) -> Option<String> {
+        if let Some(known) = &memo[i] {
+            return known.clone();
+        }
+        if depth > nodes.len() {
+            return None;
+        }
+        let node = &nodes[i];
+        let upstream = node
+            .inputs
+            .first()
+            .filter(|e| e.port == Port::Main)
+            .and_then(|e| resolve(nodes, e.from, memo, depth + 1));
+        let col = match &node.kind {
+            NodeKind::Source(f) => f
+                .output_schema()
+                .fields()
+                .get(f.event_time_column())
+                .map(|f| f.name().clone()),
+            NodeKind::Operator(f) => {
+                let schema = f.output_schema();
+                f.event_time_column()
+                    .or(upstream.filter(|c| is_ts(&schema, c)))
+                    .or_else(|| is_ts(&schema, "window_end").then(|| "window_end".to_string()))
+            }
+            NodeKind::Sink(_) => upstream,
+        };
+        memo[i] = Some(col.clone());
+        col
+    }
+    let mut memo = vec![None; nodes.len()];
+    (0..nodes.len())
+        .map(|i| resolve(nodes, i, &mut memo, 0))
+        .collect()
 }

@@ -125,6 +125,14 @@ impl PartitionWatermarks {
         self.partitions.len()
     }
 
+    /// Partitions read now (neither revoked nor finished).
+    pub fn active(&self) -> usize {
+        self.partitions
+            .iter()
+            .filter(|t| t.state == PartitionState::Active)
+            .count()
+    }
+
     /// True when no partition is tracked.
     pub fn is_empty(&self) -> bool {
         self.partitions.is_empty()

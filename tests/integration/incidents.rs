@@ -104,7 +104,7 @@ async fn serve(plan: &Plan, tasks: &mut JoinSet<std::io::Result<()>>) -> SocketA
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let control = std::sync::Arc::new(vigil::http::Control::new(None));
+    let control = std::sync::Arc::new(vigil::http::Control::for_plan(plan));
     tasks.spawn(vigil::http::serve(
         listener,
         plan.read_models.clone(),

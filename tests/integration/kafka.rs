@@ -17,7 +17,7 @@ use crate::options_with;
 
 const START: i64 = 1_767_225_600_000;
 
-async fn produce(brokers: &str) {
+pub(crate) async fn produce(brokers: &str) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -49,7 +49,7 @@ async fn produce(brokers: &str) {
     }
 }
 
-fn pipeline(name: &str, brokers: &str) -> String {
+pub(crate) fn pipeline(name: &str, brokers: &str) -> String {
     pipeline_from(name, brokers, "committed", "alerts")
 }
 
@@ -212,7 +212,7 @@ async fn kafka_in_kafka_out_with_dead_letters_and_offsets_committed_on_checkpoin
 /// Reads `topic` from the start, every partition assigned directly (no
 /// group), until `n` records arrived or `wait` passed (with `usize::MAX`:
 /// until nothing arrives for `wait`). Values are JSON.
-async fn read(
+pub(crate) async fn read(
     brokers: &str,
     topic: &str,
     n: usize,

@@ -7,6 +7,7 @@ mod correlation;
 mod demo;
 mod incidents;
 mod kafka;
+mod observability;
 mod pipeline_errors;
 mod recovery;
 mod registry;

@@ -407,7 +407,7 @@ impl EventLog for KafkaEventLog {
                         });
                     }
                     Err(e) => {
-                        tracing::warn!(topic = %self.config.snapshots, partition = p, offset = o, error = %e, "snapshot marker skipped")
+                        tracing::trace!(topic = %self.config.snapshots, partition = p, offset = o, error = %e, "snapshot marker skipped")
                     }
                 }
             } else {
@@ -431,7 +431,7 @@ impl EventLog for KafkaEventLog {
         let (tail, bad) = self.codec.lock().decode(&payloads)?;
         for (i, reason) in &bad {
             let (p, o, _, _) = &records[*i];
-            tracing::warn!(topic = %self.config.topic, partition = p, offset = o, %reason, "event log record skipped: it is not an incident event");
+            tracing::trace!(topic = %self.config.topic, partition = p, offset = o, %reason, "event log record skipped: it is not an incident event");
         }
         self.epoch.store(
             markers.iter().map(|m| m.epoch).max().unwrap_or(0) + 1,

@@ -50,15 +50,11 @@ impl KafkaDeadLetterSinkFactory {
 }
 
 impl SinkFactory for KafkaDeadLetterSinkFactory {
-    fn create(
-        &self,
-        _ctx: &TaskContext,
-        _schema: SchemaRef,
-    ) -> vigil_engine::Result<Box<dyn Sink>> {
+    fn create(&self, ctx: &TaskContext, _schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
         Ok(Box::new(KafkaDeadLetterSink {
             topic: self.topic.clone(),
             pipeline: self.pipeline.clone(),
-            producer: Producer::new(&self.brokers, &self.properties)?,
+            producer: Producer::new(&self.brokers, &self.properties, ctx.metrics.clone())?,
         }))
     }
     fn describe(&self) -> String {

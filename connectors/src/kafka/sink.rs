@@ -45,7 +45,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer as _;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use vigil_engine::{CheckpointId, EngineError, OperatorState, Sink, SinkFactory, TaskContext};
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
+use vigil_engine::{
+    CheckpointId, EngineError, OperatorState, Sink, SinkFactory, TaskContext, TaskMetrics,
+};
 
 use super::config::{KafkaSinkConfig, Properties, SinkFormat};
 use crate::avro::Registry;
@@ -160,7 +164,7 @@ impl SinkFactory for KafkaSinkFactory {
         } else {
             None
         };
-        let producer = Producer::new(&self.config.brokers, &properties)?;
+        let producer = Producer::new(&self.config.brokers, &properties, ctx.metrics.clone())?;
         if let Some(id) = &transactions {
             // Fences an earlier instance and aborts the transaction it left open.
             producer
@@ -364,17 +368,37 @@ impl KafkaSink {
     }
 }
 
+/// Copies what librdkafka's statistics say of a producer's retries into
+/// the sink's counters.
+pub(super) struct ProducerStats {
+    metrics: Arc<TaskMetrics>,
+}
+
+impl ClientContext for ProducerStats {
+    fn stats(&self, statistics: Statistics) {
+        let retries: u64 = statistics.brokers.values().map(|b| b.txretries).sum();
+        self.metrics
+            .producer_retries
+            .store(retries, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A producer that keeps its delivery reports, so a flush can wait for every
 /// record sent so far and fail loudly if one was not delivered.
 pub(super) struct Producer {
-    inner: FutureProducer,
+    inner: FutureProducer<ProducerStats>,
     in_flight: VecDeque<DeliveryFuture>,
+    metrics: Arc<TaskMetrics>,
 }
 
 impl Producer {
     /// An idempotent producer (`acks=all`, lz4, murmur2 partitioning) for
     /// `brokers`, with `properties` on top.
-    pub(super) fn new(brokers: &str, properties: &Properties) -> vigil_engine::Result<Self> {
+    pub(super) fn new(
+        brokers: &str,
+        properties: &Properties,
+        metrics: Arc<TaskMetrics>,
+    ) -> vigil_engine::Result<Self> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
@@ -382,11 +406,16 @@ impl Producer {
             .set("compression.type", "lz4")
             .set("linger.ms", "5")
             .set("batch.size", "1000000")
-            .set("partitioner", "murmur2_random");
+            .set("partitioner", "murmur2_random")
+            // Retries reach the metrics through the statistics callback.
+            .set("statistics.interval.ms", "1000");
         for (k, v) in properties.iter() {
             c.set(k, v);
         }
-        let inner: FutureProducer = c.create().map_err(|e| {
+        let context = ProducerStats {
+            metrics: metrics.clone(),
+        };
+        let inner: FutureProducer<ProducerStats> = c.create_with_context(context).map_err(|e| {
             EngineError::io(
                 "cannot create Kafka producer",
                 std::io::Error::other(properties.scrub(&e.to_string())),
@@ -395,6 +424,7 @@ impl Producer {
         Ok(Self {
             inner,
             in_flight: VecDeque::new(),
+            metrics,
         })
     }
 
@@ -419,7 +449,10 @@ impl Producer {
                         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                     }
                 }
-                Err((e, _)) => return Err(delivery_error(e)),
+                Err((e, _)) => {
+                    TaskMetrics::add(&self.metrics.producer_errors, 1);
+                    return Err(delivery_error(e));
+                }
             }
         }
         if self.in_flight.len() > MAX_IN_FLIGHT {
@@ -434,7 +467,10 @@ impl Producer {
             if let Some(f) = self.in_flight.pop_front() {
                 match f.await {
                     Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => return Err(delivery_error(e)),
+                    Ok(Err((e, _))) => {
+                        TaskMetrics::add(&self.metrics.producer_errors, 1);
+                        return Err(delivery_error(e));
+                    }
                     Err(_) => return Err(delivery_error("producer dropped a delivery report")),
                 }
             }

@@ -324,7 +324,7 @@ impl SourceFactory for KafkaSourceFactory {
     fn side_outputs(&self) -> Vec<(&'static str, SchemaRef)> {
         vec![(DEAD_LETTER, dead_letter::schema())]
     }
-    fn create(&self, _ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
+    fn create(&self, ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
         let events = Arc::new(Mutex::new(Vec::new()));
         let closing = Arc::new(AtomicBool::new(false));
         let consumer: StreamConsumer<RebalanceRecorder> = self
@@ -342,6 +342,18 @@ impl SourceFactory for KafkaSourceFactory {
                     std::io::Error::other(self.config.properties.scrub(&e.to_string())),
                 )
             })?;
+        let consumer = Arc::new(consumer);
+        {
+            let (weak, metrics, closing) = (
+                Arc::downgrade(&consumer),
+                ctx.metrics.clone(),
+                closing.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("vigil-lag-{}", ctx.node))
+                .spawn(move || measure_lag(weak, metrics, closing))
+                .map_err(|e| EngineError::io("cannot start the consumer-lag thread", e))?;
+        }
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
@@ -435,6 +447,47 @@ struct RebalanceRecorder {
 }
 
 impl ClientContext for RebalanceRecorder {}
+
+/// How often consumer lag is measured.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Measures, on a thread of its own, how far each assigned partition's end
+/// is ahead of the consumer's position, and puts it in the metrics.
+///
+/// A thread rather than librdkafka's statistics callback: that callback is
+/// served only while the source polls, so a source blocked by a stalled
+/// sink, exactly when the lag matters, would stop reporting it. The thread
+/// holds the consumer weakly and ends when the source drops it.
+fn measure_lag(
+    consumer: std::sync::Weak<StreamConsumer<RebalanceRecorder>>,
+    metrics: Arc<vigil_engine::TaskMetrics>,
+    closing: Arc<AtomicBool>,
+) {
+    const STEP: Duration = Duration::from_millis(100);
+    loop {
+        for _ in 0..(LAG_INTERVAL.as_millis() / STEP.as_millis()) {
+            std::thread::sleep(STEP);
+            if closing.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        let Some(c) = consumer.upgrade() else { return };
+        let Ok(position) = c.position() else {
+            continue;
+        };
+        let mut lag = std::collections::BTreeMap::new();
+        for e in position.elements() {
+            let Offset::Offset(at) = e.offset() else {
+                continue;
+            };
+            if let Ok((_, high)) = c.fetch_watermarks(e.topic(), e.partition(), LAG_INTERVAL) {
+                lag.insert((e.topic().to_string(), e.partition()), (high - at).max(0));
+            }
+        }
+        drop(c);
+        *metrics.consumer_lag.lock() = lag;
+    }
+}
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<(String, i32)> {
     list.elements()
@@ -589,7 +642,7 @@ type TopicPartition = (String, i32);
 
 struct KafkaSource {
     name: String,
-    consumer: StreamConsumer<RebalanceRecorder>,
+    consumer: Arc<StreamConsumer<RebalanceRecorder>>,
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
     closing: Arc<AtomicBool>,
     resume: Arc<Mutex<HashMap<TopicPartition, i64>>>,

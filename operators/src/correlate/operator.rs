@@ -185,6 +185,11 @@ impl OperatorFactory for CorrelateFactory {
     fn output_schema(&self) -> SchemaRef {
         self.output.clone()
     }
+
+    /// An alert happens at its last event.
+    fn event_time_column(&self) -> Option<String> {
+        Some("last_ts".to_string())
+    }
     fn create(&self, ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Operator>> {
         Ok(Box::new(self.build(ctx)?))
     }
@@ -806,6 +811,44 @@ impl Operator for Correlation {
             self.next_sweep = watermark.saturating_add((self.spec.timespan_ms / 8).max(1));
         }
         Ok(())
+    }
+
+    fn state_size(&self) -> vigil_engine::StateSize {
+        let hit = |h: &Hit| {
+            std::mem::size_of::<Hit>()
+                + h.id.as_ref().map_or(0, |i| i.len())
+                + h.carried
+                    .iter()
+                    .flatten()
+                    .map(|c| c.len() + 24)
+                    .sum::<usize>()
+        };
+        let groups: usize = self
+            .groups
+            .iter()
+            .map(|(k, g)| {
+                k.len()
+                    + 16
+                    + std::mem::size_of::<Group>()
+                    + match g {
+                        Group::Count(c) => {
+                            c.window.len() * 32
+                                + c.values.keys().map(|v| v.len() + 20).sum::<usize>()
+                        }
+                        Group::Sequence(s) => s.iter().flatten().flatten().map(hit).sum(),
+                        Group::Temporal(t) => t.iter().flatten().map(hit).sum(),
+                    }
+            })
+            .sum();
+        let pending: usize = self
+            .pending
+            .iter()
+            .map(|(_, _, b)| b.get_array_memory_size())
+            .sum();
+        vigil_engine::StateSize {
+            keys: self.groups.len() as u64,
+            bytes: (groups + pending) as u64,
+        }
     }
 
     fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {

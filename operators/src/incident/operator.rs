@@ -163,6 +163,22 @@ pub struct Projection {
 }
 
 impl Projection {
+    /// Incidents and entities held, and an estimate of their bytes (the
+    /// entries themselves and their keys; strings inside are not walked).
+    pub fn size(&self) -> vigil_engine::StateSize {
+        let incidents: usize = self
+            .incidents
+            .keys()
+            .map(|k| 2 * k.len() + std::mem::size_of::<Incident>() + 16)
+            .sum();
+        let entities = self.entities.len()
+            * (std::mem::size_of::<EntityKey>() + std::mem::size_of::<EntityState>() + 16);
+        vigil_engine::StateSize {
+            keys: (self.incidents.len() + self.entities.len()) as u64,
+            bytes: (incidents + entities) as u64,
+        }
+    }
+
     /// An empty shard.
     pub fn new(spec: Arc<IncidentSpec>) -> Self {
         Self {
@@ -738,6 +754,11 @@ impl OperatorFactory for IncidentFactory {
         super::model::event_schema()
     }
 
+    /// An incident event happens when the alert or action behind it did.
+    fn event_time_column(&self) -> Option<String> {
+        Some("time".to_string())
+    }
+
     fn create(&self, ctx: &TaskContext) -> Result<Box<dyn Operator>> {
         let mut op = IncidentOperator {
             spec: self.spec.clone(),
@@ -817,7 +838,7 @@ impl IncidentOperator {
                     .map_err(EngineError::User)
                     .and_then(|ev| self.projection.apply(&ev));
                 if let Err(e) = outcome {
-                    tracing::warn!(operator = %self.ctx.node, error = %e, "event log record not applied");
+                    tracing::trace!(operator = %self.ctx.node, error = %e, "event log record not applied");
                     dead.push(
                         "event log",
                         Some(row as u64),
@@ -942,6 +963,10 @@ impl Operator for IncidentOperator {
             self.finish_batch(Vec::new(), false, out)?;
         }
         Ok(())
+    }
+
+    fn state_size(&self) -> vigil_engine::StateSize {
+        self.projection.size()
     }
 
     fn snapshot(&mut self) -> Result<OperatorState> {

@@ -786,6 +786,29 @@ impl Operator for IntervalJoin {
         (self.state_rows() > 0).then(|| self.watermark.saturating_sub(reach))
     }
 
+    fn state_size(&self) -> vigil_engine::StateSize {
+        let batches: usize = self
+            .sides
+            .iter()
+            .flat_map(|s| s.slots.iter().flatten())
+            .map(|s| s.batch.get_array_memory_size() + s.matched.len())
+            .sum();
+        let keys: usize = self
+            .slab
+            .iter()
+            .map(|k| {
+                k.key.capacity()
+                    + std::mem::size_of::<KeyRows>()
+                    + (k.rows[0].capacity() + k.rows[1].capacity()) * std::mem::size_of::<Entry>()
+            })
+            .sum();
+        let queues = (self.queues[0].len() + self.queues[1].len() + self.left_heap.len()) * 16;
+        vigil_engine::StateSize {
+            keys: self.keys.len() as u64,
+            bytes: (batches + keys + queues) as u64,
+        }
+    }
+
     fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {
         // Each side's buffered rows as one table; the left's pairing marks
         // ride along as a boolean column.

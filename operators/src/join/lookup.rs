@@ -209,6 +209,17 @@ impl LookupTable {
         self.live == 0
     }
 
+    /// Rows held, and the bytes of their batches and indexes.
+    pub fn size(&self) -> vigil_engine::StateSize {
+        let chunks: usize = self.chunks.iter().map(|c| c.get_array_memory_size()).sum();
+        let exact = self.exact.len() * (8 + 24) + self.live * std::mem::size_of::<Pos>();
+        let cidr: usize = self.cidr.iter().map(|(_, b)| b.len() * 64).sum();
+        vigil_engine::StateSize {
+            keys: self.live as u64,
+            bytes: (chunks + exact + cidr) as u64,
+        }
+    }
+
     fn key_at(&self, (c, r): Pos) -> &str {
         self.keys[c as usize].value(r as usize)
     }
@@ -289,7 +300,7 @@ impl LookupTable {
                 match parse_cidr(&key) {
                     Some(c) => Some(c),
                     None => {
-                        tracing::warn!(step = %spec.name, key = %key, "lookup table row skipped: its key is not an address or CIDR block");
+                        tracing::trace!(step = %spec.name, key = %key, "lookup table row skipped: its key is not an address or CIDR block");
                         self.rejected += 1;
                         self.dead += 1;
                         continue;
@@ -543,6 +554,15 @@ impl LookupJoin {
 }
 
 impl Operator for LookupJoin {
+    fn state_size(&self) -> vigil_engine::StateSize {
+        // One table serves every subtask: the first reports it.
+        if self.ctx.subtask == 0 {
+            self.table.read().size()
+        } else {
+            vigil_engine::StateSize::default()
+        }
+    }
+
     fn process_batch(
         &mut self,
         _input: usize,

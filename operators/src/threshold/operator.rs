@@ -367,6 +367,22 @@ impl Threshold {
     }
 }
 
+impl Threshold {
+    /// Groups (key × window) held, and the bytes of their keys and
+    /// distinct values.
+    fn size(&self) -> vigil_engine::StateSize {
+        let mut s = vigil_engine::StateSize::default();
+        for w in self.windows.values() {
+            s.keys += w.len() as u64;
+            for (k, acc) in w {
+                let distinct: usize = acc.distinct.iter().map(|d| d.len() + 16).sum();
+                s.bytes += (k.len() + 16 + std::mem::size_of::<Acc>() + distinct) as u64;
+            }
+        }
+        s
+    }
+}
+
 impl Operator for Threshold {
     fn process_batch(
         &mut self,
@@ -426,6 +442,10 @@ impl Operator for Threshold {
             out.emit(b);
         }
         Ok(())
+    }
+
+    fn state_size(&self) -> vigil_engine::StateSize {
+        self.size()
     }
 
     fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {

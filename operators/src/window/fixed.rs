@@ -105,6 +105,18 @@ impl FixedWindows {
         self.windows.len()
     }
 
+    /// Groups (key × window) held, and the bytes of their keys and
+    /// accumulators.
+    pub fn state_size(&self) -> vigil_engine::StateSize {
+        let mut s = vigil_engine::StateSize::default();
+        for w in self.windows.values() {
+            s.keys += w.groups as u64;
+            s.bytes += w.keys.as_ref().map_or(0, |k| k.size()) as u64;
+            s.bytes += w.accumulators.iter().map(|a| a.size()).sum::<usize>() as u64;
+        }
+        s
+    }
+
     fn new_window(&self) -> Result<Window> {
         let (keys, accumulators) = fresh_parts(&self.spec, &self.key_schema)?;
         Ok(Window {

@@ -125,6 +125,13 @@ impl Operator for WindowAggregate {
         Ok(())
     }
 
+    fn state_size(&self) -> vigil_engine::StateSize {
+        match &self.state {
+            State::Fixed(f) => f.state_size(),
+            State::Session(s) => s.state_size(),
+        }
+    }
+
     fn snapshot(&mut self) -> vigil_engine::Result<OperatorState> {
         Ok(match &mut self.state {
             State::Fixed(f) => f.snapshot()?,

@@ -95,6 +95,26 @@ enum Item {
 }
 
 impl Sessions {
+    /// Keys with sessions, and the bytes of keys, sessions and timers.
+    pub fn state_size(&self) -> vigil_engine::StateSize {
+        let keys: usize = self.key_rows.iter().map(|k| k.len() + 16).sum();
+        let sessions: usize = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| {
+                std::mem::size_of::<Session>()
+                    + s.accumulators.iter().map(|a| a.size()).sum::<usize>()
+            })
+            .sum();
+        let slots = self.slots.len() * std::mem::size_of::<Option<Session>>();
+        let timers = self.timers.len() * std::mem::size_of::<(i64, usize)>();
+        vigil_engine::StateSize {
+            keys: self.key_ids.len() as u64,
+            bytes: (keys * 2 + sessions + slots + timers) as u64,
+        }
+    }
+
     /// Empty state for a session window `spec`.
     pub fn new(spec: Arc<WindowAggregateSpec>, metrics: Arc<TaskMetrics>) -> Result<Self> {
         let super::WindowKind::Session { gap_ms } = spec.kind else {
