@@ -148,54 +148,60 @@ pub fn collect(
             ("subtask", subtask.as_str()),
         ];
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
-        out.counter(
-            "vigil_records_in_total",
-            "Records received (sources: records read).",
-            &l,
-            load(&m.records_in),
-        );
-        out.counter(
-            "vigil_records_out_total",
-            "Records emitted on the main output (sinks: records written).",
-            &l,
-            load(&m.records_out),
-        );
-        out.counter(
-            "vigil_batches_in_total",
-            "Arrow record batches received.",
-            &l,
-            load(&m.batches_in),
-        );
-        out.counter(
-            "vigil_batches_out_total",
-            "Arrow record batches emitted.",
-            &l,
-            load(&m.batches_out),
-        );
-        out.counter(
-            "vigil_bytes_in_total",
-            "Arrow buffer bytes of the batches received.",
-            &l,
-            load(&m.bytes_in),
-        );
-        out.counter(
-            "vigil_bytes_out_total",
-            "Arrow buffer bytes of the batches emitted on the main output.",
-            &l,
-            load(&m.bytes_out),
-        );
-        out.counter(
-            "vigil_busy_seconds_total",
-            "Time spent processing.",
-            &l,
-            load(&m.busy_ns) / 1e9,
-        );
-        out.counter(
-            "vigil_backpressure_seconds_total",
-            "Time spent waiting for room in a full output channel.",
-            &l,
-            load(&m.backpressure_ns) / 1e9,
-        );
+        // (name, help, counter, divisor to base units)
+        let counters = [
+            (
+                "vigil_records_in_total",
+                "Records received (sources: records read).",
+                &m.records_in,
+                1.0,
+            ),
+            (
+                "vigil_records_out_total",
+                "Records emitted on the main output (sinks: records written).",
+                &m.records_out,
+                1.0,
+            ),
+            (
+                "vigil_batches_in_total",
+                "Arrow record batches received.",
+                &m.batches_in,
+                1.0,
+            ),
+            (
+                "vigil_batches_out_total",
+                "Arrow record batches emitted.",
+                &m.batches_out,
+                1.0,
+            ),
+            (
+                "vigil_bytes_in_total",
+                "Arrow buffer bytes of the batches received.",
+                &m.bytes_in,
+                1.0,
+            ),
+            (
+                "vigil_bytes_out_total",
+                "Arrow buffer bytes of the batches emitted on the main output.",
+                &m.bytes_out,
+                1.0,
+            ),
+            (
+                "vigil_busy_seconds_total",
+                "Time spent processing.",
+                &m.busy_ns,
+                1e9,
+            ),
+            (
+                "vigil_backpressure_seconds_total",
+                "Time spent waiting for room in a full output channel.",
+                &m.backpressure_ns,
+                1e9,
+            ),
+        ];
+        for (name, help, c, unit) in counters {
+            out.counter(name, help, &l, load(c) / unit);
+        }
         if t.role != NodeRole::Sink {
             out.counter(
                 "vigil_late_records_total",
