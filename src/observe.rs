@@ -303,3 +303,62 @@ impl Observer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_engine::{ManualClock, NodeRole};
+
+    fn observer(clock: Arc<ManualClock>) -> Observer {
+        Observer::new("p", &Graph::new(), clock, Duration::from_secs(2))
+    }
+
+    #[test]
+    fn ready_needs_a_running_pipeline_assigned_sources_and_no_stall() {
+        let clock = ManualClock::new(10_000);
+        let obs = observer(clock.clone());
+        assert!(!obs.readiness().ready, "not started");
+
+        let reg = Arc::new(MetricsRegistry::default());
+        let a = reg.register("auth", 0, NodeRole::Source);
+        let b = reg.register("auth", 1, NodeRole::Source);
+        obs.attach(reg.clone());
+        for m in [&a, &b] {
+            m.last_poll_ms.store(10_000, Ordering::Relaxed);
+        }
+        let r = obs.readiness();
+        assert_eq!(r.reasons, vec!["source auth has no partitions assigned"]);
+
+        // One subtask with a partition is enough for the node.
+        a.partitions.store(1, Ordering::Relaxed);
+        assert!(obs.readiness().ready);
+
+        // Subtask 1 stops coming back for input.
+        clock.advance(3_000);
+        a.last_poll_ms.store(13_000, Ordering::Relaxed);
+        let r = obs.readiness();
+        assert!(!r.ready);
+        assert!(r.reasons[0].starts_with("source auth[1] stalled"), "{r:?}");
+
+        // A finished source is never stalled.
+        b.finished.store(true, Ordering::Relaxed);
+        assert!(obs.readiness().ready);
+
+        obs.detach();
+        assert_eq!(obs.readiness().reasons, vec!["the pipeline is not running"]);
+    }
+
+    #[test]
+    fn rates_are_per_node_over_the_last_sample() {
+        let obs = observer(ManualClock::new(0));
+        let reg = Arc::new(MetricsRegistry::default());
+        let m = reg.register("f", 0, NodeRole::Operator);
+        obs.attach(reg);
+        obs.sample();
+        m.records_in.store(1_000, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        obs.sample();
+        let r = obs.rates()["f"];
+        assert!(r.in_per_s > 1_000.0 && r.out_per_s == 0.0, "{r:?}");
+    }
+}

@@ -212,6 +212,9 @@ impl TaskMetrics {
 
     /// Counts `n` dead letters of class `error`.
     pub fn dead_lettered(&self, error: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
         self.dead_letters.fetch_add(n, Ordering::Relaxed);
         *self
             .dead_letters_by_error

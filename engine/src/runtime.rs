@@ -228,6 +228,25 @@ impl RunningPipeline {
     }
 }
 
+/// Counts a batch of dead letters by their error class (the `error`
+/// column), once per batch.
+fn count_dead_letters(metrics: &TaskMetrics, batch: &RecordBatch) {
+    let Some(errors) = batch
+        .column_by_name("error")
+        .and_then(|c| c.as_string_opt::<i32>())
+    else {
+        metrics.dead_lettered("unknown", batch.num_rows() as u64);
+        return;
+    };
+    let mut by: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for e in errors.iter() {
+        *by.entry(e.unwrap_or("unknown")).or_insert(0) += 1;
+    }
+    for (error, n) in by {
+        metrics.dead_lettered(error, n);
+    }
+}
+
 /// Stores the checkpoints every subtask has acknowledged (when there is a
 /// store) and completes them, so sources and sinks commit.
 async fn store_acknowledged(coordinator: &Coordinator, store: Option<&CheckpointStore>) {
@@ -350,6 +369,9 @@ impl Outputs {
             }
         }
         for (port, batch) in out.take_side() {
+            if port == crate::operator::DEAD_LETTER {
+                count_dead_letters(&self.metrics, &batch);
+            }
             self.emit_side(port, batch).await?;
         }
         Ok(())
@@ -854,16 +876,7 @@ async fn run_source(
                 outs.emit(&mut c).await?;
             }
             SourceEvent::DeadLetters(batch) => {
-                TaskMetrics::add(&m.dead_letters, batch.num_rows());
-                if let Some(errors) = batch
-                    .column_by_name("error")
-                    .and_then(|c| c.as_string_opt::<i32>())
-                {
-                    let mut by = m.dead_letters_by_error.lock();
-                    for e in errors.iter().flatten() {
-                        *by.entry(e.to_string()).or_insert(0) += 1;
-                    }
-                }
+                count_dead_letters(&m, &batch);
                 outs.emit_side(crate::operator::DEAD_LETTER, batch).await?;
             }
             SourceEvent::Pending => {}
@@ -1000,7 +1013,6 @@ fn process_isolating(
         Err(e) => return Err(e),
     };
     if batch.num_rows() == 1 {
-        ctx.metrics.dead_lettered("processing_failed", 1);
         // Per record, so below debug; the dead letter and its counter are
         // what operators watch.
         tracing::trace!(node = %ctx.node, subtask = ctx.subtask, error = %err, "record sent to dead letters: the step fails on it");

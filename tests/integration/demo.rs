@@ -135,6 +135,12 @@ fn the_demo_command_runs_and_prints_alerts() {
     assert!(stdout.contains("| brute_force |"), "{stdout}");
     assert!(stdout.contains("| password_spray |"), "{stdout}");
     assert!(stderr.contains("demo: 800"), "summary line: {stderr}");
+    // The sinks' latency percentiles close the summary.
+    assert!(
+        stderr.contains("latency alerts: event time→emit p50"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ingest→emit p50"), "{stderr}");
     assert_eq!(
         std::fs::read_dir(dir.path()).expect("dir").count(),
         0,

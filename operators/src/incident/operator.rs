@@ -33,7 +33,7 @@ use vigil_engine::event_log::split_by_key;
 use vigil_engine::operator::SidePort;
 use vigil_engine::{
     Collector, EngineError, EventLog, Operator, OperatorFactory, OperatorState, Recovery, Result,
-    TaskContext, TaskMetrics, DEAD_LETTER,
+    TaskContext, DEAD_LETTER,
 };
 
 use super::model::{
@@ -850,7 +850,9 @@ impl IncidentOperator {
             }
         }
         if let Some(rows) = dead.finish()? {
-            TaskMetrics::add(&self.ctx.metrics.dead_letters, rows.num_rows());
+            self.ctx
+                .metrics
+                .dead_lettered("rejected_event", rows.num_rows() as u64);
         }
         tracing::info!(
             operator = %self.ctx.node,
@@ -885,7 +887,7 @@ impl IncidentOperator {
             dead.push(what, Some(*row as u64), "rejected_event", reason, raw);
         }
         if let Some(b) = dead.finish()? {
-            TaskMetrics::add(&self.ctx.metrics.dead_letters, b.num_rows());
+            // The runtime counts what goes out on the dead-letter port.
             out.emit_side(DEAD_LETTER, b);
         }
         Ok(())

@@ -37,7 +37,6 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parking_lot::{Mutex, RwLock};
 use vigil_engine::{
     Collector, EngineError, Operator, OperatorFactory, TableFeed, TableUpdate, TaskContext,
-    TaskMetrics,
 };
 
 use crate::error::{OperatorError, Result};
@@ -479,7 +478,8 @@ impl LookupJoinFactory {
                 let updates = feed.feed.load()?;
                 let mut table = self.table.write();
                 table.apply(&self.spec, updates)?;
-                TaskMetrics::add(&ctx.metrics.dead_letters, table.rejected);
+                ctx.metrics
+                    .dead_lettered("lookup_row_rejected", table.rejected as u64);
                 feed.loaded = true;
             }
         }
@@ -547,7 +547,9 @@ impl LookupJoin {
             let mut table = self.table.write();
             let before = table.rejected;
             table.apply(&self.spec, updates)?;
-            TaskMetrics::add(&self.ctx.metrics.dead_letters, table.rejected - before);
+            self.ctx
+                .metrics
+                .dead_lettered("lookup_row_rejected", (table.rejected - before) as u64);
         }
         Ok(())
     }
