@@ -475,13 +475,32 @@ fn measure_lag(
         let Ok(position) = c.position() else {
             continue;
         };
-        let mut lag = std::collections::BTreeMap::new();
+        // Where each partition is: the consumer's position, or for one it
+        // has not read from since it was assigned, the group's committed
+        // offset (a partition without either has no known lag).
+        let mut at: Vec<(String, i32, i64)> = Vec::new();
+        let mut unread = TopicPartitionList::new();
         for e in position.elements() {
-            let Offset::Offset(at) = e.offset() else {
-                continue;
-            };
-            if let Ok((_, high)) = c.fetch_watermarks(e.topic(), e.partition(), LAG_INTERVAL) {
-                lag.insert((e.topic().to_string(), e.partition()), (high - at).max(0));
+            match e.offset() {
+                Offset::Offset(o) => at.push((e.topic().to_string(), e.partition(), o)),
+                _ => {
+                    let _ = unread.add_partition_offset(e.topic(), e.partition(), Offset::Invalid);
+                }
+            }
+        }
+        if unread.count() > 0 {
+            if let Ok(committed) = c.committed_offsets(unread, LAG_INTERVAL) {
+                for e in committed.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        at.push((e.topic().to_string(), e.partition(), o));
+                    }
+                }
+            }
+        }
+        let mut lag = std::collections::BTreeMap::new();
+        for (topic, partition, o) in at {
+            if let Ok((_, high)) = c.fetch_watermarks(&topic, partition, LAG_INTERVAL) {
+                lag.insert((topic, partition), (high - o).max(0));
             }
         }
         drop(c);
