@@ -580,6 +580,21 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
     let nodes = graph.nodes();
     let metrics = Arc::new(MetricsRegistry::default());
     let cap = opts.channel_capacity.max(1);
+    // Counters of every subtask, first: its outputs time back-pressure
+    // into them as the channels are wired.
+    let task_metrics: Vec<Vec<Arc<TaskMetrics>>> = nodes
+        .iter()
+        .map(|n| {
+            let role = match n.kind {
+                NodeKind::Source(_) => NodeRole::Source,
+                NodeKind::Operator(_) => NodeRole::Operator,
+                NodeKind::Sink(_) => NodeRole::Sink,
+            };
+            (0..n.parallelism)
+                .map(|s| metrics.register(&n.name, s, role))
+                .collect()
+        })
+        .collect();
 
     // Wire channels: inputs[node][subtask], outputs[node][subtask].
     let mut inputs: Vec<Vec<Vec<Slot>>> = nodes
@@ -632,8 +647,7 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                     router,
                     senders,
                     next_marker: u,
-                    // Replaced by the subtask's own counters below.
-                    metrics: Arc::new(TaskMetrics::default()),
+                    metrics: task_metrics[edge.from][u].clone(),
                 });
             }
         }
@@ -681,11 +695,6 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
     let event_columns = event_time_columns(nodes);
     let mut tasks = JoinSet::new();
     for (id, node) in nodes.iter().enumerate() {
-        let role = match node.kind {
-            NodeKind::Source(_) => NodeRole::Source,
-            NodeKind::Operator(_) => NodeRole::Operator,
-            NodeKind::Sink(_) => NodeRole::Sink,
-        };
         let node_inputs = std::mem::take(&mut inputs[id]);
         let node_outputs = std::mem::take(&mut outputs[id]);
         for (subtask, (slots, outs)) in node_inputs.into_iter().zip(node_outputs).enumerate() {
@@ -694,16 +703,10 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                 subtask,
                 parallelism: node.parallelism,
                 clock: opts.clock.clone(),
-                metrics: metrics.register(&node.name, subtask, role),
+                metrics: task_metrics[id][subtask].clone(),
             };
             let outs = Outputs {
-                edges: outs
-                    .into_iter()
-                    .map(|mut o| {
-                        o.metrics = ctx.metrics.clone();
-                        o
-                    })
-                    .collect(),
+                edges: outs,
                 metrics: ctx.metrics.clone(),
                 detailed: opts.detailed_metrics,
             };
