@@ -53,6 +53,19 @@ enum Command {
         /// The pipeline file.
         file: PathBuf,
     },
+    /// Show which process owns which of a pipeline's Kafka partitions, and
+    /// their lag, as the pipeline's consumer groups report it.
+    Status {
+        /// The pipeline file.
+        file: PathBuf,
+        /// The pipeline's checkpoint storage (as given to `vigil run`), where
+        /// its processes keep their leases.
+        #[arg(long, default_value = DEFAULT_CHECKPOINTS)]
+        checkpoints: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a pipeline.
     Run {
         /// The pipeline file.
@@ -317,6 +330,143 @@ fn run_plan_with(plan: Plan, args: &RunArgs, default_store: Option<&str>) -> Res
 }
 
 /// Asks the pipeline serving `http` for a savepoint called `name`.
+#[allow(clippy::disallowed_methods)] // the age of leases, for people
+fn status(file: &Path, checkpoints: &str, json: bool) -> Result<(), Failure> {
+    let plan = plan_file(file, &PlanOptions::default())?;
+    if plan.kafka_sources.is_empty() {
+        return Err(Failure::Failed(anyhow::anyhow!(
+            "pipeline {:?} reads no Kafka topics: its processes share no partitions",
+            plan.name
+        )));
+    }
+    let at = format!("{}/{}", checkpoints.trim_end_matches('/'), plan.name);
+    let store = vigil_engine::CheckpointStore::open(&at, 1)
+        .with_context(|| format!("cannot open checkpoint storage {at}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let leases = runtime
+        .block_on(vigil::members::leases(&store))
+        .with_context(|| format!("cannot read the leases in {at}"))?;
+    let now = vigil_engine::Clock::now_ms(&vigil_engine::SystemClock);
+    let mut groups = Vec::new();
+    for (name, source) in &plan.kafka_sources {
+        let status = source
+            .group_status(Duration::from_secs(10))
+            .with_context(|| format!("source {name:?}"))?;
+        groups.push((name.clone(), status));
+    }
+    if json {
+        let sources: Vec<serde_json::Value> = groups
+            .iter()
+            .map(|(name, g)| serde_json::json!({ "source": name, "group": g }))
+            .collect();
+        let processes: Vec<serde_json::Value> = leases
+            .iter()
+            .map(|l| serde_json::json!({ "live": l.live(now), "lease": l }))
+            .collect();
+        let out = serde_json::json!({
+            "pipeline": plan.name,
+            "definition": plan.definition,
+            "processes": processes,
+            "sources": sources,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).context("cannot encode the status")?
+        );
+        return Ok(());
+    }
+    println!("pipeline {} (definition {})", plan.name, plan.definition);
+    println!("processes (leases in {at})");
+    if leases.is_empty() {
+        println!("  none");
+    }
+    for l in &leases {
+        let age = (now - l.updated_ms).max(0) / 1000;
+        let state = if !l.live(now) {
+            format!("GONE (lease {age} s old)")
+        } else if l.definition != plan.definition {
+            format!("ANOTHER DEFINITION {}", l.definition)
+        } else {
+            format!("live (renewed {age} s ago)")
+        };
+        println!(
+            "  {} pid {} on {}{}: {state}",
+            l.member,
+            l.pid,
+            l.host,
+            l.http
+                .as_deref()
+                .map(|h| format!(" http {h}"))
+                .unwrap_or_default()
+        );
+        for p in &l.partitions {
+            println!(
+                "    {} [{}] {}/{}  lag {}",
+                p.source,
+                p.subtask,
+                p.topic,
+                p.partition,
+                p.lag.map_or("-".to_string(), |l| l.to_string())
+            );
+        }
+    }
+    for (name, g) in &groups {
+        println!(
+            "source {name}: group {} ({}), {} member(s)",
+            g.group,
+            if g.state.is_empty() {
+                "the broker describes no members"
+            } else {
+                &g.state
+            },
+            g.members.len()
+        );
+        let position = |p: &vigil_connectors::kafka::PartitionStatus| {
+            let show = |o: Option<i64>| o.map_or("-".to_string(), |o| o.to_string());
+            format!(
+                "    {}/{}  committed {}  end {}  lag {}",
+                p.topic,
+                p.partition,
+                show(p.committed),
+                show(p.end),
+                show(p.lag)
+            )
+        };
+        for m in &g.members {
+            let other = match (
+                &m.definition,
+                m.definition.as_deref() == Some(&plan.definition),
+            ) {
+                (Some(_), true) => "",
+                (Some(_), false) => "  [ANOTHER DEFINITION]",
+                (None, _) => "  [not a Vigil consumer]",
+            };
+            println!("  {} on {}{other}", m.client_id, m.host);
+            println!("    member {}", m.member);
+            for p in &m.partitions {
+                println!("{}", position(p));
+            }
+        }
+        if !g.unassigned.is_empty() {
+            println!(
+                "  {}",
+                if g.members.is_empty() {
+                    "partitions (no owner known to the broker)"
+                } else {
+                    "unassigned"
+                }
+            );
+            for p in &g.unassigned {
+                println!("{}", position(p));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn take_savepoint(name: &str, http: &str) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -372,6 +522,11 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             print!("{}", plan.graph.explain());
             Ok(())
         }
+        Command::Status {
+            file,
+            checkpoints,
+            json,
+        } => status(file, checkpoints, *json),
         Command::Run { file, run } if run.embedded_kafka => {
             let cluster = rdkafka::mocking::MockCluster::new(1)
                 .context("cannot start the embedded Kafka broker")?;

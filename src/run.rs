@@ -358,6 +358,40 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
         },
         None => None,
     };
+    // Processes of a pipeline that reads Kafka share its partitions, and so
+    // its checkpoint storage: they see each other through leases in it.
+    let membership = match &options.checkpoints {
+        Some(store) if !plan.kafka_sources.is_empty() => Some(
+            crate::members::Membership::join(
+                store.clone(),
+                &plan.name,
+                &plan.definition,
+                listener
+                    .as_ref()
+                    .and_then(|l| l.local_addr().ok())
+                    .map(|a| a.to_string()),
+                options.clock.clone(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let result = supervise(plan, &options, control, listener, membership.as_ref()).await;
+    if let Some(m) = &membership {
+        m.leave().await;
+    }
+    result
+}
+
+/// Runs attempts of the pipeline until one ends or gives up.
+#[allow(clippy::disallowed_methods)] // elapsed time for people, outside the data path
+async fn supervise(
+    plan: &Plan,
+    options: &RunOptions,
+    control: Arc<crate::http::Control>,
+    listener: Option<tokio::net::TcpListener>,
+    membership: Option<&crate::members::Membership>,
+) -> Result<Summary, EngineError> {
     let serving = listener.is_some();
     let server = async {
         match listener {
@@ -386,7 +420,8 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
     loop {
         let attempt = run_once(
             plan,
-            &options,
+            options,
+            membership,
             restore.clone(),
             &control,
             deadline,
@@ -460,6 +495,7 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
 async fn run_once<S>(
     plan: &Plan,
     options: &RunOptions,
+    membership: Option<&crate::members::Membership>,
     restore: Option<Arc<CompletedCheckpoint>>,
     control: &crate::http::Control,
     deadline: Option<tokio::time::Instant>,
@@ -492,6 +528,7 @@ where
     let mut last_out = 0u64;
     let mut last_at = Instant::now();
     let mut last_line = Instant::now();
+    let mut last_renew: Option<Instant> = None;
     let mut usr1 = latency_signal();
     let result = loop {
         tokio::select! {
@@ -509,6 +546,12 @@ where
             }
             _ = tick.tick() => {
                 control.observer.sample();
+                if let Some(m) = membership {
+                    if last_renew.is_none_or(|at: Instant| at.elapsed() >= crate::members::RENEW_EVERY) {
+                        last_renew = Some(Instant::now());
+                        m.renew(&metrics).await;
+                    }
+                }
                 let s = snapshot(&metrics, &plan.sinks);
                 let dt = last_at.elapsed().as_secs_f64().max(1e-3);
                 let rate = Throughput {

@@ -163,6 +163,9 @@ pub struct TaskMetrics {
     /// Records behind the end of each partition, by (topic, partition),
     /// as the Kafka client last reported (sources).
     pub consumer_lag: Mutex<BTreeMap<(String, i32), i64>>,
+    /// The (topic, partition)s assigned to this subtask's consumer, as it
+    /// last reported (Kafka sources).
+    pub owned_partitions: Mutex<std::collections::BTreeSet<(String, i32)>>,
     /// Latency histograms (sinks only).
     pub latency: Option<SinkLatency>,
 }
@@ -196,6 +199,7 @@ impl TaskMetrics {
             producer_retries: AtomicU64::new(0),
             dead_letters_by_error: Mutex::new(BTreeMap::new()),
             consumer_lag: Mutex::new(BTreeMap::new()),
+            owned_partitions: Mutex::new(std::collections::BTreeSet::new()),
             latency: with_latency.then(SinkLatency::default),
         }
     }

@@ -17,6 +17,7 @@
 
 pub mod diagnostic;
 pub mod env;
+pub mod fingerprint;
 pub mod plan;
 pub mod query;
 pub mod spec;

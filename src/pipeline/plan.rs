@@ -84,6 +84,10 @@ pub struct Plan {
     /// Kafka topics the pipeline reads or writes (with `--embedded-kafka`,
     /// the in-process broker creates them).
     pub kafka_topics: Vec<String>,
+    /// Fingerprint of the definition ([`fingerprint`](super::fingerprint)).
+    pub definition: String,
+    /// The Kafka sources by name, for `vigil status`.
+    pub kafka_sources: Vec<(String, Arc<KafkaSourceFactory>)>,
 }
 
 impl Plan {
@@ -219,6 +223,8 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         spec,
         errors: Vec::new(),
     };
+    let definition = super::fingerprint::of(&spec.root);
+    let mut kafka_sources = Vec::new();
     let mut graph = Graph::new();
     let mut built: HashMap<String, Built> = HashMap::new();
     let mut generators = HashMap::new();
@@ -273,8 +279,11 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                     f as Arc<dyn SourceFactory>
                 })
             }
-            SourceKind::Kafka(cfg) => KafkaSourceFactory::new(&spec.name, &s.name, cfg)
-                .map(|f| Arc::new(f) as Arc<dyn SourceFactory>),
+            SourceKind::Kafka(cfg) => KafkaSourceFactory::new(&spec.name, &s.name, cfg).map(|f| {
+                let f = Arc::new(f.with_definition(&definition));
+                kafka_sources.push((s.name.clone(), f.clone()));
+                f as Arc<dyn SourceFactory>
+            }),
             SourceKind::File(cfg) => {
                 FileSourceFactory::new(&s.name, cfg).map(|f| Arc::new(f) as Arc<dyn SourceFactory>)
             }
@@ -690,6 +699,8 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         sinks,
         read_models,
         kafka_topics: kafka_topics(spec),
+        definition,
+        kafka_sources,
     })
 }
 

@@ -6,10 +6,12 @@ mod config;
 mod dead_letter;
 mod sink;
 mod source;
+pub mod status;
 
 pub use config::{
     KafkaSinkConfig, KafkaSourceConfig, Properties, SinkFormat, Start, StartOffset, ValueFormat,
 };
 pub use dead_letter::KafkaDeadLetterSinkFactory;
 pub use sink::KafkaSinkFactory;
-pub use source::KafkaSourceFactory;
+pub use source::{definition_of, KafkaSourceFactory};
+pub use status::{GroupStatus, MemberStatus, PartitionStatus};

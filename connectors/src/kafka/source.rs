@@ -95,6 +95,12 @@ pub struct KafkaSourceFactory {
     /// comes back to this process, reading resumes there, not at the older
     /// commit. Shared by all subtasks.
     resume: Arc<Mutex<HashMap<TopicPartition, i64>>>,
+    /// Fingerprint of the pipeline's definition, carried in the client id
+    /// so that members of the group can tell each other apart.
+    definition: Option<String>,
+    /// Whether the group was found free of other definitions (checked once,
+    /// when the first subtask starts).
+    checked: Arc<Mutex<bool>>,
 }
 
 /// How record values become columns.
@@ -285,13 +291,27 @@ impl KafkaSourceFactory {
             start,
             started: Arc::default(),
             resume: Arc::default(),
+            definition: None,
+            checked: Arc::default(),
         })
+    }
+
+    /// Marks this source's consumers with the fingerprint of the pipeline's
+    /// definition; a process refuses to join a group in which a member
+    /// carries another one.
+    pub fn with_definition(mut self, fingerprint: &str) -> Self {
+        self.definition = Some(fingerprint.to_string());
+        self
     }
 
     fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.config.brokers)
             .set("group.id", &self.group_id)
+            // Cooperative rebalancing: a process joining or leaving moves
+            // only the partitions that change owner; the others keep being
+            // read throughout.
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("session.timeout.ms", "10000")
@@ -307,11 +327,84 @@ impl KafkaSourceFactory {
                     StartOffset::Latest => "latest",
                 },
             );
+        if let Some(fp) = &self.definition {
+            c.set("client.id", client_id(fp, &self.name));
+        }
         for (k, v) in self.config.properties.iter() {
             c.set(k, v);
         }
         c
     }
+
+    /// The source's consumer group as its coordinator sees it: members,
+    /// the partitions each owns, and their lag.
+    pub fn group_status(&self, timeout: Duration) -> Result<super::status::GroupStatus> {
+        let consumer: BaseConsumer =
+            self.client_config()
+                .create()
+                .map_err(|e| ConnectorError::Io {
+                    path: format!("kafka group {}", self.group_id),
+                    source: std::io::Error::other(self.config.properties.scrub(&e.to_string())),
+                })?;
+        super::status::read(&consumer, &self.group_id, &self.config.topics, timeout)
+    }
+
+    /// Refuses to start when a member of the group runs another definition
+    /// of the pipeline. Checked once per process, before its first consumer
+    /// joins; a broker that cannot describe groups is logged, not fatal.
+    fn check_definition(&self) -> vigil_engine::Result<()> {
+        let Some(ours) = &self.definition else {
+            return Ok(());
+        };
+        let mut checked = self.checked.lock();
+        if *checked {
+            return Ok(());
+        }
+        let probe: BaseConsumer = self.client_config().create().map_err(|e| {
+            EngineError::io(
+                "cannot create Kafka consumer",
+                std::io::Error::other(self.config.properties.scrub(&e.to_string())),
+            )
+        })?;
+        let groups = match probe.fetch_group_list(Some(&self.group_id), Duration::from_secs(10)) {
+            Ok(groups) => groups,
+            Err(e) => {
+                tracing::warn!(source = %self.name, group = %self.group_id, error = %e, "cannot describe the consumer group; the pipeline definition is not compared with its other members");
+                *checked = true;
+                return Ok(());
+            }
+        };
+        for group in groups.groups() {
+            for member in group.members() {
+                let Some(theirs) = definition_of(member.client_id()) else {
+                    continue;
+                };
+                if theirs != ours {
+                    return Err(EngineError::User(format!(
+                        "kafka source {:?}: consumer group {:?} has a member on {} running another definition of this pipeline (fingerprint {theirs}; this file's is {ours}). Processes of one pipeline name share partitions and state, so they must run the same file: stop the other processes first, or give this pipeline another name",
+                        self.name,
+                        self.group_id,
+                        member.client_host().trim_start_matches('/'),
+                    )));
+                }
+            }
+        }
+        *checked = true;
+        Ok(())
+    }
+}
+
+/// The client id of a source's consumers: `vigil.<fingerprint>.<source>`.
+fn client_id(fingerprint: &str, source: &str) -> String {
+    format!("vigil.{fingerprint}.{source}")
+}
+
+/// The definition fingerprint in a group member's client id, if it is a
+/// Vigil consumer.
+pub fn definition_of(client_id: &str) -> Option<&str> {
+    let rest = client_id.strip_prefix("vigil.")?;
+    let fp = rest.split('.').next()?;
+    (!fp.is_empty()).then_some(fp)
 }
 
 impl SourceFactory for KafkaSourceFactory {
@@ -325,6 +418,7 @@ impl SourceFactory for KafkaSourceFactory {
         vec![(DEAD_LETTER, dead_letter::schema())]
     }
     fn create(&self, ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
+        self.check_definition()?;
         let events = Arc::new(Mutex::new(Vec::new()));
         let closing = Arc::new(AtomicBool::new(false));
         let consumer: StreamConsumer<RebalanceRecorder> = self
@@ -452,7 +546,8 @@ impl ClientContext for RebalanceRecorder {}
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Measures, on a thread of its own, how far each assigned partition's end
-/// is ahead of the consumer's position, and puts it in the metrics.
+/// is ahead of the consumer's position, and puts it and the assignment in
+/// the metrics.
 ///
 /// A thread rather than librdkafka's statistics callback: that callback is
 /// served only while the source polls, so a source blocked by a stalled
@@ -480,6 +575,11 @@ fn measure_lag(
         // offset (a partition without either has no known lag).
         let mut at: Vec<(String, i32, i64)> = Vec::new();
         let mut unread = TopicPartitionList::new();
+        *metrics.owned_partitions.lock() = position
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
         for e in position.elements() {
             match e.offset() {
                 Offset::Offset(o) => at.push((e.topic().to_string(), e.partition(), o)),

@@ -404,6 +404,73 @@ impl CheckpointStore {
         })
     }
 
+    /// Writes the lease of process `member` (see `vigil::members`): one
+    /// small object per process of the pipeline, beside its checkpoints, so
+    /// every process sharing the storage can see who else runs.
+    pub async fn put_member(&self, member: &str, body: Vec<u8>) -> Result<()> {
+        let path = self.member_path(member)?;
+        self.store
+            .put(&path, PutPayload::from(Bytes::from(body)))
+            .await
+            .map_err(|e| store_error(format!("cannot write {path}"), e))?;
+        Ok(())
+    }
+
+    /// Every lease in the storage, by member.
+    pub async fn members(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = self.root.clone().join("members");
+        let listed: Vec<Path> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| store_error(format!("cannot list {prefix}"), e))?;
+        let mut out = Vec::new();
+        for path in listed {
+            let Some(member) = path.filename().and_then(|f| f.strip_suffix(".json")) else {
+                continue;
+            };
+            let member = member.to_string();
+            match self.store.get(&path).await {
+                Ok(got) => {
+                    let bytes = got
+                        .bytes()
+                        .await
+                        .map_err(|e| store_error(format!("cannot read {path}"), e))?;
+                    out.push((member, bytes.to_vec()));
+                }
+                // Removed between the listing and the read: gone.
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(format!("cannot read {path}"), e)),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Removes the lease of `member` (a process stopping cleanly).
+    pub async fn remove_member(&self, member: &str) -> Result<()> {
+        let path = self.member_path(member)?;
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_error(format!("cannot delete {path}"), e)),
+        }
+    }
+
+    fn member_path(&self, member: &str) -> Result<Path> {
+        check_savepoint_name(member).map_err(|_| {
+            EngineError::User(format!(
+                "member name {member:?}: use letters, digits, '-', '_' and '.'"
+            ))
+        })?;
+        Ok(self
+            .root
+            .clone()
+            .join("members")
+            .join(format!("{member}.json").as_str()))
+    }
+
     /// Deletes every checkpoint (savepoints stay): for a run whose input
     /// ended, or one told to start fresh.
     pub async fn clear(&self) -> Result<()> {
