@@ -134,7 +134,18 @@ impl Membership {
         clock: SharedClock,
     ) -> Result<Self, EngineError> {
         let now = clock.now_ms();
-        for other in leases(&store).await? {
+        let others = leases(&store).await?;
+        if let Some(other) = others
+            .iter()
+            .find(|o| o.pipeline == pipeline && o.live(now))
+        {
+            tracing::warn!(
+                other = %other.member,
+                storage = store.location(),
+                "another process of this pipeline checkpoints to the same storage; checkpoints are not yet kept apart per process, so a restore may take the other's offsets (records are then re-read, not lost). Keyed state does not follow partitions between processes yet: see docs/scale-out.md"
+            );
+        }
+        for other in others {
             if other.pipeline == pipeline && other.definition != definition && other.live(now) {
                 return Err(EngineError::User(format!(
                     "pipeline {pipeline:?} already runs with another definition: process {} on {} (fingerprint {}, lease renewed {} s ago) runs it, while this file's fingerprint is {definition}. Processes of one pipeline name share partitions and state, so they must run the same file: stop the other processes first (or wait {} s after they died), or give this pipeline another name",

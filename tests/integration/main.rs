@@ -12,6 +12,7 @@ mod pipeline_errors;
 mod recovery;
 mod registry;
 mod runtime;
+mod scale_out;
 mod sensor_files;
 mod sql;
 mod tansu;

@@ -19,9 +19,9 @@ use vigil_engine::{NodeRole, RuntimeOptions};
 use crate::options_with;
 
 /// A tansu broker process; killed on drop.
-struct Tansu {
+pub(crate) struct Tansu {
     child: Child,
-    brokers: String,
+    pub(crate) brokers: String,
 }
 
 impl Drop for Tansu {
@@ -43,7 +43,7 @@ fn tansu_binary() -> Option<String> {
     (out.status.success() && std::path::Path::new(&path).exists()).then_some(path)
 }
 
-fn start_tansu() -> Option<Tansu> {
+pub(crate) fn start_tansu() -> Option<Tansu> {
     let Some(binary) = tansu_binary() else {
         assert!(
             std::env::var_os("CI").is_none(),

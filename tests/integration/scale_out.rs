@@ -1,0 +1,276 @@
+//! Several `vigil run` processes of one pipeline against a separate broker
+//! process (tansu): they share the input's partitions through the group,
+//! see each other through their leases (`vigil status`), and a process with
+//! another definition of the same pipeline refuses to join them.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::kafka::read;
+use crate::tansu::start_tansu;
+
+const RECORDS: i64 = 400;
+
+fn pipeline(brokers: &str, outcome: &str) -> String {
+    format!(
+        "\
+name: shared
+sources:
+  auth:
+    type: kafka
+    brokers: {brokers}
+    topics: [auth]
+    start: earliest
+    properties: {{ session.timeout.ms: \"6000\" }}
+    schema:
+      fields:
+        - {{ name: ts, type: timestamp }}
+        - {{ name: user, type: string }}
+        - {{ name: outcome, type: string }}
+      event_time: {{ field: ts, format: epoch_ms }}
+transforms:
+  failed:
+    type: filter
+    input: auth
+    where: \"outcome = '{outcome}'\"
+sinks:
+  alerts:
+    type: kafka
+    input: failed
+    brokers: {brokers}
+    topic: failures
+    key: user
+"
+    )
+}
+
+/// A `vigil run` process; SIGKILLed on drop if still running.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn vigil(dir: &Path, args: &[&str], log: &str) -> Process {
+    let log = std::fs::File::create(dir.join(log)).expect("log file");
+    Process(
+        Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start vigil"),
+    )
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["status", "pipeline.yaml", "--json"])
+        .current_dir(dir)
+        .output()
+        .expect("vigil status");
+    assert!(
+        out.status.success(),
+        "vigil status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status is JSON")
+}
+
+/// Live processes and the partitions each owns, from `vigil status`.
+fn owners(status: &serde_json::Value) -> Vec<BTreeSet<i64>> {
+    status["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["live"] == true)
+        .map(|p| {
+            p["lease"]["partitions"]
+                .as_array()
+                .expect("partitions")
+                .iter()
+                .filter_map(|x| x["partition"].as_i64())
+                .collect()
+        })
+        .collect()
+}
+
+fn wait_exit(p: &mut Process, within: Duration) -> std::process::ExitStatus {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(s) = p.0.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "vigil did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_of_one_pipeline_share_partitions_and_refuse_another_definition() {
+    let Some(tansu) = start_tansu() else { return };
+    let brokers = tansu.brokers.clone();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("admin");
+    let topics = [
+        NewTopic::new("auth", 4, TopicReplication::Fixed(1)),
+        NewTopic::new("failures", 1, TopicReplication::Fixed(1)),
+    ];
+    for r in admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .expect("create topics")
+    {
+        r.expect("topic created");
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    let mut expected = BTreeSet::new();
+    for i in 0..RECORDS {
+        let outcome = if i % 3 == 0 { "failure" } else { "success" };
+        let value = format!(
+            r#"{{"ts":{},"user":"u{i}","outcome":"{outcome}"}}"#,
+            1_767_225_600_000 + i * 1000
+        );
+        if outcome == "failure" {
+            expected.insert(format!("u{i}"));
+        }
+        producer
+            .send(
+                FutureRecord::to("auth")
+                    .partition((i % 4) as i32)
+                    .payload(&value)
+                    .key(&format!("u{i}")),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered");
+    }
+
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("pipeline.yaml"),
+        pipeline(&brokers, "failure"),
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("other.yaml"), pipeline(&brokers, "success")).expect("write");
+    let run = [
+        "run",
+        "pipeline.yaml",
+        "--http",
+        "127.0.0.1:0",
+        "--progress",
+        "off",
+        "--checkpoint-interval",
+        "1s",
+    ];
+    let mut a = vigil(dir.path(), &run, "a.log");
+    let mut b = vigil(dir.path(), &run, "b.log");
+
+    // Both processes show up in `vigil status`, and between them own every
+    // partition, each partition once.
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let owned = loop {
+        let owned = owners(&status(dir.path()));
+        let all: Vec<i64> = owned.iter().flatten().copied().collect();
+        if owned.len() == 2 && owned.iter().all(|o| !o.is_empty()) && all.len() == 4 {
+            break owned;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "two processes never shared the 4 partitions: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let all: BTreeSet<i64> = owned.iter().flatten().copied().collect();
+    assert_eq!(all, (0..4).collect::<BTreeSet<_>>(), "{owned:?}");
+
+    // A process with another definition of the same pipeline refuses to
+    // start, naming both fingerprints, and leaves the others alone.
+    let mut other = vigil(
+        dir.path(),
+        &[
+            "run",
+            "other.yaml",
+            "--http",
+            "127.0.0.1:0",
+            "--progress",
+            "off",
+        ],
+        "other.log",
+    );
+    let exit = wait_exit(&mut other, Duration::from_secs(60));
+    let log = std::fs::read_to_string(dir.path().join("other.log")).expect("log");
+    assert!(!exit.success(), "the other definition ran: {log}");
+    assert!(log.contains("another definition"), "{log}");
+    let ours = status(dir.path())["definition"]
+        .as_str()
+        .expect("definition")
+        .to_string();
+    assert!(log.contains(&ours), "{log}");
+    assert_eq!(owners(&status(dir.path())).len(), 2);
+
+    // Together the two processes deliver every failure once.
+    let got = read(
+        &brokers,
+        "failures",
+        expected.len(),
+        Duration::from_secs(90),
+    )
+    .await;
+    let users: Vec<String> = got
+        .iter()
+        .map(|(_, v)| v["user"].as_str().expect("user").to_string())
+        .collect();
+    assert_eq!(
+        users.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "records lost"
+    );
+    let again = read(
+        &brokers,
+        "failures",
+        expected.len() + 1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(again.len(), expected.len(), "records doubled");
+
+    // A clean stop removes each process's lease.
+    for p in [&a, &b] {
+        let ok = Command::new("kill")
+            .args(["-TERM", &p.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+    for p in [&mut a, &mut b] {
+        wait_exit(p, Duration::from_secs(60));
+    }
+    assert!(
+        status(dir.path())["processes"]
+            .as_array()
+            .expect("processes")
+            .is_empty(),
+        "leases left behind"
+    );
+}
