@@ -8,13 +8,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::kafka::read;
-use crate::tansu::start_tansu;
+use crate::tansu::{create_topics, start_tansu};
 
 const RECORDS: i64 = 400;
 
@@ -125,21 +123,7 @@ fn wait_exit(p: &mut Process, within: Duration) -> std::process::ExitStatus {
 async fn processes_of_one_pipeline_share_partitions_and_refuse_another_definition() {
     let Some(tansu) = start_tansu() else { return };
     let brokers = tansu.brokers.clone();
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("admin");
-    let topics = [
-        NewTopic::new("auth", 4, TopicReplication::Fixed(1)),
-        NewTopic::new("failures", 1, TopicReplication::Fixed(1)),
-    ];
-    for r in admin
-        .create_topics(&topics, &AdminOptions::new())
-        .await
-        .expect("create topics")
-    {
-        r.expect("topic created");
-    }
+    create_topics(&brokers, &[("auth", 4), ("failures", 1)]).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()

@@ -86,18 +86,16 @@ pub(crate) fn start_tansu() -> Option<Tansu> {
     panic!("tansu did not listen on {port} within 10 s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipeline_between_topics_of_a_separate_broker_process() {
-    let Some(tansu) = start_tansu() else { return };
-    let brokers = tansu.brokers.clone();
+/// Creates `(name, partitions)` topics on `brokers`.
+pub(crate) async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin");
-    let topics = [
-        NewTopic::new("logins", 2, TopicReplication::Fixed(1)),
-        NewTopic::new("failures", 1, TopicReplication::Fixed(1)),
-    ];
+    let topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1)))
+        .collect();
     for r in admin
         .create_topics(&topics, &AdminOptions::new())
         .await
@@ -105,6 +103,13 @@ async fn a_pipeline_between_topics_of_a_separate_broker_process() {
     {
         r.expect("topic created");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_between_topics_of_a_separate_broker_process() {
+    let Some(tansu) = start_tansu() else { return };
+    let brokers = tansu.brokers.clone();
+    create_topics(&brokers, &[("logins", 2), ("failures", 1)]).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()

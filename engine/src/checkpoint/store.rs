@@ -419,13 +419,7 @@ impl CheckpointStore {
     /// Every lease in the storage, by member.
     pub async fn members(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let prefix = self.root.clone().join("members");
-        let listed: Vec<Path> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(|e| store_error(format!("cannot list {prefix}"), e))?;
+        let listed = self.files_under(&prefix).await?;
         let mut out = Vec::new();
         for path in listed {
             let Some(member) = path.filename().and_then(|f| f.strip_suffix(".json")) else {
@@ -447,6 +441,16 @@ impl CheckpointStore {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+
+    /// Every object under `prefix`.
+    async fn files_under(&self, prefix: &Path) -> Result<Vec<Path>> {
+        self.store
+            .list(Some(prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| store_error(format!("cannot list {prefix}"), e))
     }
 
     /// Removes the lease of `member` (a process stopping cleanly).
@@ -488,13 +492,7 @@ impl CheckpointStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(store_error(format!("cannot delete {dir}"), e)),
         }
-        let files: Vec<Path> = self
-            .store
-            .list(Some(&dir))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(|e| store_error(format!("cannot list {dir}"), e))?;
+        let files = self.files_under(&dir).await?;
         for f in files {
             match self.store.delete(&f).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
