@@ -258,3 +258,33 @@ async fn processes_of_one_pipeline_share_partitions_and_refuse_another_definitio
         "leases left behind"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repartition_topic_is_created_once_and_a_wrong_partition_count_is_reported() {
+    use vigil_connectors::kafka::repartition::{ensure_topic, topic_name};
+    let Some(tansu) = start_tansu() else { return };
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &tansu.brokers);
+    let topic = topic_name("shared", "per_user");
+    assert_eq!(topic, "vigil-shared-per_user-repartition");
+    ensure_topic(&config, "shared", &topic, 6)
+        .await
+        .expect("created");
+    // A second process finds it as it should be.
+    ensure_topic(&config, "shared", &topic, 6)
+        .await
+        .expect("found");
+    // A definition that repartitions into another count is told, and the
+    // topic is left as it is.
+    let err = ensure_topic(&config, "shared", &topic, 8)
+        .await
+        .expect_err("wrong count");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("has 6 partitions") && msg.contains("into 8") && msg.contains(&topic),
+        "{msg}"
+    );
+    ensure_topic(&config, "shared", &topic, 6)
+        .await
+        .expect("still 6");
+}

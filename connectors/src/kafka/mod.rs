@@ -4,6 +4,7 @@
 
 mod config;
 mod dead_letter;
+pub mod repartition;
 mod sink;
 mod source;
 pub mod status;

@@ -1,0 +1,501 @@
+//! Re-keying through Kafka: the pieces of a repartition topic, by which a
+//! keyed step gets every record of one key in one process (see
+//! `docs/scale-out.md` for the protocol these pieces serve).
+//!
+//! * [`topic_name`] and [`ensure_topic`]: the internal topic of a step,
+//!   created with the pipeline's partition count, or refused when it exists
+//!   with another one (re-creating it would drop records in flight and move
+//!   keys away from their state).
+//! * [`encode`] / [`decode`]: one Kafka record per (upstream batch,
+//!   partition), holding that partition's rows as an Arrow IPC stream, so
+//!   data stays in Arrow through the topic. A key goes to the partition that
+//!   owns its key group (`group * N / 128`), so key groups map onto
+//!   partitions in contiguous ranges, as they map onto subtasks.
+//! * [`OriginMarks`]: exactly once over the topic without transactions.
+//!   Every row keeps the input partition and offset it came from; the reader
+//!   drops rows at or below the highest origin offset it has taken, which
+//!   makes re-sends after a crash and a zombie writer's copies harmless.
+//! * [`ProducerWatermarks`]: the watermark of one repartition partition is
+//!   the minimum over the writers heard from recently; an idle or finished
+//!   writer stops holding it back, and it never moves back.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{
+    Array, AsArray, BooleanArray, Int32Array, Int64Array, StringArray, UInt32Array,
+};
+use arrow::compute::{filter_record_batch, take_record_batch};
+use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use vigil_engine::key_group;
+
+use crate::error::{ConnectorError, Result};
+
+/// Column of a repartitioned row: the input topic it was read from.
+pub const ORIGIN_TOPIC: &str = "kafka_topic";
+/// Column of a repartitioned row: the input partition it was read from.
+pub const ORIGIN_PARTITION: &str = "kafka_partition";
+/// Column of a repartitioned row: its offset in the input partition.
+pub const ORIGIN_OFFSET: &str = "kafka_offset";
+
+/// The most partitions a repartition topic may have: one key group each.
+pub const MAX_PARTITIONS: usize = key_group::KEY_GROUPS;
+
+/// The internal topic that re-keys the input of step `step`, after Kafka
+/// Streams' `<application>-<name>-repartition`.
+pub fn topic_name(pipeline: &str, step: &str) -> String {
+    format!("vigil-{pipeline}-{step}-repartition")
+}
+
+fn io(topic: &str, what: &str, e: impl std::fmt::Display) -> ConnectorError {
+    ConnectorError::Io {
+        path: format!("kafka topic {topic}"),
+        source: std::io::Error::other(format!("{what}: {e}")),
+    }
+}
+
+/// Makes sure repartition topic `topic` exists with `partitions`
+/// partitions: creates it if missing, refuses if it has another count.
+pub async fn ensure_topic(
+    config: &ClientConfig,
+    pipeline: &str,
+    topic: &str,
+    partitions: usize,
+) -> Result<()> {
+    if partitions == 0 || partitions > MAX_PARTITIONS {
+        return Err(ConnectorError::config(
+            "partitions",
+            format!("a repartition topic has 1 to {MAX_PARTITIONS} partitions, not {partitions}"),
+        ));
+    }
+    // Asking for a missing topic's metadata must not create it with the
+    // broker's default partition count.
+    let mut config = config.clone();
+    config.set("allow.auto.create.topics", "false");
+    let admin: AdminClient<DefaultClientContext> = config
+        .create()
+        .map_err(|e| io(topic, "cannot create a Kafka admin client", e))?;
+    let timeout = Duration::from_secs(10);
+    let found = |admin: &AdminClient<DefaultClientContext>| -> Result<Option<usize>> {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| io(topic, "cannot read topic metadata", e))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len()))
+    };
+    match found(&admin)? {
+        Some(n) if n == partitions => return Ok(()),
+        Some(n) => return Err(wrong_count(pipeline, topic, partitions, n)),
+        None => {}
+    }
+    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
+    let results = admin
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(timeout)),
+        )
+        .await
+        .map_err(|e| io(topic, "cannot create the repartition topic", e))?;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            // Another process of the pipeline created it first.
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(io(topic, "cannot create the repartition topic", code)),
+        }
+    }
+    match found(&admin)? {
+        Some(n) if n != partitions => Err(wrong_count(pipeline, topic, partitions, n)),
+        _ => {
+            tracing::info!(topic, partitions, "repartition topic ready");
+            Ok(())
+        }
+    }
+}
+
+fn wrong_count(pipeline: &str, topic: &str, want: usize, found: usize) -> ConnectorError {
+    ConnectorError::config(
+        "partitions",
+        format!(
+            "repartition topic {topic:?} has {found} partitions, but pipeline {pipeline:?} repartitions into {want}. Vigil does not re-create it: that would lose the records in it and move keys away from their state. Stop every process of the pipeline and delete the topic, or set the pipeline's partitions to {found}"
+        ),
+    )
+}
+
+/// The partition of `partitions` that owns key group `group`.
+pub fn partition_of(group: u16, partitions: usize) -> i32 {
+    key_group::subtask_of(group, partitions) as i32
+}
+
+/// The key groups partition `partition` of `partitions` owns.
+pub fn groups_of(partition: i32, partitions: usize) -> Vec<u16> {
+    (0..key_group::KEY_GROUPS as u16)
+        .filter(|&g| partition_of(g, partitions) == partition)
+        .collect()
+}
+
+/// Splits `batch` by the key columns at `keys` into one IPC-encoded record
+/// value per partition that gets rows (partitions without rows are left
+/// out).
+pub fn encode(
+    batch: &RecordBatch,
+    keys: &[usize],
+    partitions: usize,
+) -> Result<Vec<(i32, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let routed = key_group::route(batch, keys, partitions).map_err(|e| {
+        ConnectorError::Arrow(arrow::error::ArrowError::ComputeError(format!(
+            "cannot hash the repartition key: {e}"
+        )))
+    })?;
+    for (p, rows) in routed.into_iter().enumerate() {
+        if rows.is_empty() {
+            continue;
+        }
+        let part = take_record_batch(batch, &UInt32Array::from(rows))?;
+        let mut buf = Vec::new();
+        {
+            let mut w = StreamWriter::try_new(&mut buf, &part.schema())?;
+            w.write(&part)?;
+            w.finish()?;
+        }
+        out.push((p as i32, buf));
+    }
+    Ok(out)
+}
+
+/// Decodes a record value written by [`encode`]; `location` names the
+/// record in the error if it is not one.
+pub fn decode(value: &[u8], location: &str) -> Result<Vec<RecordBatch>> {
+    let bad = |e: arrow::error::ArrowError| {
+        ConnectorError::Arrow(arrow::error::ArrowError::IpcError(format!(
+            "{location}: not a repartition record: {e}"
+        )))
+    };
+    let reader = StreamReader::try_new(Cursor::new(value), None).map_err(bad)?;
+    reader.map(|b| b.map_err(bad)).collect()
+}
+
+/// The highest input offset taken per input partition, for one partition
+/// of a repartition topic.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OriginMarks {
+    marks: HashMap<(String, i32), i64>,
+}
+
+impl OriginMarks {
+    /// The rows of `batch` not taken before, in order; the marks move past
+    /// them. Rows of one input partition arrive in offset order (their
+    /// writer reads it in order, and the topic keeps the order of one
+    /// writer's records), so a row at or below the mark is a copy.
+    pub fn admit(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let column = |name: &str| {
+            batch.column_by_name(name).ok_or_else(|| {
+                ConnectorError::config(
+                    name,
+                    format!("a repartitioned batch has no {name:?} column"),
+                )
+            })
+        };
+        let topics = column(ORIGIN_TOPIC)?;
+        let topics = topics
+            .as_string_opt::<i32>()
+            .ok_or_else(|| ConnectorError::config(ORIGIN_TOPIC, "origin topic is not a string"))?;
+        let parts = column(ORIGIN_PARTITION)?;
+        let parts = parts.as_primitive_opt::<Int32Type>().ok_or_else(|| {
+            ConnectorError::config(ORIGIN_PARTITION, "origin partition is not int32")
+        })?;
+        let offsets = column(ORIGIN_OFFSET)?;
+        let offsets = offsets
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(|| ConnectorError::config(ORIGIN_OFFSET, "origin offset is not int64"))?;
+        let mut keep = Vec::with_capacity(batch.num_rows());
+        let mut dropped = 0usize;
+        // Rows of one origin come in runs: look the mark up once per run.
+        let mut current: Option<((String, i32), i64)> = None;
+        for r in 0..batch.num_rows() {
+            let (t, p, o) = (topics.value(r), parts.value(r), offsets.value(r));
+            let same = current
+                .as_ref()
+                .is_some_and(|((ct, cp), _)| *cp == p && ct == t);
+            if !same {
+                if let Some((k, m)) = current.take() {
+                    self.marks.insert(k, m);
+                }
+                let k = (t.to_string(), p);
+                let m = self.marks.get(&k).copied().unwrap_or(i64::MIN);
+                current = Some((k, m));
+            }
+            if let Some((_, mark)) = current.as_mut() {
+                let fresh = o > *mark;
+                if fresh {
+                    *mark = o;
+                } else {
+                    dropped += 1;
+                }
+                keep.push(fresh);
+            }
+        }
+        if let Some((k, m)) = current {
+            self.marks.insert(k, m);
+        }
+        if dropped == 0 {
+            return Ok(batch.clone());
+        }
+        Ok(filter_record_batch(batch, &BooleanArray::from(keep))?)
+    }
+
+    /// The marks as a table (`topic`, `partition`, `offset`), for a
+    /// checkpoint.
+    pub fn snapshot(&self) -> Result<RecordBatch> {
+        let mut rows: Vec<(&(String, i32), &i64)> = self.marks.iter().collect();
+        rows.sort();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("topic", DataType::Utf8, false),
+            Field::new("partition", DataType::Int32, false),
+            Field::new("offset", DataType::Int64, false),
+        ]));
+        Ok(RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|((t, _), _)| t.as_str()),
+                )),
+                Arc::new(Int32Array::from_iter_values(
+                    rows.iter().map(|((_, p), _)| *p),
+                )),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|(_, o)| **o))),
+            ],
+        )?)
+    }
+
+    /// Marks from a table written by [`OriginMarks::snapshot`].
+    pub fn restore(table: &RecordBatch) -> Result<Self> {
+        let bad = || {
+            ConnectorError::config(
+                "origin marks",
+                "the checkpoint's origin marks have the wrong columns",
+            )
+        };
+        let topics = table
+            .column_by_name("topic")
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(bad)?;
+        let parts = table
+            .column_by_name("partition")
+            .and_then(|c| c.as_primitive_opt::<Int32Type>())
+            .ok_or_else(bad)?;
+        let offsets = table
+            .column_by_name("offset")
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .ok_or_else(bad)?;
+        let mut marks = HashMap::new();
+        for r in 0..table.num_rows() {
+            if topics.is_null(r) || parts.is_null(r) || offsets.is_null(r) {
+                return Err(bad());
+            }
+            marks.insert(
+                (topics.value(r).to_string(), parts.value(r)),
+                offsets.value(r),
+            );
+        }
+        Ok(Self { marks })
+    }
+}
+
+/// Watermarks of the writers into one repartition partition.
+#[derive(Debug, Clone)]
+pub struct ProducerWatermarks {
+    producers: HashMap<String, Producer>,
+    idle_ms: i64,
+    emitted: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Producer {
+    watermark: i64,
+    heard_ms: i64,
+    finished: bool,
+}
+
+impl ProducerWatermarks {
+    /// Writers not heard from for `idle` stop holding the watermark back.
+    pub fn new(idle: Duration) -> Self {
+        Self {
+            producers: HashMap::new(),
+            idle_ms: idle.as_millis() as i64,
+            emitted: None,
+        }
+    }
+
+    /// Writer `producer` announced `watermark` at `now_ms`.
+    pub fn observe(&mut self, producer: &str, watermark: i64, now_ms: i64) {
+        let p = self
+            .producers
+            .entry(producer.to_string())
+            .or_insert(Producer {
+                watermark,
+                heard_ms: now_ms,
+                finished: false,
+            });
+        p.watermark = p.watermark.max(watermark);
+        p.heard_ms = now_ms;
+        p.finished = false;
+    }
+
+    /// Writer `producer` has stopped writing (it lost its input
+    /// partitions, or its input ended).
+    pub fn finish(&mut self, producer: &str, now_ms: i64) {
+        if let Some(p) = self.producers.get_mut(producer) {
+            p.finished = true;
+            p.heard_ms = now_ms;
+        }
+    }
+
+    /// The partition's watermark at `now_ms`: the minimum over writers that
+    /// are neither finished nor idle, never below what it was before. None
+    /// until a writer has been heard from.
+    pub fn watermark(&mut self, now_ms: i64) -> Option<i64> {
+        let active = self
+            .producers
+            .values()
+            .filter(|p| !p.finished && now_ms - p.heard_ms <= self.idle_ms)
+            .map(|p| p.watermark)
+            .min();
+        let next = match (active, self.emitted) {
+            (Some(a), Some(e)) => Some(a.max(e)),
+            (Some(a), None) => Some(a),
+            // Everyone idle or finished: the highest anyone announced.
+            (None, e) => self.producers.values().map(|p| p.watermark).max().max(e),
+        };
+        self.emitted = next;
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::ArrayRef;
+
+    fn rows(origin: &[(&str, i32, i64)], users: &[&str]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user", DataType::Utf8, false),
+            Field::new(ORIGIN_TOPIC, DataType::Utf8, false),
+            Field::new(ORIGIN_PARTITION, DataType::Int32, false),
+            Field::new(ORIGIN_OFFSET, DataType::Int64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(users.iter())),
+            Arc::new(StringArray::from_iter_values(origin.iter().map(|o| o.0))),
+            Arc::new(Int32Array::from_iter_values(origin.iter().map(|o| o.1))),
+            Arc::new(Int64Array::from_iter_values(origin.iter().map(|o| o.2))),
+        ];
+        RecordBatch::try_new(schema, columns).expect("batch")
+    }
+
+    #[test]
+    fn every_row_reaches_the_partition_of_its_key_group_once() {
+        let users: Vec<String> = (0..1000).map(|i| format!("user{i}")).collect();
+        let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+        let origin: Vec<(&str, i32, i64)> = (0..1000).map(|i| ("auth", 0, i)).collect();
+        let batch = rows(&origin, &refs);
+        for n in [1, 3, 12, 128] {
+            let encoded = encode(&batch, &[0], n).expect("encode");
+            let mut total = 0;
+            for (p, value) in &encoded {
+                for b in decode(value, "t/0@1").expect("decode") {
+                    assert_eq!(b.schema(), batch.schema());
+                    let keys = [b.column(0).clone()];
+                    for g in key_group::groups(&keys, b.num_rows()).expect("groups") {
+                        assert_eq!(partition_of(g, n), *p);
+                        assert!(groups_of(*p, n).contains(&g));
+                    }
+                    total += b.num_rows();
+                }
+            }
+            assert_eq!(total, 1000, "{n} partitions");
+        }
+        let err = decode(b"not arrow", "vigil-p-w-repartition/2@17").expect_err("garbage");
+        assert!(
+            err.to_string().contains("vigil-p-w-repartition/2@17"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn copies_of_rows_already_taken_are_dropped() {
+        let mut marks = OriginMarks::default();
+        let first = rows(&[("a", 0, 1), ("a", 0, 2), ("a", 1, 7)], &["x", "y", "z"]);
+        assert_eq!(marks.admit(&first).expect("admit").num_rows(), 3);
+        // A re-send after a crash overlaps what was taken, cut differently,
+        // interleaved with a zombie's copy of the same rows.
+        let again = rows(
+            &[
+                ("a", 0, 2),
+                ("a", 0, 3),
+                ("a", 1, 7),
+                ("a", 1, 8),
+                ("a", 0, 3),
+            ],
+            &["y", "w", "z", "v", "w"],
+        );
+        let admitted = marks.admit(&again).expect("admit");
+        let users: Vec<&str> = admitted
+            .column(0)
+            .as_string::<i32>()
+            .iter()
+            .flatten()
+            .collect();
+        assert_eq!(users, ["w", "v"]);
+        // The marks survive a checkpoint.
+        let restored = OriginMarks::restore(&marks.snapshot().expect("snapshot")).expect("restore");
+        assert_eq!(restored, marks);
+        let mut restored = restored;
+        assert_eq!(restored.admit(&again).expect("admit").num_rows(), 0);
+        // A batch without origin columns is refused, not passed through.
+        let schema = Arc::new(Schema::new(vec![Field::new("user", DataType::Utf8, false)]));
+        let bare = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(StringArray::from(vec!["x"])) as ArrayRef],
+        )
+        .expect("batch");
+        assert!(marks.admit(&bare).is_err());
+    }
+
+    #[test]
+    fn the_slowest_live_writer_holds_the_watermark_and_idle_ones_do_not() {
+        let mut w = ProducerWatermarks::new(Duration::from_secs(10));
+        assert_eq!(w.watermark(0), None);
+        w.observe("a/0", 100, 0);
+        w.observe("b/0", 50, 0);
+        assert_eq!(w.watermark(0), Some(50));
+        w.observe("b/0", 120, 1_000);
+        w.observe("a/0", 130, 1_000);
+        assert_eq!(w.watermark(1_000), Some(120));
+        // b goes quiet; after the idle timeout only a counts.
+        w.observe("a/0", 200, 12_000);
+        assert_eq!(w.watermark(12_000), Some(200));
+        // A newcomer behind what was emitted does not move it back.
+        w.observe("c/0", 150, 12_500);
+        assert_eq!(w.watermark(12_500), Some(200));
+        w.observe("c/0", 300, 13_000);
+        w.observe("a/0", 310, 13_000);
+        assert_eq!(w.watermark(13_000), Some(300));
+        // A finished writer stops holding it back at once.
+        w.finish("c/0", 13_100);
+        assert_eq!(w.watermark(13_100), Some(310));
+    }
+}
