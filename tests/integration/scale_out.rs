@@ -187,6 +187,14 @@ async fn processes_of_one_pipeline_share_partitions_and_refuse_another_definitio
     };
     let all: BTreeSet<i64> = owned.iter().flatten().copied().collect();
     assert_eq!(all, (0..4).collect::<BTreeSet<_>>(), "{owned:?}");
+    let text = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["status", "pipeline.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("vigil status");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert_eq!(text.matches("live (renewed").count(), 2, "{text}");
+    assert_eq!(text.matches("auth [").count(), 4, "{text}");
 
     // A process with another definition of the same pipeline refuses to
     // start, naming both fingerprints, and leaves the others alone.

@@ -374,20 +374,16 @@ impl KafkaSourceFactory {
                 return Ok(());
             }
         };
-        for group in groups.groups() {
-            for member in group.members() {
-                let Some(theirs) = definition_of(member.client_id()) else {
-                    continue;
-                };
-                if theirs != ours {
-                    return Err(EngineError::User(format!(
-                        "kafka source {:?}: consumer group {:?} has a member on {} running another definition of this pipeline (fingerprint {theirs}; this file's is {ours}). Processes of one pipeline name share partitions and state, so they must run the same file: stop the other processes first, or give this pipeline another name",
-                        self.name,
-                        self.group_id,
-                        member.client_host().trim_start_matches('/'),
-                    )));
-                }
-            }
+        let members = groups
+            .groups()
+            .iter()
+            .flat_map(|g| g.members())
+            .map(|m| (m.client_id(), m.client_host()));
+        if let Some((theirs, host)) = foreign_member(members, ours) {
+            return Err(EngineError::User(format!(
+                "kafka source {:?}: consumer group {:?} has a member on {host} running another definition of this pipeline (fingerprint {theirs}; this file's is {ours}). Processes of one pipeline name share partitions and state, so they must run the same file: stop the other processes first, or give this pipeline another name",
+                self.name, self.group_id,
+            )));
         }
         *checked = true;
         Ok(())
@@ -397,6 +393,18 @@ impl KafkaSourceFactory {
 /// The client id of a source's consumers: `vigil.<fingerprint>.<source>`.
 fn client_id(fingerprint: &str, source: &str) -> String {
     format!("vigil.{fingerprint}.{source}")
+}
+
+/// The first member, given as (client id, host), that is a Vigil consumer
+/// of another definition than `ours`: its fingerprint and host.
+fn foreign_member<'a>(
+    members: impl Iterator<Item = (&'a str, &'a str)>,
+    ours: &str,
+) -> Option<(String, String)> {
+    members
+        .filter_map(|(id, host)| Some((definition_of(id)?, host)))
+        .find(|(theirs, _)| *theirs != ours)
+        .map(|(theirs, host)| (theirs.to_string(), host.trim_start_matches('/').to_string()))
 }
 
 /// The definition fingerprint in a group member's client id, if it is a
@@ -1370,4 +1378,28 @@ fn decode_avro(
         out.push((batch, rows));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod definition_tests {
+    use super::*;
+
+    #[test]
+    fn members_of_another_definition_are_found_and_others_ignored() {
+        let ours = "433d3d2e4eaf";
+        let id = client_id(ours, "logins");
+        assert_eq!(definition_of(&id), Some(ours));
+        assert_eq!(definition_of("rdkafka"), None);
+        assert_eq!(definition_of("vigil."), None);
+        let same = [(id.as_str(), "/10.0.0.1"), ("rdkafka", "/10.0.0.9")];
+        assert_eq!(foreign_member(same.into_iter(), ours), None);
+        let mixed = [
+            (id.as_str(), "/10.0.0.1"),
+            ("vigil.17c2efde01a3.logins", "/10.0.0.2"),
+        ];
+        assert_eq!(
+            foreign_member(mixed.into_iter(), ours),
+            Some(("17c2efde01a3".to_string(), "10.0.0.2".to_string()))
+        );
+    }
 }
