@@ -263,6 +263,18 @@ impl Observer {
                             "busy_seconds": load(&m.busy_ns) as f64 / 1e9,
                             "backpressure_seconds": load(&m.backpressure_ns) as f64 / 1e9,
                             "consumer_lag": (t.role == NodeRole::Source).then(|| m.total_consumer_lag()),
+                            "partitions": (t.role == NodeRole::Source).then(|| {
+                                let lag = m.consumer_lag.lock().clone();
+                                m.owned_partitions
+                                    .lock()
+                                    .iter()
+                                    .map(|(topic, partition)| serde_json::json!({
+                                        "topic": topic,
+                                        "partition": partition,
+                                        "lag": lag.get(&(topic.clone(), *partition)),
+                                    }))
+                                    .collect::<Vec<_>>()
+                            }),
                             "finished": m.finished.load(Ordering::Relaxed),
                         })
                     })

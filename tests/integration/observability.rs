@@ -241,6 +241,24 @@ async fn metrics_scraped_during_a_run_match_what_went_through_and_what_was_dropp
             .filter_map(|n| n["name"].as_str())
             .collect();
         assert!(nodes.contains(&"auth") && nodes.contains(&"failed") && nodes.contains(&"alerts"));
+        // The source's subtasks own the topic's three partitions between
+        // them, each with its lag.
+        let source = v["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["name"] == "auth")
+            .expect("the source");
+        let mut owned: Vec<i64> = source["subtasks"]
+            .as_array()
+            .expect("subtasks")
+            .iter()
+            .flat_map(|t| t["partitions"].as_array().cloned().unwrap_or_default())
+            .filter(|p| p["topic"] == "auth" && p["lag"] == 0)
+            .filter_map(|p| p["partition"].as_i64())
+            .collect();
+        owned.sort_unstable();
+        assert_eq!(owned, [0, 1, 2], "{source}");
         let filter = v["nodes"]
             .as_array()
             .expect("nodes")
