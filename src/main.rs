@@ -147,6 +147,12 @@ struct RunArgs {
     /// Start from this savepoint instead of the latest checkpoint.
     #[arg(long, conflicts_with = "fresh")]
     from_savepoint: Option<String>,
+    /// This process's name among the processes of a Kafka pipeline sharing
+    /// one checkpoint storage (default: $VIGIL_MEMBER, else the host name);
+    /// it names the process's checkpoints, so it must stay the same across
+    /// restarts and differ between processes.
+    #[arg(long)]
+    member: Option<String>,
     /// Start from nothing, ignoring (and replacing) existing checkpoints.
     #[arg(long)]
     fresh: bool,
@@ -298,7 +304,23 @@ fn run_plan_with(plan: Plan, args: &RunArgs, default_store: Option<&str>) -> Res
         (None, true) => Restore::Fresh,
         (None, false) => Restore::Latest,
     };
+    let member = args
+        .member
+        .clone()
+        .or_else(|| std::env::var("VIGIL_MEMBER").ok().filter(|m| !m.is_empty()));
     if let (Some(store), Restore::Fresh) = (&checkpoints, &restore) {
+        // A Kafka pipeline's process keeps its checkpoints under its member name.
+        let store = if plan.kafka_sources.is_empty() {
+            store.clone()
+        } else {
+            store
+                .for_member(
+                    &member
+                        .clone()
+                        .unwrap_or_else(vigil::members::default_member),
+                )
+                .context("--member")?
+        };
         runtime
             .block_on(store.clear())
             .with_context(|| format!("cannot clear {}", store.location()))?;
@@ -308,6 +330,7 @@ fn run_plan_with(plan: Plan, args: &RunArgs, default_store: Option<&str>) -> Res
     }
     let options = RunOptions {
         progress,
+        member,
         duration: args.duration,
         checkpoint_interval: Some(args.checkpoint_interval),
         checkpoints,

@@ -3,13 +3,19 @@
 //!
 //! Processes of a pipeline share its partitions through Kafka's group
 //! protocol, and its checkpoint storage (a shared directory or an S3
-//! bucket). Each one keeps a small lease object in that storage,
+//! bucket). Each one has a member name, stable across its restarts (the
+//! host name by default, which for a Kubernetes StatefulSet pod is its
+//! stable name; `--member` when one host runs several), and keeps its
+//! checkpoints under `members/<member>/` so that processes never write
+//! over each other's. It also keeps a small lease object in that storage,
 //! `members/<member>.json`, rewritten every [`RENEW_EVERY`]: which
 //! definition it runs, where it serves its API, and which partitions it owns
 //! with their lag. A lease not renewed for [`LEASE_TTL`] belongs to a process
 //! that is gone (killed, or cut off); one that stops cleanly removes its own.
 //!
-//! The leases serve two purposes:
+//! The leases serve three purposes:
+//! * a process refuses to start under a member name that a live process
+//!   holds (it would share that process's checkpoints);
 //! * a process refuses to start while a live lease of the same pipeline
 //!   carries another definition fingerprint: two definitions sharing a group
 //!   would share partitions and state and compute neither pipeline (Kafka's
@@ -35,7 +41,7 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 /// What one process says about itself.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Lease {
-    /// Its name in the storage: host, process id and run in the process.
+    /// Its member name: stable across restarts, unique among the processes.
     pub member: String,
     /// The pipeline's name.
     pub pipeline: String,
@@ -76,10 +82,19 @@ impl Lease {
     pub fn live(&self, now_ms: i64) -> bool {
         now_ms - self.updated_ms <= LEASE_TTL.as_millis() as i64
     }
+
+    /// Whether the lease was left by an earlier run of the process now
+    /// starting on `host` as `pid`: the same host, and either the same pid
+    /// (a container restarted, pid 1 again) or a pid no longer running.
+    fn is_previous_run_of(&self, host: &str, pid: u32) -> bool {
+        self.host == host
+            && (self.pid == pid || !std::path::Path::new(&format!("/proc/{}", self.pid)).exists())
+    }
 }
 
 /// This process's membership: its lease, kept in the checkpoint storage.
 pub struct Membership {
+    /// The storage, opened for this member's checkpoints.
     store: CheckpointStore,
     clock: SharedClock,
     lease: parking_lot::Mutex<Lease>,
@@ -97,6 +112,11 @@ pub async fn leases(store: &CheckpointStore) -> Result<Vec<Lease>, EngineError> 
     }
     out.sort_by_key(|l| (l.started_ms, l.member.clone()));
     Ok(out)
+}
+
+/// The default member name: the host name.
+pub fn default_member() -> String {
+    sanitize(&host_name())
 }
 
 fn host_name() -> String {
@@ -124,28 +144,36 @@ fn sanitize(text: &str) -> String {
 }
 
 impl Membership {
-    /// Joins the pipeline's processes: refuses if a live process of the
-    /// same pipeline runs another definition, then writes this one's lease.
+    /// Joins the pipeline's processes as `member`: refuses if a live
+    /// process holds that name or runs another definition of the pipeline,
+    /// then writes this one's lease (`keyed_state`: the pipeline has keyed
+    /// steps, which are warned about when another process runs too). [`Membership::store`] is then the
+    /// storage opened for the member's own checkpoints.
     pub async fn join(
         store: CheckpointStore,
+        member: &str,
         pipeline: &str,
         definition: &str,
+        keyed_state: bool,
         http: Option<String>,
         clock: SharedClock,
     ) -> Result<Self, EngineError> {
         let now = clock.now_ms();
         let others = leases(&store).await?;
+        let host = host_name();
+        let pid = std::process::id();
         if let Some(other) = others
             .iter()
-            .find(|o| o.pipeline == pipeline && o.live(now))
+            .find(|o| o.member == member && o.live(now) && !o.is_previous_run_of(&host, pid))
         {
-            tracing::warn!(
-                other = %other.member,
-                storage = store.location(),
-                "another process of this pipeline checkpoints to the same storage; checkpoints are not yet kept apart per process, so a restore may take the other's offsets (records are then re-read, not lost). Keyed state does not follow partitions between processes yet: see docs/scale-out.md"
-            );
+            return Err(EngineError::User(format!(
+                "member name {member:?} is held by process {} on {} (lease renewed {} s ago): every process of a pipeline needs its own, since it names the process's checkpoints. Give this one another with --member NAME (or VIGIL_MEMBER)",
+                other.pid,
+                other.host,
+                (now - other.updated_ms).max(0) / 1000,
+            )));
         }
-        for other in others {
+        for other in &others {
             if other.pipeline == pipeline && other.definition != definition && other.live(now) {
                 return Err(EngineError::User(format!(
                     "pipeline {pipeline:?} already runs with another definition: process {} on {} (fingerprint {}, lease renewed {} s ago) runs it, while this file's fingerprint is {definition}. Processes of one pipeline name share partitions and state, so they must run the same file: stop the other processes first (or wait {} s after they died), or give this pipeline another name",
@@ -157,13 +185,19 @@ impl Membership {
                 )));
             }
         }
-        let host = host_name();
-        let pid = std::process::id();
-        // Several runs in one process (tests, embedding) get their own names.
-        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if keyed_state {
+            if let Some(other) = others
+                .iter()
+                .find(|o| o.pipeline == pipeline && o.member != member && o.live(now))
+            {
+                tracing::warn!(
+                    other = %other.member,
+                    "another process runs this pipeline; it has keyed steps, whose state does not yet follow partitions between processes (docs/scale-out.md): run it as one process"
+                );
+            }
+        }
         let lease = Lease {
-            member: sanitize(&format!("{host}-{pid}-{run}")),
+            member: member.to_string(),
             pipeline: pipeline.to_string(),
             definition: definition.to_string(),
             host,
@@ -174,13 +208,18 @@ impl Membership {
             partitions: Vec::new(),
         };
         let me = Self {
-            store,
+            store: store.for_member(member)?,
             clock,
             lease: parking_lot::Mutex::new(lease),
         };
         me.write().await?;
         tracing::info!(member = %me.member(), definition, "joined the pipeline's processes");
         Ok(me)
+    }
+
+    /// The storage, opened for this member's checkpoints.
+    pub fn store(&self) -> &CheckpointStore {
+        &self.store
     }
 
     /// This process's member name.
@@ -250,36 +289,160 @@ mod tests {
         let store = CheckpointStore::open(dir.path().to_str().expect("utf-8"), 3).expect("store");
         let manual = ManualClock::new(1_000_000);
         let clock: SharedClock = manual.clone();
-        let first = Membership::join(store.clone(), "p", "aaaa", None, clock.clone())
-            .await
-            .expect("first joins");
+        let first = Membership::join(
+            store.clone(),
+            "one",
+            "p",
+            "aaaa",
+            false,
+            None,
+            clock.clone(),
+        )
+        .await
+        .expect("first joins");
         // The same definition joins beside it (another pid in real life).
         let listed = leases(&store).await.expect("leases");
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].definition, "aaaa");
-        let err = Membership::join(store.clone(), "p", "bbbb", None, clock.clone())
-            .await
-            .err()
-            .expect("refused");
+        let err = Membership::join(
+            store.clone(),
+            "two",
+            "p",
+            "bbbb",
+            false,
+            None,
+            clock.clone(),
+        )
+        .await
+        .err()
+        .expect("refused");
         let msg = err.to_string();
         assert!(
             msg.contains("another definition") && msg.contains("aaaa") && msg.contains("bbbb"),
             "{msg}"
         );
         // Another pipeline in the same storage is none of its business.
-        Membership::join(store.clone(), "q", "bbbb", None, clock.clone())
-            .await
-            .expect("another pipeline");
+        Membership::join(
+            store.clone(),
+            "three",
+            "q",
+            "bbbb",
+            false,
+            None,
+            clock.clone(),
+        )
+        .await
+        .expect("another pipeline");
         // Once the first process's lease has expired, the new definition may start.
         manual.advance(LEASE_TTL.as_millis() as i64 + 1);
-        Membership::join(store.clone(), "p", "bbbb", None, clock.clone())
-            .await
-            .expect("after the lease expired");
+        Membership::join(
+            store.clone(),
+            "two",
+            "p",
+            "bbbb",
+            false,
+            None,
+            clock.clone(),
+        )
+        .await
+        .expect("after the lease expired");
         first.leave().await;
         assert!(leases(&store)
             .await
             .expect("leases")
             .iter()
             .all(|l| l.definition == "bbbb"));
+    }
+
+    #[tokio::test]
+    async fn a_member_name_is_held_by_one_live_process_and_names_its_checkpoints() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = CheckpointStore::open(dir.path().to_str().expect("utf-8"), 3).expect("store");
+        let manual = ManualClock::new(1_000_000);
+        let clock: SharedClock = manual.clone();
+        // A process on another host holds "sensor-a".
+        let held = Lease {
+            member: "sensor-a".into(),
+            pipeline: "p".into(),
+            definition: "aaaa".into(),
+            host: "elsewhere".into(),
+            pid: 1,
+            http: None,
+            started_ms: 999_000,
+            updated_ms: 999_000,
+            partitions: Vec::new(),
+        };
+        store
+            .put_member("sensor-a", serde_json::to_vec(&held).expect("json"))
+            .await
+            .expect("lease");
+        let err = Membership::join(
+            store.clone(),
+            "sensor-a",
+            "p",
+            "aaaa",
+            false,
+            None,
+            clock.clone(),
+        )
+        .await
+        .err()
+        .expect("name taken");
+        assert!(err.to_string().contains("--member"), "{err}");
+        // This process's own earlier run (same host, same pid) is not in the way.
+        let again = Lease {
+            host: host_name(),
+            pid: std::process::id(),
+            ..held
+        };
+        store
+            .put_member("sensor-a", serde_json::to_vec(&again).expect("json"))
+            .await
+            .expect("lease");
+        // A single process ran before, in the shared directory.
+        store
+            .write(&vigil_engine::CompletedCheckpoint {
+                id: 7,
+                ..Default::default()
+            })
+            .await
+            .expect("shared checkpoint");
+        let me = Membership::join(
+            store.clone(),
+            "sensor-a",
+            "p",
+            "aaaa",
+            false,
+            None,
+            clock.clone(),
+        )
+        .await
+        .expect("restarted");
+        // The member starts from it, and checkpoints in its own directory.
+        assert_eq!(
+            me.store().latest().await.expect("latest").map(|c| c.id),
+            Some(7)
+        );
+        me.store()
+            .write(&vigil_engine::CompletedCheckpoint {
+                id: 8,
+                ..Default::default()
+            })
+            .await
+            .expect("member checkpoint");
+        assert!(dir
+            .path()
+            .join("members/sensor-a/checkpoints/chk-00000000000000000008/_manifest.json")
+            .exists());
+        assert_eq!(
+            me.store().latest().await.expect("latest").map(|c| c.id),
+            Some(8)
+        );
+        assert_eq!(store.latest().await.expect("latest").map(|c| c.id), Some(7));
+        // The lease listing is not confused by what is in the directories.
+        assert_eq!(leases(&store).await.expect("leases").len(), 1);
+        // An ended run clears its own checkpoints and the shared ones.
+        me.store().clear().await.expect("clear");
+        assert!(me.store().latest().await.expect("latest").is_none());
     }
 }

@@ -91,6 +91,9 @@ impl Default for RestartPolicy {
 pub struct RunOptions {
     /// Progress display.
     pub progress: Progress,
+    /// This process's member name among the processes of a Kafka pipeline
+    /// (default: the host name); it names the process's checkpoints.
+    pub member: Option<String>,
     /// Stop after this long (endless sources run until stopped otherwise).
     pub duration: Option<Duration>,
     /// Wall clock.
@@ -122,6 +125,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         Self {
             progress: Progress::detect(),
+            member: None,
             duration: None,
             clock: Arc::new(SystemClock),
             channel_capacity: RuntimeOptions::default().channel_capacity,
@@ -323,7 +327,7 @@ async fn shutdown_signal() {
 /// Runs `plan` to completion (or until `options.duration` passes, or Ctrl-C
 /// or SIGTERM), restarting it from its latest checkpoint when a task fails.
 #[allow(clippy::disallowed_methods)] // elapsed time for people, outside the data path
-pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineError> {
+pub async fn run(plan: &Plan, mut options: RunOptions) -> Result<Summary, EngineError> {
     let observer = Observer::new(
         &plan.name,
         &plan.graph,
@@ -364,8 +368,16 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
         Some(store) if !plan.kafka_sources.is_empty() => Some(
             crate::members::Membership::join(
                 store.clone(),
+                &options
+                    .member
+                    .clone()
+                    .unwrap_or_else(crate::members::default_member),
                 &plan.name,
                 &plan.definition,
+                plan.graph.nodes().iter().any(|n| match &n.kind {
+                    vigil_engine::graph::NodeKind::Operator(f) => !f.key_columns().is_empty(),
+                    _ => false,
+                }),
                 listener
                     .as_ref()
                     .and_then(|l| l.local_addr().ok())
@@ -376,6 +388,10 @@ pub async fn run(plan: &Plan, options: RunOptions) -> Result<Summary, EngineErro
         ),
         _ => None,
     };
+    if let Some(m) = &membership {
+        // Its own checkpoints, apart from the other processes'.
+        options.checkpoints = Some(m.store().clone());
+    }
     let result = supervise(plan, &options, control, listener, membership.as_ref()).await;
     if let Some(m) = &membership {
         m.leave().await;

@@ -167,8 +167,13 @@ async fn processes_of_one_pipeline_share_partitions_and_refuse_another_definitio
         "--checkpoint-interval",
         "1s",
     ];
-    let mut a = vigil(dir.path(), &run, "a.log");
-    let mut b = vigil(dir.path(), &run, "b.log");
+    let with = |member: &'static str| {
+        let mut args = run.to_vec();
+        args.extend(["--member", member]);
+        args
+    };
+    let mut a = vigil(dir.path(), &with("a"), "a.log");
+    let mut b = vigil(dir.path(), &with("b"), "b.log");
 
     // Both processes show up in `vigil status`, and between them own every
     // partition, each partition once.
@@ -207,6 +212,8 @@ async fn processes_of_one_pipeline_share_partitions_and_refuse_another_definitio
             "127.0.0.1:0",
             "--progress",
             "off",
+            "--member",
+            "c",
         ],
         "other.log",
     );
@@ -220,6 +227,34 @@ async fn processes_of_one_pipeline_share_partitions_and_refuse_another_definitio
         .to_string();
     assert!(log.contains(&ours), "{log}");
     assert_eq!(owners(&status(dir.path())).len(), 2);
+    // So does a process under a member name a live process holds: it would
+    // share that process's checkpoints.
+    let mut twin = vigil(dir.path(), &with("a"), "twin.log");
+    let exit = wait_exit(&mut twin, Duration::from_secs(60));
+    let log = std::fs::read_to_string(dir.path().join("twin.log")).expect("log");
+    assert!(
+        !exit.success() && log.contains("member name \"a\" is held"),
+        "{log}"
+    );
+    // Each process checkpoints in a directory of its own.
+    for member in ["a", "b"] {
+        let own = dir.path().join(format!(
+            ".vigil/checkpoints/shared/members/{member}/checkpoints"
+        ));
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_dir(&own).is_ok_and(|mut d| d.next().is_some()) {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "no checkpoint in {}",
+                own.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(!dir
+        .path()
+        .join(".vigil/checkpoints/shared/checkpoints")
+        .exists());
 
     // Together the two processes deliver every failure once.
     let got = read(

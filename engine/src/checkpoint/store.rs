@@ -6,7 +6,13 @@
 //! <root>/checkpoints/chk-00000000000000000012/<task>-<node>-<subtask>/<n>.arrow
 //! <root>/checkpoints/chk-00000000000000000012/_manifest.json
 //! <root>/savepoints/<name>/...            (same shape, never pruned)
+//! <root>/members/<member>.json            (a process's lease)
+//! <root>/members/<member>/checkpoints/... (a process's own checkpoints)
 //! ```
+//! A store opened [`for a member`](CheckpointStore::for_member), one of
+//! several processes sharing the storage, keeps its checkpoints apart from
+//! the others'; one that has none yet restores the shared `checkpoints/`
+//! of a single process that ran before.
 //! Each state table of each subtask is one Arrow IPC file, so a restore reads
 //! the columns back without decoding rows, and a table may have any schema.
 //!
@@ -90,6 +96,8 @@ pub struct CheckpointStore {
     retain: usize,
     /// The directory, for a local store (emptied directories are removed).
     local: Option<std::path::PathBuf>,
+    /// The process whose checkpoints these are, when several share it.
+    member: Option<String>,
     /// Savepoints written by this process, by checkpoint id, so their
     /// commit marker goes beside them too.
     savepoints: Arc<parking_lot::Mutex<BTreeMap<CheckpointId, String>>>,
@@ -157,6 +165,7 @@ impl CheckpointStore {
             location: location.to_string(),
             retain: retain.max(1),
             local,
+            member: None,
             savepoints: Arc::default(),
         })
     }
@@ -166,13 +175,39 @@ impl CheckpointStore {
         &self.location
     }
 
+    /// The same storage, holding the checkpoints of process `member` apart
+    /// from those of the other processes sharing it. Savepoints stay shared,
+    /// so any process can start from one.
+    pub fn for_member(&self, member: &str) -> Result<Self> {
+        check_savepoint_name(member).map_err(|_| {
+            EngineError::User(format!(
+                "member name {member:?}: use letters, digits, '-', '_' and '.', not starting with '.'"
+            ))
+        })?;
+        Ok(Self {
+            member: Some(member.to_string()),
+            ..self.clone()
+        })
+    }
+
+    /// The directory of checkpoints of `member` (None: the shared one).
+    fn checkpoints_of(&self, member: Option<&str>) -> Path {
+        match member {
+            Some(m) => self
+                .root
+                .clone()
+                .join("members")
+                .join(m)
+                .join("checkpoints"),
+            None => self.root.clone().join("checkpoints"),
+        }
+    }
+
     fn dir_of(&self, id: CheckpointId, savepoint: Option<&str>) -> Path {
         match savepoint {
             Some(name) => self.root.clone().join("savepoints").join(name),
             None => self
-                .root
-                .clone()
-                .join("checkpoints")
+                .checkpoints_of(self.member.as_deref())
                 .join(format!("chk-{id:020}").as_str()),
         }
     }
@@ -265,10 +300,14 @@ impl CheckpointStore {
 
     /// Ids of checkpoint directories, complete or not, oldest first.
     async fn checkpoint_dirs(&self) -> Result<Vec<CheckpointId>> {
-        let prefix = self.root.clone().join("checkpoints");
+        self.checkpoint_dirs_in(&self.checkpoints_of(self.member.as_deref()))
+            .await
+    }
+
+    async fn checkpoint_dirs_in(&self, prefix: &Path) -> Result<Vec<CheckpointId>> {
         let listed = self
             .store
-            .list_with_delimiter(Some(&prefix))
+            .list_with_delimiter(Some(prefix))
             .await
             .map_err(|e| store_error(format!("cannot list {}", self.location), e))?;
         let mut ids: Vec<CheckpointId> = listed
@@ -314,12 +353,20 @@ impl CheckpointStore {
         Ok(out)
     }
 
-    /// The latest complete checkpoint, if any.
+    /// The latest complete checkpoint, if any. A member without
+    /// checkpoints of its own takes the shared directory's latest, left by
+    /// the single process that ran the pipeline before.
     pub async fn latest(&self) -> Result<Option<CompletedCheckpoint>> {
-        for id in self.checkpoint_dirs().await?.into_iter().rev() {
-            let dir = self.dir_of(id, None);
-            if let Some(m) = self.manifest_at(&dir).await? {
-                return Ok(Some(self.read(&dir, m).await?));
+        let mut bases = vec![self.checkpoints_of(self.member.as_deref())];
+        if self.member.is_some() {
+            bases.push(self.checkpoints_of(None));
+        }
+        for base in bases {
+            for id in self.checkpoint_dirs_in(&base).await?.into_iter().rev() {
+                let dir = base.clone().join(format!("chk-{id:020}").as_str());
+                if let Some(m) = self.manifest_at(&dir).await? {
+                    return Ok(Some(self.read(&dir, m).await?));
+                }
             }
         }
         Ok(None)
@@ -419,7 +466,16 @@ impl CheckpointStore {
     /// Every lease in the storage, by member.
     pub async fn members(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let prefix = self.root.clone().join("members");
-        let listed = self.files_under(&prefix).await?;
+        // Only the leases beside the members' directories, not what is in them.
+        let listed: Vec<Path> = self
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| store_error(format!("cannot list {prefix}"), e))?
+            .objects
+            .into_iter()
+            .map(|m| m.location)
+            .collect();
         let mut out = Vec::new();
         for path in listed {
             let Some(member) = path.filename().and_then(|f| f.strip_suffix(".json")) else {
@@ -482,6 +538,22 @@ impl CheckpointStore {
         for id in ids {
             self.delete_dir(id).await?;
         }
+        if self.member.is_some() {
+            // The shared checkpoints a member may have started from.
+            Self {
+                member: None,
+                ..self.clone()
+            }
+            .clear_shared()
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn clear_shared(&self) -> Result<()> {
+        for id in self.checkpoint_dirs().await? {
+            self.delete_dir(id).await?;
+        }
         Ok(())
     }
 
@@ -500,7 +572,11 @@ impl CheckpointStore {
             }
         }
         if let Some(root) = &self.local {
-            let path = root.join("checkpoints").join(format!("chk-{id:020}"));
+            let base = match &self.member {
+                Some(m) => root.join("members").join(m).join("checkpoints"),
+                None => root.join("checkpoints"),
+            };
+            let path = base.join(format!("chk-{id:020}"));
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
