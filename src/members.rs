@@ -372,22 +372,20 @@ mod tests {
             updated_ms: 999_000,
             partitions: Vec::new(),
         };
-        store
-            .put_member("sensor-a", serde_json::to_vec(&held).expect("json"))
-            .await
-            .expect("lease");
-        let err = Membership::join(
-            store.clone(),
-            "sensor-a",
-            "p",
-            "aaaa",
-            false,
-            None,
-            clock.clone(),
-        )
-        .await
-        .err()
-        .expect("name taken");
+        let lease = |l: &Lease| store.put_member("sensor-a", serde_json::to_vec(l).expect("json"));
+        lease(&held).await.expect("lease");
+        let join = || {
+            Membership::join(
+                store.clone(),
+                "sensor-a",
+                "p",
+                "aaaa",
+                false,
+                None,
+                clock.clone(),
+            )
+        };
+        let err = join().await.err().expect("name taken");
         assert!(err.to_string().contains("--member"), "{err}");
         // This process's own earlier run (same host, same pid) is not in the way.
         let again = Lease {
@@ -395,10 +393,7 @@ mod tests {
             pid: std::process::id(),
             ..held
         };
-        store
-            .put_member("sensor-a", serde_json::to_vec(&again).expect("json"))
-            .await
-            .expect("lease");
+        lease(&again).await.expect("lease");
         // A single process ran before, in the shared directory.
         store
             .write(&vigil_engine::CompletedCheckpoint {
@@ -407,17 +402,7 @@ mod tests {
             })
             .await
             .expect("shared checkpoint");
-        let me = Membership::join(
-            store.clone(),
-            "sensor-a",
-            "p",
-            "aaaa",
-            false,
-            None,
-            clock.clone(),
-        )
-        .await
-        .expect("restarted");
+        let me = join().await.expect("restarted");
         // The member starts from it, and checkpoints in its own directory.
         assert_eq!(
             me.store().latest().await.expect("latest").map(|c| c.id),
