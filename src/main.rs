@@ -363,27 +363,43 @@ fn status(file: &Path, checkpoints: &str, json: bool) -> Result<(), Failure> {
         )));
     }
     let at = format!("{}/{}", checkpoints.trim_end_matches('/'), plan.name);
-    let store = vigil_engine::CheckpointStore::open(&at, 1)
-        .with_context(|| format!("cannot open checkpoint storage {at}"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    let leases = runtime
-        .block_on(vigil::members::leases(&store))
-        .with_context(|| format!("cannot read the leases in {at}"))?;
+    // A local directory that does not exist holds no leases; opening it
+    // would create it, and a status query changes nothing.
+    let leases = if !at.contains("://") && !Path::new(&at).exists() {
+        Vec::new()
+    } else {
+        let store = vigil_engine::CheckpointStore::open(&at, 1)
+            .with_context(|| format!("cannot open checkpoint storage {at}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")?;
+        runtime
+            .block_on(vigil::members::leases(&store))
+            .with_context(|| format!("cannot read the leases in {at}"))?
+    };
     let now = vigil_engine::Clock::now_ms(&vigil_engine::SystemClock);
-    let mut groups = Vec::new();
-    for (name, source) in &plan.kafka_sources {
-        let status = source
-            .group_status(Duration::from_secs(10))
-            .with_context(|| format!("source {name:?}"))?;
-        groups.push((name.clone(), status));
-    }
+    // A broker that does not answer is reported per source: the leases
+    // are worth printing without it.
+    let groups: Vec<(String, Result<vigil_connectors::kafka::GroupStatus, String>)> = plan
+        .kafka_sources
+        .iter()
+        .map(|(name, source)| {
+            (
+                name.clone(),
+                source
+                    .group_status(Duration::from_secs(10))
+                    .map_err(|e| e.to_string()),
+            )
+        })
+        .collect();
     if json {
         let sources: Vec<serde_json::Value> = groups
             .iter()
-            .map(|(name, g)| serde_json::json!({ "source": name, "group": g }))
+            .map(|(name, g)| match g {
+                Ok(g) => serde_json::json!({ "source": name, "group": g }),
+                Err(e) => serde_json::json!({ "source": name, "error": e }),
+            })
             .collect();
         let processes: Vec<serde_json::Value> = leases
             .iter()
@@ -437,6 +453,13 @@ fn status(file: &Path, checkpoints: &str, json: bool) -> Result<(), Failure> {
         }
     }
     for (name, g) in &groups {
+        let g = match g {
+            Ok(g) => g,
+            Err(e) => {
+                println!("source {name}: {e}");
+                continue;
+            }
+        };
         println!(
             "source {name}: group {} ({}), {} member(s)",
             g.group,
