@@ -257,6 +257,16 @@ pub enum SourceEvent {
     /// This subtask now reads partition `partition` (a Kafka rebalance gave
     /// it one); indices may grow past [`Source::partitions`].
     PartitionAssigned(usize),
+    /// The watermark of partition `partition` is `watermark`, as its
+    /// producers announced it (a repartition topic carries its writers'
+    /// watermarks): the partition is held there from now on, not at its
+    /// records' event times.
+    Watermark {
+        /// Partition index within this subtask.
+        partition: usize,
+        /// The announced watermark.
+        watermark: EventTime,
+    },
     /// This subtask no longer reads partition `partition`; it stops holding
     /// the watermark back, but the source has not ended.
     PartitionRevoked(usize),

@@ -886,6 +886,10 @@ async fn run_source(
             SourceEvent::PartitionEnd(p) => wm.finish(p),
             SourceEvent::PartitionAssigned(p) => wm.assign(p, clock.now_ms()),
             SourceEvent::PartitionRevoked(p) => wm.revoke(p),
+            SourceEvent::Watermark {
+                partition,
+                watermark,
+            } => wm.announce(partition, watermark, clock.now_ms()),
             SourceEvent::CheckpointRequested => {
                 let handle = CheckpointHandle {
                     inner: coord.clone(),

@@ -83,6 +83,10 @@ enum PartitionState {
 #[derive(Debug, Clone)]
 struct PartitionTrack {
     generator: BoundedOutOfOrderness,
+    /// The watermark the source announced for the partition, which then
+    /// overrides the one derived from event times (a repartition topic's
+    /// partition carries its writers' watermarks).
+    announced: Option<EventTime>,
     last_activity_ms: i64,
     state: PartitionState,
 }
@@ -110,6 +114,7 @@ impl PartitionWatermarks {
             partitions: (0..partitions)
                 .map(|_| PartitionTrack {
                     generator: BoundedOutOfOrderness::new(delay_ms),
+                    announced: None,
                     last_activity_ms: now_ms,
                     state: PartitionState::Active,
                 })
@@ -146,6 +151,16 @@ impl PartitionWatermarks {
         }
     }
 
+    /// The source announced watermark `w` for partition `p`: from now on the
+    /// partition is held at its announcements (never moving back), not at
+    /// its records' event times.
+    pub fn announce(&mut self, p: usize, w: EventTime, now_ms: i64) {
+        if let Some(t) = self.partitions.get_mut(p) {
+            t.announced = Some(t.announced.map_or(w, |a| a.max(w)));
+            t.last_activity_ms = now_ms;
+        }
+    }
+
     /// Partition `p` delivered something without event times (keeps it active).
     pub fn touch(&mut self, p: usize, now_ms: i64) {
         if let Some(t) = self.partitions.get_mut(p) {
@@ -158,6 +173,7 @@ impl PartitionWatermarks {
         while self.partitions.len() <= p {
             self.partitions.push(PartitionTrack {
                 generator: BoundedOutOfOrderness::new(self.delay_ms),
+                announced: None,
                 last_activity_ms: now_ms,
                 state: PartitionState::Revoked,
             });
@@ -219,7 +235,7 @@ impl PartitionWatermarks {
                 continue; // idle: excluded
             }
             any_active = true;
-            match t.generator.current() {
+            match t.announced.or_else(|| t.generator.current()) {
                 Some(w) => min = Some(min.map_or(w, |m| m.min(w))),
                 None => blocked = true,
             }

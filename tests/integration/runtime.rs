@@ -256,4 +256,115 @@ mod idleness {
         );
         launched.finish().await;
     }
+
+    /// One partition whose records run ahead while its announced watermark
+    /// stays where the test puts it, like a repartition topic's partition
+    /// whose slowest writer is behind.
+    struct Announcing(Arc<std::sync::atomic::AtomicI64>);
+
+    struct Announcer {
+        next_ts: i64,
+        announced: Arc<std::sync::atomic::AtomicI64>,
+        data_next: bool,
+    }
+
+    impl SourceFactory for Announcing {
+        fn output_schema(&self) -> SchemaRef {
+            schema()
+        }
+        fn event_time_column(&self) -> usize {
+            0
+        }
+        fn create(&self, _ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
+            Ok(Box::new(Announcer {
+                next_ts: 0,
+                announced: self.0.clone(),
+                data_next: true,
+            }))
+        }
+        fn describe(&self) -> String {
+            "announcing".into()
+        }
+    }
+
+    #[async_trait]
+    impl Source for Announcer {
+        fn partitions(&self) -> usize {
+            1
+        }
+        async fn next(&mut self) -> vigil_engine::Result<SourceEvent> {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            self.data_next = !self.data_next;
+            if !self.data_next {
+                let ts = self.next_ts;
+                self.next_ts += 1_000;
+                let cols: Vec<ArrayRef> = vec![
+                    Arc::new(TimestampMillisecondArray::from(vec![ts]).with_timezone("UTC")),
+                    Arc::new(StringArray::from(vec!["k"])),
+                ];
+                return Ok(SourceEvent::Data {
+                    partition: 0,
+                    batch: RecordBatch::try_new(schema(), cols)?,
+                });
+            }
+            Ok(SourceEvent::Watermark {
+                partition: 0,
+                watermark: self.announced.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_announced_watermark_holds_windows_whatever_the_records_say() {
+        let announced = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let mut g = Graph::new();
+        let src = g
+            .add_source(
+                "announcing",
+                Arc::new(Announcing(announced.clone())),
+                1,
+                WatermarkSpec::default(),
+            )
+            .expect("source");
+        let cfg = ThresholdConfig {
+            key: vec!["k".into()],
+            window: Duration::from_secs(10),
+            min_count: Some(1),
+            distinct: None,
+            min_distinct: None,
+            time: None,
+            rule: None,
+        };
+        let t = ThresholdFactory::new("w", &cfg, schema(), Some("ts")).expect("threshold");
+        let w = g
+            .add_operator("w", Arc::new(t), 1, &[(src, Port::Main)])
+            .expect("operator");
+        let (sink, out) = MemorySinkFactory::new();
+        g.add_sink("out", Arc::new(sink), 1, &[(w, Port::Main)])
+            .expect("sink");
+        let launched = crate::launch(&g, RuntimeOptions::default());
+        let metrics = launched.metrics.clone();
+        while metrics.node_totals("announcing").records_in < 50 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // 50 s of records, but the partition is announced at 0: no window
+        // has closed.
+        assert!(
+            out.lock().is_empty(),
+            "a window closed ahead of the announced watermark"
+        );
+        announced.store(30_000, std::sync::atomic::Ordering::Relaxed);
+        let closed = || out.lock().iter().map(|b| b.num_rows()).sum::<usize>();
+        let mut waited = 0;
+        while closed() < 3 && waited < 300 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        // More records keep coming; give a wrongly closing window time to show.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let closed = closed();
+        // Windows [0,10), [10,20) and [20,30) close at 30 s, and no later one.
+        assert_eq!(closed, 3, "windows closed at the announced 30 s");
+        launched.finish().await;
+    }
 }

@@ -200,3 +200,24 @@ fn assigned_partitions_join_and_revoked_ones_leave_the_minimum() {
     assert_eq!(w.poll(2), Some(Watermark::Idle), "nothing assigned: idle");
     assert!(!w.all_finished(), "revoked is not ended");
 }
+
+#[test]
+fn an_announced_watermark_overrides_event_times_and_never_moves_back() {
+    let mut w = PartitionWatermarks::new(2, 0, IDLE, 0);
+    w.observe(0, 50_000, 0);
+    w.observe(1, 60_000, 0);
+    assert_eq!(w.poll(0), Some(Watermark::EventTime(50_000)));
+    // Partition 0's writers say they are at 55 s, whatever its rows say.
+    w.announce(0, 55_000, 1);
+    w.observe(0, 90_000, 1);
+    assert_eq!(w.poll(1), Some(Watermark::EventTime(55_000)));
+    // An older announcement does not move it back.
+    w.announce(0, 52_000, 2);
+    assert_eq!(w.poll(2), None);
+    w.announce(0, 70_000, 3);
+    assert_eq!(
+        w.poll(3),
+        Some(Watermark::EventTime(60_000)),
+        "partition 1 holds it now"
+    );
+}
