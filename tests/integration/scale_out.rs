@@ -331,3 +331,152 @@ async fn a_repartition_topic_is_created_once_and_a_wrong_partition_count_is_repo
         .await
         .expect("still 6");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repartition_writer_sends_each_row_to_its_key_groups_partition_with_watermarks() {
+    use std::collections::BTreeMap;
+
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use vigil_connectors::kafka::repartition::{
+        decode, ensure_topic, partition_of, RepartitionSinkFactory, KIND, PRODUCER, WATERMARK,
+    };
+    use vigil_connectors::kafka::Properties;
+    use vigil_engine::key_group;
+
+    let Some(tansu) = start_tansu() else { return };
+    let brokers = tansu.brokers.clone();
+    create_topics(&brokers, &[("auth", 2)]).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    for i in 0..300i64 {
+        let value = format!(
+            r#"{{"ts":{},"user":"u{}","outcome":"failure"}}"#,
+            1_767_225_600_000 + i * 1000,
+            i % 17
+        );
+        producer
+            .send(
+                FutureRecord::to("auth")
+                    .partition((i % 2) as i32)
+                    .payload(&value)
+                    .key("k"),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered");
+    }
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &brokers);
+    let topic = "vigil-rekey-per_user-repartition";
+    ensure_topic(&config, "rekey", topic, 3)
+        .await
+        .expect("topic");
+    let mut plan = vigil::pipeline::load_str(
+        "rekey.yaml",
+        &pipeline(&brokers, "failure").replace("name: shared", "name: rekey"),
+        &crate::options_with(&[]),
+    )
+    .expect("valid");
+    let writer = RepartitionSinkFactory::new(
+        &brokers,
+        Properties::default(),
+        topic,
+        vec!["user".into()],
+        3,
+    )
+    .expect("writer");
+    plan.graph
+        .replace_sink("alerts", std::sync::Arc::new(writer))
+        .expect("replace");
+    let launched = crate::launch(&plan.graph, vigil_engine::RuntimeOptions::default());
+    let metrics = launched.metrics.clone();
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metrics.node_totals("alerts").records_in < 300 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the writer did not take 300 rows"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Long enough for a watermark after the last rows.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    launched.finish().await;
+
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "unused")
+        .create()
+        .expect("reader");
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    reader.assign(&list).expect("assign");
+    let mut rows_per_partition: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut watermarks: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    let mut finished: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut quiet = 0;
+    while quiet < 30 {
+        let Some(msg) = reader.poll(Duration::from_millis(100)) else {
+            quiet += 1;
+            continue;
+        };
+        quiet = 0;
+        let msg = msg.expect("message");
+        let header = |name: &str| {
+            msg.headers().and_then(|h| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+        };
+        match header(KIND).as_deref() {
+            Some("data") => {
+                for b in decode(msg.payload().expect("payload"), "test").expect("decode") {
+                    let keys = [b.column(b.schema().index_of("user").expect("user")).clone()];
+                    for g in key_group::groups(&keys, b.num_rows()).expect("groups") {
+                        assert_eq!(
+                            partition_of(g, 3),
+                            msg.partition(),
+                            "a row in the wrong partition"
+                        );
+                    }
+                    assert!(b.schema().index_of("kafka_offset").is_ok(), "origin kept");
+                    *rows_per_partition.entry(msg.partition()).or_default() += b.num_rows();
+                }
+            }
+            Some("watermark") => {
+                assert!(header(PRODUCER).is_some_and(|p| p.ends_with("/alerts/0")));
+                let w: i64 = header(WATERMARK).expect("watermark").parse().expect("ms");
+                watermarks.entry(msg.partition()).or_default().push(w);
+            }
+            Some("finished") => *finished.entry(msg.partition()).or_default() += 1,
+            other => panic!("a record of kind {other:?}"),
+        }
+    }
+    assert_eq!(
+        rows_per_partition.values().sum::<usize>(),
+        300,
+        "{rows_per_partition:?}"
+    );
+    assert_eq!(
+        rows_per_partition.len(),
+        3,
+        "17 users over 3 partitions: {rows_per_partition:?}"
+    );
+    for p in 0..3 {
+        let w = watermarks.get(&p).expect("watermarks on every partition");
+        assert!(
+            w.windows(2).all(|x| x[0] < x[1]),
+            "watermarks only go up: {w:?}"
+        );
+    }
+    // A stop is not an end of input: the writer's input partitions go on
+    // with their next owner, and readers let it go when it turns idle.
+    assert!(finished.is_empty(), "a stopped writer said it had finished");
+}

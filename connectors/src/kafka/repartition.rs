@@ -18,6 +18,14 @@
 //! * [`ProducerWatermarks`]: the watermark of one repartition partition is
 //!   the minimum over the writers heard from recently; an idle or finished
 //!   writer stops holding it back, and it never moves back.
+//! * [`RepartitionSinkFactory`]: the writer, a sink that sends each batch's
+//!   rows to the partitions of their key groups, and to every partition its
+//!   watermark (at most every [`WATERMARK_EVERY`]) and, when its input
+//!   ends, that it has finished (a stopped process has not finished: its
+//!   input partitions go on with their next owner, and readers let it go
+//!   once it is idle). Records carry the header [`KIND`]
+//!   (`data`, `watermark` or `finished`), and the control records also carry
+//!   [`PRODUCER`] and [`WATERMARK`].
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -32,11 +40,17 @@ use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
 use vigil_engine::key_group;
+use vigil_engine::{CheckpointId, EventTime, OperatorState, Sink, SinkFactory, TaskContext};
 
+use super::config::Properties;
+use super::sink::Producer as KafkaProducer;
 use crate::error::{ConnectorError, Result};
 
 /// Column of a repartitioned row: the input topic it was read from.
@@ -48,6 +62,16 @@ pub const ORIGIN_OFFSET: &str = "kafka_offset";
 
 /// The most partitions a repartition topic may have: one key group each.
 pub const MAX_PARTITIONS: usize = key_group::KEY_GROUPS;
+
+/// Header naming what a repartition record is: `data`, `watermark` or
+/// `finished`.
+pub const KIND: &str = "vigil.kind";
+/// Header of a control record: the writer that sent it.
+pub const PRODUCER: &str = "vigil.producer";
+/// Header of a watermark record: the writer's watermark, in ms.
+pub const WATERMARK: &str = "vigil.watermark";
+/// How often a writer sends its watermark to every partition, at most.
+pub const WATERMARK_EVERY: Duration = Duration::from_millis(200);
 
 /// The internal topic that re-keys the input of step `step`, after Kafka
 /// Streams' `<application>-<name>-repartition`.
@@ -382,6 +406,187 @@ impl ProducerWatermarks {
         };
         self.emitted = next;
         next
+    }
+}
+
+/// Builds the writers of one repartition topic.
+#[derive(Debug, Clone)]
+pub struct RepartitionSinkFactory {
+    brokers: String,
+    properties: Properties,
+    topic: String,
+    keys: Vec<String>,
+    partitions: usize,
+}
+
+impl RepartitionSinkFactory {
+    /// Writers into `topic` (of `partitions` partitions, see
+    /// [`ensure_topic`]) that re-key by the columns `keys`.
+    pub fn new(
+        brokers: &str,
+        properties: Properties,
+        topic: &str,
+        keys: Vec<String>,
+        partitions: usize,
+    ) -> Result<Self> {
+        if keys.is_empty() {
+            return Err(ConnectorError::config("key", "a repartition needs a key"));
+        }
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(ConnectorError::config(
+                "partitions",
+                format!(
+                    "a repartition topic has 1 to {MAX_PARTITIONS} partitions, not {partitions}"
+                ),
+            ));
+        }
+        Ok(Self {
+            brokers: brokers.to_string(),
+            properties,
+            topic: topic.to_string(),
+            keys,
+            partitions,
+        })
+    }
+}
+
+impl SinkFactory for RepartitionSinkFactory {
+    fn check_input(&self, schema: &arrow::datatypes::SchemaRef) -> vigil_engine::Result<()> {
+        let origin = [ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET];
+        for column in self.keys.iter().map(String::as_str).chain(origin) {
+            if schema.index_of(column).is_err() {
+                return Err(vigil_engine::EngineError::User(format!(
+                    "repartition into {}: the input has no column {column:?} (a repartition re-keys rows read from Kafka, which carry their origin)",
+                    self.topic
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn create(
+        &self,
+        ctx: &TaskContext,
+        schema: arrow::datatypes::SchemaRef,
+    ) -> vigil_engine::Result<Box<dyn Sink>> {
+        let keys = self
+            .keys
+            .iter()
+            .map(|k| schema.index_of(k))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        Ok(Box::new(RepartitionSink {
+            producer: KafkaProducer::new(&self.brokers, &self.properties, ctx.metrics.clone())?,
+            topic: self.topic.clone(),
+            keys,
+            partitions: self.partitions,
+            id: format!("{host}/{}/{}/{}", std::process::id(), ctx.node, ctx.subtask),
+            clock: ctx.clock.clone(),
+            last_watermark: None,
+            sent_at_ms: i64::MIN,
+        }))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "repartition by {} into {} ({} partitions)",
+            self.keys.join(", "),
+            self.topic,
+            self.partitions
+        )
+    }
+}
+
+/// One writer into a repartition topic.
+struct RepartitionSink {
+    producer: KafkaProducer,
+    topic: String,
+    keys: Vec<usize>,
+    partitions: usize,
+    /// This writer's id in control records: host, process, node, subtask.
+    id: String,
+    clock: vigil_engine::SharedClock,
+    last_watermark: Option<EventTime>,
+    sent_at_ms: i64,
+}
+
+impl RepartitionSink {
+    /// Sends a control record of `kind` to every partition.
+    async fn control(
+        &mut self,
+        kind: &str,
+        watermark: Option<EventTime>,
+    ) -> vigil_engine::Result<()> {
+        let w = watermark.map(|w| w.to_string());
+        for p in 0..self.partitions as i32 {
+            let mut headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: KIND,
+                    value: Some(kind),
+                })
+                .insert(Header {
+                    key: PRODUCER,
+                    value: Some(self.id.as_str()),
+                });
+            if let Some(w) = &w {
+                headers = headers.insert(Header {
+                    key: WATERMARK,
+                    value: Some(w.as_str()),
+                });
+            }
+            let record = FutureRecord::<str, [u8]>::to(&self.topic)
+                .partition(p)
+                .payload(&[])
+                .headers(headers);
+            self.producer.send(record).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Sink for RepartitionSink {
+    async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
+        for (p, value) in encode(&batch, &self.keys, self.partitions)? {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: KIND,
+                value: Some("data"),
+            });
+            let record = FutureRecord::<str, [u8]>::to(&self.topic)
+                .partition(p)
+                .payload(value.as_slice())
+                .headers(headers);
+            self.producer.send(record).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, watermark: EventTime) -> vigil_engine::Result<()> {
+        let now = self.clock.now_ms();
+        if self.last_watermark.is_some_and(|l| l >= watermark)
+            || now.saturating_sub(self.sent_at_ms) < WATERMARK_EVERY.as_millis() as i64
+        {
+            return Ok(());
+        }
+        self.last_watermark = Some(watermark);
+        self.sent_at_ms = now;
+        self.control("watermark", Some(watermark)).await
+    }
+
+    async fn flush(&mut self) -> vigil_engine::Result<()> {
+        self.producer.settle(0).await
+    }
+
+    async fn snapshot(&mut self, _checkpoint: CheckpointId) -> vigil_engine::Result<OperatorState> {
+        // Delivered before the barrier passes; the reader's origin marks
+        // make a re-send after a restore harmless.
+        self.flush().await?;
+        Ok(OperatorState::default())
+    }
+
+    async fn finish(&mut self) -> vigil_engine::Result<()> {
+        self.control("finished", self.last_watermark).await?;
+        self.flush().await
     }
 }
 
