@@ -484,6 +484,7 @@ impl SinkFactory for RepartitionSinkFactory {
             clock: ctx.clock.clone(),
             last_watermark: None,
             sent_at_ms: i64::MIN,
+            pending: None,
         }))
     }
 
@@ -508,9 +509,27 @@ struct RepartitionSink {
     clock: vigil_engine::SharedClock,
     last_watermark: Option<EventTime>,
     sent_at_ms: i64,
+    /// A watermark held back by the rate limit, sent with the next batch,
+    /// watermark or checkpoint, so the last one before a pause is not lost.
+    pending: Option<EventTime>,
 }
 
 impl RepartitionSink {
+    /// Sends the held-back watermark if the rate limit allows it (or
+    /// `now`, before a checkpoint).
+    async fn send_pending(&mut self, force: bool) -> vigil_engine::Result<()> {
+        let now = self.clock.now_ms();
+        let due =
+            force || now.saturating_sub(self.sent_at_ms) >= WATERMARK_EVERY.as_millis() as i64;
+        if let (Some(w), true) = (self.pending, due) {
+            self.pending = None;
+            self.last_watermark = Some(w);
+            self.sent_at_ms = now;
+            self.control("watermark", Some(w)).await?;
+        }
+        Ok(())
+    }
+
     /// Sends a control record of `kind` to every partition.
     async fn control(
         &mut self,
@@ -558,19 +577,15 @@ impl Sink for RepartitionSink {
                 .headers(headers);
             self.producer.send(record).await?;
         }
-        Ok(())
+        self.send_pending(false).await
     }
 
     async fn on_watermark(&mut self, watermark: EventTime) -> vigil_engine::Result<()> {
-        let now = self.clock.now_ms();
-        if self.last_watermark.is_some_and(|l| l >= watermark)
-            || now.saturating_sub(self.sent_at_ms) < WATERMARK_EVERY.as_millis() as i64
-        {
+        if self.last_watermark.is_some_and(|l| l >= watermark) {
             return Ok(());
         }
-        self.last_watermark = Some(watermark);
-        self.sent_at_ms = now;
-        self.control("watermark", Some(watermark)).await
+        self.pending = Some(watermark);
+        self.send_pending(false).await
     }
 
     async fn flush(&mut self) -> vigil_engine::Result<()> {
@@ -580,11 +595,13 @@ impl Sink for RepartitionSink {
     async fn snapshot(&mut self, _checkpoint: CheckpointId) -> vigil_engine::Result<OperatorState> {
         // Delivered before the barrier passes; the reader's origin marks
         // make a re-send after a restore harmless.
+        self.send_pending(true).await?;
         self.flush().await?;
         Ok(OperatorState::default())
     }
 
     async fn finish(&mut self) -> vigil_engine::Result<()> {
+        self.send_pending(true).await?;
         self.control("finished", self.last_watermark).await?;
         self.flush().await
     }
