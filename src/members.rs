@@ -283,69 +283,56 @@ mod tests {
     use super::*;
     use vigil_engine::ManualClock;
 
+    async fn join(
+        store: &CheckpointStore,
+        clock: &SharedClock,
+        member: &str,
+        pipeline: &str,
+        definition: &str,
+    ) -> Result<Membership, EngineError> {
+        Membership::join(
+            store.clone(),
+            member,
+            pipeline,
+            definition,
+            false,
+            None,
+            clock.clone(),
+        )
+        .await
+    }
+
     #[tokio::test]
     async fn a_live_process_with_another_definition_keeps_newcomers_out() {
         let dir = tempfile::tempdir().expect("dir");
         let store = CheckpointStore::open(dir.path().to_str().expect("utf-8"), 3).expect("store");
         let manual = ManualClock::new(1_000_000);
         let clock: SharedClock = manual.clone();
-        let first = Membership::join(
-            store.clone(),
-            "one",
-            "p",
-            "aaaa",
-            false,
-            None,
-            clock.clone(),
-        )
-        .await
-        .expect("first joins");
+        let first = join(&store, &clock, "one", "p", "aaaa")
+            .await
+            .expect("first joins");
         // The same definition joins beside it (another pid in real life).
         let listed = leases(&store).await.expect("leases");
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].definition, "aaaa");
-        let err = Membership::join(
-            store.clone(),
-            "two",
-            "p",
-            "bbbb",
-            false,
-            None,
-            clock.clone(),
-        )
-        .await
-        .err()
-        .expect("refused");
+        let err = join(&store, &clock, "two", "p", "bbbb")
+            .await
+            .err()
+            .expect("refused");
         let msg = err.to_string();
         assert!(
             msg.contains("another definition") && msg.contains("aaaa") && msg.contains("bbbb"),
             "{msg}"
         );
         // Another pipeline in the same storage is none of its business.
-        Membership::join(
-            store.clone(),
-            "three",
-            "q",
-            "bbbb",
-            false,
-            None,
-            clock.clone(),
-        )
-        .await
-        .expect("another pipeline");
+        join(&store, &clock, "three", "q", "bbbb")
+            .await
+            .expect("another pipeline");
         // Once the first process's lease has expired, the new definition may start.
         manual.advance(LEASE_TTL.as_millis() as i64 + 1);
-        Membership::join(
-            store.clone(),
-            "two",
-            "p",
-            "bbbb",
-            false,
-            None,
-            clock.clone(),
-        )
-        .await
-        .expect("after the lease expired");
+        join(&store, &clock, "two", "p", "bbbb")
+            .await
+            .expect("after the lease expired");
         first.leave().await;
         assert!(leases(&store)
             .await
@@ -374,18 +361,10 @@ mod tests {
         };
         let lease = |l: &Lease| store.put_member("sensor-a", serde_json::to_vec(l).expect("json"));
         lease(&held).await.expect("lease");
-        let join = || {
-            Membership::join(
-                store.clone(),
-                "sensor-a",
-                "p",
-                "aaaa",
-                false,
-                None,
-                clock.clone(),
-            )
-        };
-        let err = join().await.err().expect("name taken");
+        let err = join(&store, &clock, "sensor-a", "p", "aaaa")
+            .await
+            .err()
+            .expect("name taken");
         assert!(err.to_string().contains("--member"), "{err}");
         // This process's own earlier run (same host, same pid) is not in the way.
         let again = Lease {
@@ -402,7 +381,9 @@ mod tests {
             })
             .await
             .expect("shared checkpoint");
-        let me = join().await.expect("restarted");
+        let me = join(&store, &clock, "sensor-a", "p", "aaaa")
+            .await
+            .expect("restarted");
         // The member starts from it, and checkpoints in its own directory.
         assert_eq!(
             me.store().latest().await.expect("latest").map(|c| c.id),

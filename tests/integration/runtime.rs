@@ -151,6 +151,34 @@ mod idleness {
         ]))
     }
 
+    /// `source` → a 10 s window per key that emits every window with a
+    /// record → a memory sink, and what the sink collects.
+    fn windows_of(
+        name: &str,
+        source: Arc<dyn SourceFactory>,
+        watermark: WatermarkSpec,
+    ) -> (Graph, vigil_connectors::memory::Collected) {
+        let mut g = Graph::new();
+        let src = g.add_source(name, source, 1, watermark).expect("source");
+        let cfg = ThresholdConfig {
+            key: vec!["k".into()],
+            window: Duration::from_secs(10),
+            min_count: Some(1),
+            distinct: None,
+            min_distinct: None,
+            time: None,
+            rule: None,
+        };
+        let t = ThresholdFactory::new("w", &cfg, schema(), Some("ts")).expect("threshold");
+        let w = g
+            .add_operator("w", Arc::new(t), 1, &[(src, Port::Main)])
+            .expect("operator");
+        let (sink, out) = MemorySinkFactory::new();
+        g.add_sink("out", Arc::new(sink), 1, &[(w, Port::Main)])
+            .expect("sink");
+        (g, out)
+    }
+
     /// Two partitions: partition 0 sends one event a second of event time on
     /// every poll; partition 1 never sends anything, like a quiet Kafka
     /// partition.
@@ -198,34 +226,14 @@ mod idleness {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_quiet_partition_holds_windows_until_its_idle_timeout_then_not() {
         let clock = ManualClock::new(1_000_000);
-        let mut g = Graph::new();
-        let src = g
-            .add_source(
-                "talker",
-                Arc::new(OneQuietPartition),
-                1,
-                WatermarkSpec {
-                    out_of_orderness_ms: 0,
-                    idle_timeout_ms: 5_000,
-                },
-            )
-            .expect("source");
-        let cfg = ThresholdConfig {
-            key: vec!["k".into()],
-            window: Duration::from_secs(10),
-            min_count: Some(1),
-            distinct: None,
-            min_distinct: None,
-            time: None,
-            rule: None,
-        };
-        let t = ThresholdFactory::new("w", &cfg, schema(), Some("ts")).expect("threshold");
-        let w = g
-            .add_operator("w", Arc::new(t), 1, &[(src, Port::Main)])
-            .expect("operator");
-        let (sink, out) = MemorySinkFactory::new();
-        g.add_sink("out", Arc::new(sink), 1, &[(w, Port::Main)])
-            .expect("sink");
+        let (g, out) = windows_of(
+            "talker",
+            Arc::new(OneQuietPartition),
+            WatermarkSpec {
+                out_of_orderness_ms: 0,
+                idle_timeout_ms: 5_000,
+            },
+        );
         let launched = crate::launch(
             &g,
             RuntimeOptions {
@@ -317,31 +325,11 @@ mod idleness {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_announced_watermark_holds_windows_whatever_the_records_say() {
         let announced = Arc::new(std::sync::atomic::AtomicI64::new(0));
-        let mut g = Graph::new();
-        let src = g
-            .add_source(
-                "announcing",
-                Arc::new(Announcing(announced.clone())),
-                1,
-                WatermarkSpec::default(),
-            )
-            .expect("source");
-        let cfg = ThresholdConfig {
-            key: vec!["k".into()],
-            window: Duration::from_secs(10),
-            min_count: Some(1),
-            distinct: None,
-            min_distinct: None,
-            time: None,
-            rule: None,
-        };
-        let t = ThresholdFactory::new("w", &cfg, schema(), Some("ts")).expect("threshold");
-        let w = g
-            .add_operator("w", Arc::new(t), 1, &[(src, Port::Main)])
-            .expect("operator");
-        let (sink, out) = MemorySinkFactory::new();
-        g.add_sink("out", Arc::new(sink), 1, &[(w, Port::Main)])
-            .expect("sink");
+        let (g, out) = windows_of(
+            "announcing",
+            Arc::new(Announcing(announced.clone())),
+            WatermarkSpec::default(),
+        );
         let launched = crate::launch(&g, RuntimeOptions::default());
         let metrics = launched.metrics.clone();
         while metrics.node_totals("announcing").records_in < 50 {

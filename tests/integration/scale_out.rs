@@ -49,6 +49,38 @@ sinks:
     )
 }
 
+/// Produces `n` logins to `auth` (one a second of event time), record `i`
+/// as user `user(i)` with `outcome(i)` to partition `i % partitions`.
+async fn produce(
+    brokers: &str,
+    n: i64,
+    partitions: i64,
+    user: impl Fn(i64) -> String,
+    outcome: impl Fn(i64) -> &'static str,
+) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    for i in 0..n {
+        let (user, outcome) = (user(i), outcome(i));
+        let value = format!(
+            r#"{{"ts":{},"user":"{user}","outcome":"{outcome}"}}"#,
+            1_767_225_600_000 + i * 1000
+        );
+        producer
+            .send(
+                FutureRecord::to("auth")
+                    .partition((i % partitions) as i32)
+                    .payload(&value)
+                    .key(&user),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered");
+    }
+}
+
 /// A `vigil run` process; SIGKILLed on drop if still running.
 struct Process(Child);
 
@@ -124,31 +156,12 @@ async fn processes_of_one_pipeline_share_partitions_and_refuse_another_definitio
     let Some(tansu) = start_tansu() else { return };
     let brokers = tansu.brokers.clone();
     create_topics(&brokers, &[("auth", 4), ("failures", 1)]).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
-    let mut expected = BTreeSet::new();
-    for i in 0..RECORDS {
-        let outcome = if i % 3 == 0 { "failure" } else { "success" };
-        let value = format!(
-            r#"{{"ts":{},"user":"u{i}","outcome":"{outcome}"}}"#,
-            1_767_225_600_000 + i * 1000
-        );
-        if outcome == "failure" {
-            expected.insert(format!("u{i}"));
-        }
-        producer
-            .send(
-                FutureRecord::to("auth")
-                    .partition((i % 4) as i32)
-                    .payload(&value)
-                    .key(&format!("u{i}")),
-                Duration::from_secs(10),
-            )
-            .await
-            .expect("delivered");
-    }
+    let failure = |i: i64| if i % 3 == 0 { "failure" } else { "success" };
+    produce(&brokers, RECORDS, 4, |i| format!("u{i}"), failure).await;
+    let expected: BTreeSet<String> = (0..RECORDS)
+        .filter(|i| i % 3 == 0)
+        .map(|i| format!("u{i}"))
+        .collect();
 
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(
@@ -347,27 +360,7 @@ async fn a_repartition_writer_sends_each_row_to_its_key_groups_partition_with_wa
     let Some(tansu) = start_tansu() else { return };
     let brokers = tansu.brokers.clone();
     create_topics(&brokers, &[("auth", 2)]).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
-    for i in 0..300i64 {
-        let value = format!(
-            r#"{{"ts":{},"user":"u{}","outcome":"failure"}}"#,
-            1_767_225_600_000 + i * 1000,
-            i % 17
-        );
-        producer
-            .send(
-                FutureRecord::to("auth")
-                    .partition((i % 2) as i32)
-                    .payload(&value)
-                    .key("k"),
-                Duration::from_secs(10),
-            )
-            .await
-            .expect("delivered");
-    }
+    produce(&brokers, 300, 2, |i| format!("u{}", i % 17), |_| "failure").await;
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &brokers);
     let topic = "vigil-rekey-per_user-repartition";

@@ -319,27 +319,33 @@ impl CheckpointStore {
         Ok(ids)
     }
 
-    async fn manifest_at(&self, dir: &Path) -> Result<Option<Manifest>> {
-        let path = dir.clone().join(MANIFEST);
-        match self.store.get(&path).await {
+    /// The object at `path`, or None if there is none.
+    async fn get_if_present(&self, path: &Path) -> Result<Option<Bytes>> {
+        match self.store.get(path).await {
             Ok(got) => {
-                let bytes = got
-                    .bytes()
-                    .await
-                    .map_err(|e| store_error(format!("cannot read {path}"), e))?;
-                let m: Manifest = serde_json::from_slice(&bytes)
-                    .map_err(|e| store_error(format!("{path} is not a manifest"), e))?;
-                if m.format != FORMAT {
-                    return Err(EngineError::Checkpoint(format!(
-                        "{path}: layout version {} is not {FORMAT}",
-                        m.format
-                    )));
-                }
-                Ok(Some(m))
+                Ok(Some(got.bytes().await.map_err(|e| {
+                    store_error(format!("cannot read {path}"), e)
+                })?))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(store_error(format!("cannot read {path}"), e)),
         }
+    }
+
+    async fn manifest_at(&self, dir: &Path) -> Result<Option<Manifest>> {
+        let path = dir.clone().join(MANIFEST);
+        let Some(bytes) = self.get_if_present(&path).await? else {
+            return Ok(None);
+        };
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| store_error(format!("{path} is not a manifest"), e))?;
+        if m.format != FORMAT {
+            return Err(EngineError::Checkpoint(format!(
+                "{path}: layout version {} is not {FORMAT}",
+                m.format
+            )));
+        }
+        Ok(Some(m))
     }
 
     /// Manifests of the complete checkpoints, oldest first.
@@ -481,18 +487,9 @@ impl CheckpointStore {
             let Some(member) = path.filename().and_then(|f| f.strip_suffix(".json")) else {
                 continue;
             };
-            let member = member.to_string();
-            match self.store.get(&path).await {
-                Ok(got) => {
-                    let bytes = got
-                        .bytes()
-                        .await
-                        .map_err(|e| store_error(format!("cannot read {path}"), e))?;
-                    out.push((member, bytes.to_vec()));
-                }
-                // Removed between the listing and the read: gone.
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(store_error(format!("cannot read {path}"), e)),
+            // None: removed between the listing and the read, so gone.
+            if let Some(bytes) = self.get_if_present(&path).await? {
+                out.push((member.to_string(), bytes.to_vec()));
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -533,26 +530,20 @@ impl CheckpointStore {
 
     /// Deletes every checkpoint (savepoints stay): for a run whose input
     /// ended, or one told to start fresh.
+    /// A member's also clears the shared checkpoints it may have started
+    /// from.
     pub async fn clear(&self) -> Result<()> {
-        let ids = self.checkpoint_dirs().await?;
-        for id in ids {
-            self.delete_dir(id).await?;
-        }
+        let mut stores = vec![self.clone()];
         if self.member.is_some() {
-            // The shared checkpoints a member may have started from.
-            Self {
+            stores.push(Self {
                 member: None,
                 ..self.clone()
-            }
-            .clear_shared()
-            .await?;
+            });
         }
-        Ok(())
-    }
-
-    async fn clear_shared(&self) -> Result<()> {
-        for id in self.checkpoint_dirs().await? {
-            self.delete_dir(id).await?;
+        for store in stores {
+            for id in store.checkpoint_dirs().await? {
+                store.delete_dir(id).await?;
+            }
         }
         Ok(())
     }
@@ -572,11 +563,8 @@ impl CheckpointStore {
             }
         }
         if let Some(root) = &self.local {
-            let base = match &self.member {
-                Some(m) => root.join("members").join(m).join("checkpoints"),
-                None => root.join("checkpoints"),
-            };
-            let path = base.join(format!("chk-{id:020}"));
+            // A local store's object paths are relative to its directory.
+            let path = root.join(dir.as_ref());
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
