@@ -391,12 +391,92 @@ pub async fn run(plan: &Plan, mut options: RunOptions) -> Result<Summary, Engine
     if let Some(m) = &membership {
         // Its own checkpoints, apart from the other processes'.
         options.checkpoints = Some(m.store().clone());
+        // Partitions go on from the checkpoint their commit names, whoever
+        // wrote it.
+        let ownership = vigil_connectors::kafka::Ownership {
+            store: m.store().clone(),
+            member: m.member(),
+            definition: plan.definition.clone(),
+        };
+        for (_, f) in &plan.kafka_sources {
+            f.set_ownership(ownership.clone());
+        }
+    }
+    if !plan.repartitions.is_empty() {
+        if membership.is_none() {
+            return Err(EngineError::User(format!(
+                "pipeline {:?} has scale_out: keyed state moves between processes through checkpoint storage; give --checkpoints",
+                plan.name
+            )));
+        }
+        for r in &plan.repartitions {
+            let mut config = rdkafka::ClientConfig::new();
+            config.set("bootstrap.servers", &r.brokers);
+            for (k, v) in r.properties.iter() {
+                config.set(k, v);
+            }
+            vigil_connectors::kafka::repartition::ensure_topic(
+                &config,
+                &plan.name,
+                &r.topic,
+                r.partitions,
+            )
+            .await?;
+        }
     }
     let result = supervise(plan, &options, control, listener, membership.as_ref()).await;
     if let Some(m) = &membership {
         m.leave().await;
     }
     result
+}
+
+/// What a process sharing its pipeline restores from its own checkpoint:
+/// not the Kafka sources' positions, which come with each partition from
+/// the checkpoint its commit names (this process's or another's), and not
+/// the state of steps behind a repartition reader, which comes with the
+/// key groups of the partitions assigned here. The rest (sinks' pending
+/// commits, other sources, steps fed by them) is this process's own.
+fn owned_here(plan: &Plan, mut c: CompletedCheckpoint) -> CompletedCheckpoint {
+    use vigil_engine::graph::NodeKind;
+    let nodes = plan.graph.nodes();
+    let kafka: std::collections::HashSet<&str> =
+        plan.kafka_sources.iter().map(|(n, _)| n.as_str()).collect();
+    let readers: Vec<usize> = plan
+        .repartitions
+        .iter()
+        .filter_map(|r| plan.graph.find(&format!("{}/rekey-in", r.step)))
+        .collect();
+    // Operators downstream of a reader (readers are added after the steps
+    // they feed, so node order is not input order: iterate until settled).
+    let mut behind: Vec<bool> = (0..nodes.len()).map(|id| readers.contains(&id)).collect();
+    loop {
+        let mut changed = false;
+        for (id, n) in nodes.iter().enumerate() {
+            if !behind[id]
+                && matches!(n.kind, NodeKind::Operator(_))
+                && n.inputs.iter().any(|e| behind[e.from])
+            {
+                behind[id] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let dropped: std::collections::HashSet<&str> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(id, n)| {
+            kafka.contains(n.name.as_str())
+                || (behind[*id] && matches!(n.kind, NodeKind::Operator(_)))
+        })
+        .map(|(_, n)| n.name.as_str())
+        .collect();
+    c.states.retain(|(node, _), _| !dropped.contains(node.as_str()));
+    c.parallelism.retain(|node, _| !dropped.contains(node.as_str()));
+    c
 }
 
 /// Runs attempts of the pipeline until one ends or gives up.
@@ -418,8 +498,12 @@ async fn supervise(
     tokio::pin!(server);
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     let started = Instant::now();
+    let shared = |c: CompletedCheckpoint| match membership {
+        Some(_) => Arc::new(owned_here(plan, c)),
+        None => Arc::new(c),
+    };
     let mut restore = match (&options.checkpoints, &options.restore) {
-        (Some(store), Restore::Latest) => store.latest().await?.map(Arc::new),
+        (Some(store), Restore::Latest) => store.latest().await?.map(shared),
         (Some(store), Restore::Savepoint(name)) => Some(Arc::new(store.savepoint(name).await?)),
         (None, Restore::Savepoint(name)) => {
             return Err(EngineError::User(format!(
@@ -486,7 +570,7 @@ async fn supervise(
                     .saturating_mul(1 << (failures - 1).min(16))
                     .min(options.restarts.max_backoff);
                 restore = match &options.checkpoints {
-                    Some(store) => store.latest().await?.map(Arc::new),
+                    Some(store) => store.latest().await?.map(shared),
                     None => latest.or(restore),
                 };
                 tracing::warn!(

@@ -270,6 +270,28 @@ impl Graph {
         Ok(())
     }
 
+    /// Makes input `input` of node `node` read `from` instead, partitioned
+    /// as the node needs it (a planner inserting a step in front of it).
+    pub fn reroute(&mut self, node: NodeId, input: usize, from: (NodeId, Port)) -> Result<()> {
+        let n = self
+            .nodes
+            .get(node)
+            .ok_or_else(|| EngineError::Internal(format!("no node {node}")))?;
+        if input >= n.inputs.len() {
+            return Err(EngineError::Internal(format!(
+                "node {:?} has no input {input}",
+                n.name
+            )));
+        }
+        let keys = match &n.kind {
+            NodeKind::Operator(f) => f.key_columns(),
+            _ => Vec::new(),
+        };
+        let edge = self.edges(&[from], n.parallelism, &keys)?.remove(0);
+        self.nodes[node].inputs[input] = edge;
+        Ok(())
+    }
+
     fn edges(
         &self,
         inputs: &[(NodeId, Port)],

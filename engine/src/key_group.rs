@@ -145,6 +145,20 @@ pub fn owned(table: &RecordBatch, subtask: usize, parallelism: usize) -> Result<
     Ok(kept)
 }
 
+/// The rows of a keyed state table whose key group satisfies `keep`, with
+/// the key-group column kept; tables without one are returned whole.
+pub fn select(table: &RecordBatch, keep: impl Fn(u16) -> bool) -> Result<RecordBatch> {
+    let Ok(i) = table.schema().index_of(KEY_GROUP_COLUMN) else {
+        return Ok(table.clone());
+    };
+    let groups = table
+        .column(i)
+        .as_primitive::<arrow::datatypes::UInt16Type>();
+    let mask: arrow::array::BooleanArray =
+        groups.iter().map(|g| Some(g.is_some_and(&keep))).collect();
+    Ok(filter_record_batch(table, &mask)?)
+}
+
 /// True when a state table carries key groups.
 pub fn is_keyed(table: &RecordBatch) -> bool {
     table.schema().index_of(KEY_GROUP_COLUMN).is_ok()

@@ -41,11 +41,13 @@ pub use error::{ConfigError, EngineError, ErrorDomain, Result};
 pub use event_log::{EventLog, MemoryEventLog, Recovery};
 pub use graph::{Graph, NodeId, Partitioning, Port};
 pub use lookup::{TableFeed, TableUpdate};
-pub use message::{Barrier, CheckpointId, EventTime, LatencyMarker, Message, Watermark};
+pub use message::{
+    Barrier, CheckpointId, EventTime, KeyGroupChange, LatencyMarker, Message, Watermark,
+};
 pub use metrics::{MetricsRegistry, NodeRole, Percentiles, StateSize, TaskMetrics};
 pub use operator::{
     Collector, Operator, OperatorFactory, OperatorState, Sink, SinkFactory, Source, SourceEvent,
     SourceFactory, TaskContext, DEAD_LETTER, LATE,
 };
-pub use runtime::{start, RunningPipeline, RuntimeOptions, StopHandle};
+pub use runtime::{event_time_columns, start, RunningPipeline, RuntimeOptions, StopHandle};
 pub use watermark::WatermarkSpec;

@@ -53,6 +53,58 @@ pub enum Message {
     Barrier(Barrier),
     /// A latency marker; see [`LatencyMarker`].
     Latency(LatencyMarker),
+    /// Key groups change owner (a repartition partition was assigned to or
+    /// revoked from this process); see [`KeyGroupChange`].
+    KeyGroups(std::sync::Arc<KeyGroupChange>),
     /// The sender will send nothing more.
     EndOfInput,
+}
+
+/// Key groups whose state arrives in, or leaves, this process.
+///
+/// When a source hands out a partition that carries the records of a set of
+/// key groups (a repartition topic's partition), every keyed operator
+/// downstream must hold those groups' state before the first record, and
+/// must drop it once the partition has gone to another process. The change
+/// travels in-band, like a barrier, so it is ordered with the records: an
+/// adoption before the partition's first record, a release right after the
+/// barrier of the checkpoint that hands the partition over.
+#[derive(Debug)]
+pub enum KeyGroupChange {
+    /// Take these key groups' state from `checkpoint` (another process's,
+    /// or this process's own from an earlier run) and add it to what is
+    /// held. Only keyed tables are taken; operator-wide tables stay this
+    /// process's own.
+    Adopt {
+        /// Unique among the changes a process makes: operators reached by
+        /// several paths apply it once.
+        id: u64,
+        /// The key groups.
+        groups: Vec<u16>,
+        /// Where their state is.
+        checkpoint: std::sync::Arc<crate::checkpoint::CompletedCheckpoint>,
+    },
+    /// Drop these key groups' state: the partition that carries them now
+    /// belongs to another process.
+    Release {
+        /// Unique among the changes a process makes.
+        id: u64,
+        /// The key groups.
+        groups: Vec<u16>,
+    },
+}
+
+impl KeyGroupChange {
+    /// Its id.
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Adopt { id, .. } | Self::Release { id, .. } => *id,
+        }
+    }
+
+    /// A fresh id for a change made by this process.
+    pub fn next_id() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }

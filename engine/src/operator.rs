@@ -270,6 +270,9 @@ pub enum SourceEvent {
     /// This subtask no longer reads partition `partition`; it stops holding
     /// the watermark back, but the source has not ended.
     PartitionRevoked(usize),
+    /// Key groups change owner: sent on to every operator downstream, in
+    /// order with the records (see [`crate::KeyGroupChange`]).
+    KeyGroups(crate::KeyGroupChange),
     /// The source needs a checkpoint now: a Kafka partition being revoked
     /// is handed over only once what was read from it has reached the sinks
     /// and its offset is committed. The runtime triggers one for the whole
@@ -300,6 +303,13 @@ pub trait Source: Send {
     /// `checkpoint`.
     fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<OperatorState> {
         Ok(OperatorState::default())
+    }
+    /// Key groups this subtask hands over at the checkpoint whose barrier
+    /// it has just injected (the groups of partitions being revoked). The
+    /// runtime sends their release right behind the barrier, so the
+    /// checkpoint still holds their state and nothing after it does.
+    fn released_at_barrier(&mut self) -> Option<Vec<u16>> {
+        None
     }
     /// Checkpoint `checkpoint` is complete everywhere in the pipeline.
     fn on_checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {

@@ -422,6 +422,7 @@ enum InputEvent {
     Watermark(Watermark),
     Barrier(Barrier),
     Latency(crate::message::LatencyMarker),
+    KeyGroups(Arc<crate::message::KeyGroupChange>),
     End,
 }
 
@@ -507,6 +508,7 @@ impl Inputs {
             match msg {
                 Some(Message::Batch(b)) => return Ok(InputEvent::Batch(self.slots[i].logical, b)),
                 Some(Message::Latency(m)) => return Ok(InputEvent::Latency(m)),
+                Some(Message::KeyGroups(c)) => return Ok(InputEvent::KeyGroups(c)),
                 Some(Message::Watermark(w)) => {
                     if let Some(m) = self.watermarks.update(i, w) {
                         return Ok(InputEvent::Watermark(m));
@@ -761,8 +763,11 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                         op.restore(s).map_err(wrap.clone())?;
                     }
                     let ins = Inputs::new(slots);
+                    let factory = f.clone();
                     tasks.spawn(async move {
-                        run_operator(ctx, op, ins, outs, coord).await.map_err(wrap)
+                        run_operator(ctx, factory, op, ins, outs, coord)
+                            .await
+                            .map_err(wrap)
                     });
                 }
                 NodeKind::Sink(f) => {
@@ -840,6 +845,11 @@ async fn run_source(
                     coord.ack(id, &ctx.node, ctx.subtask, state);
                     outs.broadcast(Message::Barrier(Barrier { checkpoint: id }))
                         .await?;
+                    if let Some(groups) = source.released_at_barrier() {
+                        let id = crate::message::KeyGroupChange::next_id();
+                        let change = crate::message::KeyGroupChange::Release { id, groups };
+                        outs.broadcast(Message::KeyGroups(Arc::new(change))).await?;
+                    }
                 }
                 Control::Complete(id) => {
                     source.on_checkpoint_complete(id)?;
@@ -886,6 +896,9 @@ async fn run_source(
             SourceEvent::PartitionEnd(p) => wm.finish(p),
             SourceEvent::PartitionAssigned(p) => wm.assign(p, clock.now_ms()),
             SourceEvent::PartitionRevoked(p) => wm.revoke(p),
+            SourceEvent::KeyGroups(change) => {
+                outs.broadcast(Message::KeyGroups(Arc::new(change))).await?;
+            }
             SourceEvent::Watermark {
                 partition,
                 watermark,
@@ -924,6 +937,7 @@ impl StateSampler {
 
 async fn run_operator(
     ctx: TaskContext,
+    factory: Arc<dyn crate::operator::OperatorFactory>,
     mut op: Box<dyn crate::operator::Operator>,
     mut ins: Inputs,
     mut outs: Outputs,
@@ -937,8 +951,24 @@ async fn run_operator(
     // The last event-time watermark sent on; held back by the operator's
     // hold and never decreasing.
     let mut forwarded = EventTime::MIN;
+    // Key-group changes already applied (one can arrive on several inputs).
+    let mut applied: VecDeque<u64> = VecDeque::new();
     loop {
         match ins.next(&ctx.node).await? {
+            InputEvent::KeyGroups(change) => {
+                if applied.contains(&change.id()) {
+                    continue;
+                }
+                if applied.len() >= 256 {
+                    applied.pop_front();
+                }
+                applied.push_back(change.id());
+                if !stateless {
+                    op = change_key_groups(&ctx, factory.as_ref(), op, &change)?;
+                    sampler.sample(&ctx, op.as_ref(), true);
+                }
+                outs.broadcast(Message::KeyGroups(change)).await?;
+            }
             InputEvent::Batch(input, batch) => {
                 TaskMetrics::add(&m.records_in, batch.num_rows());
                 TaskMetrics::add(&m.batches_in, 1);
@@ -994,6 +1024,71 @@ async fn run_operator(
                 outs.broadcast(Message::EndOfInput).await?;
                 return Ok(());
             }
+        }
+    }
+}
+
+/// Applies a key-group change to a keyed operator subtask.
+///
+/// An adoption adds the rows of the groups this subtask owns, from every
+/// subtask state the checkpoint holds for this node, through
+/// [`Operator::restore`](crate::operator::Operator::restore) (restores add
+/// up); operator-wide tables are passed empty, so the subtask keeps its own
+/// watermark. A release takes a snapshot, drops the groups' rows, and
+/// restores what remains into a fresh subtask: operators have no other way
+/// to forget keys, and this one keeps the semantics of a restore.
+fn change_key_groups(
+    ctx: &TaskContext,
+    factory: &dyn crate::operator::OperatorFactory,
+    mut op: Box<dyn crate::operator::Operator>,
+    change: &crate::message::KeyGroupChange,
+) -> Result<Box<dyn crate::operator::Operator>> {
+    use crate::key_group::{is_keyed, owned, select};
+    use crate::message::KeyGroupChange;
+    match change {
+        KeyGroupChange::Adopt {
+            groups, checkpoint, ..
+        } => {
+            let Some(&old) = checkpoint.parallelism.get(&ctx.node) else {
+                return Ok(op);
+            };
+            for s in 0..old {
+                let Some(state) = checkpoint.state(&ctx.node, s) else {
+                    continue;
+                };
+                let batches = state
+                    .batches
+                    .iter()
+                    .map(|b| {
+                        if is_keyed(b) {
+                            let b = select(b, |g| groups.binary_search(&g).is_ok())?;
+                            owned(&b, ctx.subtask, ctx.parallelism)
+                        } else {
+                            Ok(b.slice(0, 0))
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                op.restore(OperatorState { batches })?;
+            }
+            tracing::debug!(node = %ctx.node, subtask = ctx.subtask, groups = groups.len(), checkpoint = checkpoint.id, "key groups adopted");
+            Ok(op)
+        }
+        KeyGroupChange::Release { groups, .. } => {
+            let state = op.snapshot()?;
+            if !state.batches.iter().any(is_keyed) {
+                return Ok(op);
+            }
+            let kept = OperatorState {
+                batches: state
+                    .batches
+                    .iter()
+                    .map(|b| select(b, |g| groups.binary_search(&g).is_err()))
+                    .collect::<Result<Vec<_>>>()?,
+            };
+            let mut fresh = factory.create(ctx)?;
+            fresh.restore(kept.owned_by(ctx.subtask, ctx.parallelism)?)?;
+            tracing::debug!(node = %ctx.node, subtask = ctx.subtask, groups = groups.len(), "key groups released");
+            Ok(fresh)
         }
     }
 }
@@ -1096,6 +1191,8 @@ async fn run_sink(
                 }
             }
             InputEvent::Latency(marker) => latency.ingest(&ctx, marker),
+            // A sink's output is committed per checkpoint, not per key.
+            InputEvent::KeyGroups(_) => {}
             InputEvent::Barrier(b) => {
                 let started = latency.detailed.then(now);
                 let state = sink.snapshot(b.checkpoint).await?;
@@ -1163,7 +1260,7 @@ impl SinkLatencyRecorder {
 /// The event-time column of each node's main output, by name: a source's
 /// declared column; an operator's own choice, or its input's column if the
 /// output keeps it, or `window_end`; a sink's input's.
-fn event_time_columns(nodes: &[crate::graph::Node]) -> Vec<Option<String>> {
+pub fn event_time_columns(nodes: &[crate::graph::Node]) -> Vec<Option<String>> {
     fn is_ts(schema: &arrow::datatypes::Schema, name: &str) -> bool {
         schema
             .field_with_name(name)

@@ -20,6 +20,7 @@ pub mod env;
 pub mod fingerprint;
 pub mod plan;
 pub mod query;
+pub mod rekey;
 pub mod spec;
 mod yaml;
 

@@ -88,6 +88,8 @@ pub struct Plan {
     pub definition: String,
     /// The Kafka sources by name, for `vigil status`.
     pub kafka_sources: Vec<(String, Arc<KafkaSourceFactory>)>,
+    /// Internal topics re-keying keyed steps (`scale_out`), in plan order.
+    pub repartitions: Vec<super::rekey::Repartition>,
 }
 
 impl Plan {
@@ -630,6 +632,21 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         return Err(Diagnostics(p.errors));
     }
 
+    let repartitions = match &spec.scale_out {
+        Some(scale) => {
+            super::rekey::plan(spec, scale, &mut graph, &definition, &mut kafka_sources).map_err(
+                |e| {
+                    Diagnostics::from(Diagnostic::new(
+                        &spec.file,
+                        spec.locate("scale_out"),
+                        format!("scale_out: {e}"),
+                    ))
+                },
+            )?
+        }
+        None => Vec::new(),
+    };
+
     // Dead letters nobody consumes go to `<topic>.dlq` for Kafka sources and
     // to a file for the others, never nowhere.
     let mut orphans: Vec<(NodeId, Port)> = Vec::new();
@@ -701,6 +718,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         kafka_topics: kafka_topics(spec),
         definition,
         kafka_sources,
+        repartitions,
     })
 }
 

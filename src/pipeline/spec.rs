@@ -73,6 +73,7 @@ const TOP_KEYS: &[&str] = &[
     "sources",
     "transforms",
     "sinks",
+    "scale_out",
 ];
 
 /// Event-time settings of a source.
@@ -189,6 +190,27 @@ pub struct PipelineSpec {
     pub transforms: Vec<NodeSpec<TransformKind>>,
     /// Sinks, in file order.
     pub sinks: Vec<NodeSpec<SinkKind>>,
+    /// How keyed steps are re-keyed when several processes share the work.
+    pub scale_out: Option<ScaleOutSpec>,
+}
+
+/// `scale_out:`: keyed steps read their input through internal repartition
+/// topics, so several processes can share a pipeline with keyed state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleOutSpec {
+    /// Partitions of every repartition topic (1 to 128): the most processes
+    /// a keyed step can be spread over.
+    #[serde(default = "default_scale_out_partitions")]
+    pub partitions: usize,
+    /// Brokers of the repartition topics (default: the first Kafka
+    /// source's, with its `properties`).
+    #[serde(default)]
+    pub brokers: Option<String>,
+}
+
+fn default_scale_out_partitions() -> usize {
+    12
 }
 
 struct Ctx<'a> {
@@ -268,6 +290,26 @@ impl PipelineSpec {
             .get_node("parallelism")
             .and_then(|n| scalar_usize(&mut ctx, n, "parallelism"))
             .unwrap_or(1);
+        let scale_out = top.get_node("scale_out").and_then(|n| {
+            match yaml::from_node::<ScaleOutSpec>(file, n, "scale_out") {
+                Ok(s) if (1..=128).contains(&s.partitions) => Some(s),
+                Ok(s) => {
+                    ctx.err(
+                        loc(n.span()),
+                        format!(
+                            "scale_out.partitions must be 1 to 128 (one key group each at most), not {}",
+                            s.partitions
+                        ),
+                        None,
+                    );
+                    None
+                }
+                Err(d) => {
+                    ctx.errors.push(d);
+                    None
+                }
+            }
+        });
         let mut sources = section(
             &mut ctx,
             top,
@@ -310,6 +352,7 @@ impl PipelineSpec {
             sources,
             transforms,
             sinks,
+            scale_out,
         })
     }
 

@@ -4,6 +4,7 @@
 
 mod config;
 mod dead_letter;
+pub mod ownership;
 pub mod repartition;
 mod sink;
 mod source;
@@ -13,6 +14,7 @@ pub use config::{
     KafkaSinkConfig, KafkaSourceConfig, Properties, SinkFormat, Start, StartOffset, ValueFormat,
 };
 pub use dead_letter::KafkaDeadLetterSinkFactory;
+pub use ownership::Ownership;
 pub use sink::KafkaSinkFactory;
 pub use source::{definition_of, KafkaSourceFactory};
 pub use status::{GroupStatus, MemberStatus, PartitionStatus};

@@ -409,6 +409,155 @@ impl ProducerWatermarks {
     }
 }
 
+/// What a repartition topic's reader keeps per partition it owns: the
+/// origin marks and the writers' watermarks.
+#[derive(Debug)]
+pub(crate) struct ReaderPartitions {
+    /// Partitions of the topic.
+    pub partitions: usize,
+    idle: Duration,
+    marks: HashMap<i32, OriginMarks>,
+    writers: HashMap<i32, ProducerWatermarks>,
+    announced: HashMap<i32, i64>,
+}
+
+/// One record of a repartition partition, as the reader meets it.
+pub(crate) struct Record<'a> {
+    pub kind: Option<&'a str>,
+    pub producer: Option<&'a str>,
+    pub watermark: Option<&'a str>,
+    pub value: &'a [u8],
+    pub offset: i64,
+}
+
+impl ReaderPartitions {
+    pub fn new(partitions: usize, idle: Duration) -> Self {
+        Self {
+            partitions,
+            idle,
+            marks: HashMap::new(),
+            writers: HashMap::new(),
+            announced: HashMap::new(),
+        }
+    }
+
+    /// The rows of a chunk of records of `partition` not taken before
+    /// (None if there are none), and the partition's watermark if it moved.
+    /// `location` names the partition in errors.
+    pub fn read<'a>(
+        &mut self,
+        partition: i32,
+        records: impl Iterator<Item = Record<'a>>,
+        schema: &arrow::datatypes::SchemaRef,
+        now_ms: i64,
+        location: &str,
+    ) -> Result<(Option<RecordBatch>, Option<i64>)> {
+        let idle = self.idle;
+        let marks = self.marks.entry(partition).or_default();
+        let writers = self
+            .writers
+            .entry(partition)
+            .or_insert_with(|| ProducerWatermarks::new(idle));
+        let mut rows = Vec::new();
+        for r in records {
+            let at = format!("{location}@{}", r.offset);
+            match r.kind {
+                Some("watermark") => {
+                    let w = r.watermark.and_then(|w| w.parse::<i64>().ok());
+                    match (r.producer, w) {
+                        (Some(p), Some(w)) => writers.observe(p, w, now_ms),
+                        _ => {
+                            tracing::warn!(record = %at, "repartition watermark without producer or value ignored")
+                        }
+                    }
+                }
+                Some("finished") => {
+                    if let Some(p) = r.producer {
+                        writers.finish(p, now_ms);
+                    }
+                }
+                _ => {
+                    for b in decode(r.value, &at)? {
+                        let b = RecordBatch::try_new(schema.clone(), b.columns().to_vec())
+                            .map_err(|e| {
+                                ConnectorError::Arrow(arrow::error::ArrowError::SchemaError(
+                                    format!("{at}: the repartitioned rows do not have the step's input schema: {e}"),
+                                ))
+                            })?;
+                        let fresh = marks.admit(&b)?;
+                        if fresh.num_rows() > 0 {
+                            rows.push(fresh);
+                        }
+                    }
+                }
+            }
+        }
+        let batch = match rows.len() {
+            0 => None,
+            1 => rows.pop(),
+            _ => Some(arrow::compute::concat_batches(schema, &rows)?),
+        };
+        Ok((batch, self.watermark(partition, now_ms)))
+    }
+
+    /// `partition`'s watermark, if it moved since it was last asked for
+    /// (writers turn idle without a record saying so).
+    pub fn watermark(&mut self, partition: i32, now_ms: i64) -> Option<i64> {
+        let w = self.writers.get_mut(&partition)?.watermark(now_ms)?;
+        let last = self.announced.insert(partition, w);
+        (last != Some(w)).then_some(w)
+    }
+
+    /// Partitions whose writers have been heard from.
+    pub fn heard(&self) -> Vec<i32> {
+        self.writers.keys().copied().collect()
+    }
+
+    /// Takes `partition`'s marks from a checkpoint's marks table (see
+    /// [`ReaderPartitions::snapshot`]).
+    pub fn adopt(&mut self, partition: i32, table: &RecordBatch) -> Result<()> {
+        let Some(of) = table
+            .column_by_name("reader_partition")
+            .and_then(|c| c.as_primitive_opt::<Int32Type>())
+        else {
+            return Err(ConnectorError::config(
+                "origin marks",
+                "the checkpoint's origin marks have no reader_partition column",
+            ));
+        };
+        let mine: BooleanArray = of.iter().map(|p| Some(p == Some(partition))).collect();
+        let rows = filter_record_batch(table, &mine)?;
+        self.marks.insert(partition, OriginMarks::restore(&rows)?);
+        Ok(())
+    }
+
+    /// Forgets a partition that went to another process.
+    pub fn forget(&mut self, partition: i32) {
+        self.marks.remove(&partition);
+        self.writers.remove(&partition);
+        self.announced.remove(&partition);
+    }
+
+    /// The marks of `partitions`, one table (`reader_partition`, `topic`,
+    /// `partition`, `offset`).
+    pub fn snapshot(&self, partitions: impl Iterator<Item = i32>) -> Result<RecordBatch> {
+        let mut of = Vec::new();
+        let mut tables = Vec::new();
+        for p in partitions {
+            let t = self.marks.get(&p).cloned().unwrap_or_default().snapshot()?;
+            of.extend(std::iter::repeat_n(p, t.num_rows()));
+            tables.push(t);
+        }
+        let empty = OriginMarks::default().snapshot()?;
+        let table = arrow::compute::concat_batches(&empty.schema(), &tables)?;
+        let mut fields: Vec<Field> = vec![Field::new("reader_partition", DataType::Int32, false)];
+        fields.extend(table.schema().fields().iter().map(|f| f.as_ref().clone()));
+        let mut cols: Vec<arrow::array::ArrayRef> = vec![Arc::new(Int32Array::from(of))];
+        cols.extend(table.columns().iter().cloned());
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+    }
+}
+
 /// Builds the writers of one repartition topic.
 #[derive(Debug, Clone)]
 pub struct RepartitionSinkFactory {

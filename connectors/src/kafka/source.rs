@@ -101,6 +101,10 @@ pub struct KafkaSourceFactory {
     /// Whether the group was found free of other definitions (checked once,
     /// when the first subtask starts).
     checked: Arc<Mutex<bool>>,
+    /// Set when several processes share the partitions: commits carry
+    /// pointers to checkpoints, and an assigned partition goes on from the
+    /// checkpoint its commit names.
+    ownership: Arc<Mutex<Option<super::ownership::Ownership>>>,
 }
 
 /// How record values become columns.
@@ -117,6 +121,8 @@ enum Codec {
     },
     /// String or bytes, one `value` column.
     Raw,
+    /// A repartition topic: Arrow IPC rows and the writers' watermarks.
+    Repartition { partitions: usize, idle: Duration },
 }
 
 /// A subtask's decoder: the Avro one keeps the writer schemas it has met.
@@ -130,6 +136,7 @@ enum ValueDecoder {
         event_time: usize,
     },
     Raw,
+    Repartition(Box<super::repartition::ReaderPartitions>),
 }
 
 fn headers_type() -> DataType {
@@ -293,7 +300,61 @@ impl KafkaSourceFactory {
             resume: Arc::default(),
             definition: None,
             checked: Arc::default(),
+            ownership: Arc::default(),
         })
+    }
+
+    /// The reader of repartition topic `topic` in front of step `name` of
+    /// pipeline `pipeline`: its records are rows of `schema` (the step's
+    /// input, event time at column `event_time`) and the watermarks of
+    /// their writers; a writer not heard from for `idle` stops holding a
+    /// partition's watermark back.
+    #[allow(clippy::too_many_arguments)]
+    pub fn repartition_reader(
+        pipeline: &str,
+        name: &str,
+        brokers: &str,
+        properties: &super::config::Properties,
+        topic: &str,
+        schema: SchemaRef,
+        event_time: usize,
+        partitions: usize,
+        idle: Duration,
+    ) -> Result<Self> {
+        let config = KafkaSourceConfig {
+            brokers: brokers.to_string(),
+            topics: vec![topic.to_string()],
+            group_id: None,
+            start: "committed".into(),
+            offset_reset: StartOffset::Earliest,
+            format: ValueFormat::Bytes,
+            schema: None,
+            registry: None,
+            batch_size: 256,
+            dead_letter_topic: None,
+            properties: properties.clone(),
+        };
+        let mut f = Self::new(pipeline, name, &config)?;
+        f.codec = Codec::Repartition { partitions, idle };
+        f.schema = schema;
+        f.event_time = event_time;
+        Ok(f)
+    }
+
+    /// Shares this source's partitions with the other processes of the
+    /// pipeline: offsets are committed with pointers to this process's
+    /// checkpoints, and a partition assigned here goes on from the
+    /// checkpoint its commit names (with, for a repartition topic, the
+    /// state of its key groups).
+    /// Set before the pipeline starts: a process's member name is known
+    /// only then, after the plan is built.
+    pub fn set_ownership(&self, ownership: super::ownership::Ownership) {
+        *self.ownership.lock() = Some(ownership);
+    }
+
+    /// The topics this source reads.
+    pub fn topics(&self) -> &[String] {
+        &self.config.topics
     }
 
     /// Marks this source's consumers with the fingerprint of the pipeline's
@@ -437,6 +498,7 @@ impl SourceFactory for KafkaSourceFactory {
                 started: self.started.clone(),
                 resume: self.resume.clone(),
                 closing: closing.clone(),
+                pause: self.ownership.lock().is_some(),
             })
             .map_err(|e| {
                 EngineError::io(
@@ -487,7 +549,16 @@ impl SourceFactory for KafkaSourceFactory {
                     }
                 }
                 Codec::Raw => ValueDecoder::Raw,
+                Codec::Repartition { partitions, idle } => ValueDecoder::Repartition(Box::new(
+                    super::repartition::ReaderPartitions::new(*partitions, *idle),
+                )),
             },
+            node: ctx.node.clone(),
+            clock: ctx.clock.clone(),
+            ownership: self.ownership.lock().clone(),
+            adopting: Vec::new(),
+            release: None,
+            handed: HashMap::new(),
             schema: self.schema.clone(),
             batch_size: self.config.batch_size,
             index: HashMap::new(),
@@ -546,6 +617,9 @@ struct RebalanceRecorder {
     /// Set when the consumer is closing: revocations then unassign at once
     /// (closing waits for it; the final checkpoint has committed already).
     closing: Arc<AtomicBool>,
+    /// Assigned partitions start paused: the subtask resumes them once it
+    /// has found their checkpoint and positioned them.
+    pause: bool,
 }
 
 impl ClientContext for RebalanceRecorder {}
@@ -700,10 +774,15 @@ impl ConsumerContext for RebalanceRecorder {
                 self.events
                     .lock()
                     .push(RebalanceEvent::Assigned(partitions_of(list)));
-                if cooperative {
+                let assigned = if cooperative {
                     consumer.incremental_assign(list)
                 } else {
                     consumer.assign(list)
+                };
+                if assigned.is_ok() && self.pause {
+                    consumer.pause(list)
+                } else {
+                    assigned
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
@@ -769,6 +848,17 @@ type TopicPartition = (String, i32);
 
 struct KafkaSource {
     name: String,
+    /// The node's name, under which its positions are in checkpoints.
+    node: String,
+    clock: vigil_engine::SharedClock,
+    ownership: Option<super::ownership::Ownership>,
+    /// Partitions assigned (and paused) that wait for their checkpoint.
+    adopting: Vec<TopicPartition>,
+    /// Key groups to release behind the barrier just injected.
+    release: Option<Vec<u16>>,
+    /// Partitions handed over with a commit naming one of this process's
+    /// checkpoints, which is kept until the next owner commits.
+    handed: HashMap<TopicPartition, CheckpointId>,
     consumer: Arc<StreamConsumer<RebalanceRecorder>>,
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
     closing: Arc<AtomicBool>,
@@ -832,6 +922,9 @@ impl KafkaSource {
                     for tp in list {
                         tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, "partition assigned");
                         let i = self.local(&tp);
+                        if self.ownership.is_some() {
+                            self.adopting.push(tp.clone());
+                        }
                         self.assigned.insert(tp);
                         self.queue
                             .push_back(Queued::control(SourceEvent::PartitionAssigned(i)));
@@ -851,6 +944,8 @@ impl KafkaSource {
                             .push_back(Queued::control(SourceEvent::PartitionRevoked(i)));
                     }
                     self.drop_unassigned();
+                    let groups = self.groups_of(&partitions);
+                    self.release_now(groups);
                 }
             }
         }
@@ -871,6 +966,9 @@ impl KafkaSource {
                 .get(tp)
                 .is_some_and(|next| self.committed.get(tp) != Some(next));
         }
+        // A repartition topic's keyed state changes without records (a
+        // window fires): its hand-over always takes a checkpoint.
+        unflushed |= self.groups_of(&partitions).is_some();
         self.drop_unassigned();
         let mut handover = Handover {
             partitions,
@@ -936,6 +1034,9 @@ impl KafkaSource {
     /// Forgets the offsets of a partition that is no longer ours: they must
     /// never be committed over its next owner's.
     fn forget(&mut self, tp: &TopicPartition) {
+        if let ValueDecoder::Repartition(r) = &mut self.decoder {
+            r.forget(tp.1);
+        }
         self.next_offsets.remove(tp);
         self.committed.remove(tp);
         for pending in self.pending_commits.values_mut() {
@@ -953,6 +1054,10 @@ impl KafkaSource {
         {
             if let Some(h) = self.handover.take() {
                 tracing::warn!(source = %self.name, partitions = h.partitions.len(), "revoked partitions handed over without their flush; the next owner re-reads from the last commit");
+                if h.checkpoint.is_none() {
+                    let groups = self.groups_of(&h.partitions);
+                    self.release_now(groups);
+                }
                 self.let_go(h, None);
             }
         }
@@ -1057,6 +1162,7 @@ impl KafkaSource {
                 .decode_raw(&g, &location, &mut dead)?
                 .into_iter()
                 .collect(),
+            ValueDecoder::Repartition(_) => return self.decode_rekeyed(tp, g, &location),
         };
         // The chunk's last event moves the partition's offset past the chunk.
         let advance = g.offsets.last().map(|last| last + 1);
@@ -1164,6 +1270,218 @@ impl KafkaSource {
         Ok(Some((RecordBatch::try_new(schema, vec![column])?, rows)))
     }
 
+    /// Rows and writers' watermarks of a repartition topic's partition.
+    fn decode_rekeyed(
+        &mut self,
+        tp: TopicPartition,
+        g: Gathered,
+        location: &str,
+    ) -> vigil_engine::Result<()> {
+        let ValueDecoder::Repartition(reader) = &mut self.decoder else {
+            return Ok(());
+        };
+        let header = |r: usize, key: &str| {
+            let start = if r == 0 { 0 } else { g.header_ends[r - 1] };
+            (start..g.header_ends[r])
+                .find(|&h| g.header_keys[h] == key)
+                .and_then(|h| g.header_values[h].as_deref())
+        };
+        let records = (0..g.spans.len()).map(|r| super::repartition::Record {
+            kind: header(r, super::repartition::KIND),
+            producer: header(r, super::repartition::PRODUCER),
+            watermark: header(r, super::repartition::WATERMARK),
+            value: &g.buf[g.spans[r].bytes.clone()],
+            offset: g.offsets[r],
+        });
+        let (batch, watermark) =
+            reader.read(tp.1, records, &self.schema, self.clock.now_ms(), location)?;
+        let advance = g.offsets.last().map(|last| last + 1);
+        let partition = self.local(&tp);
+        if let Some(batch) = batch {
+            self.queue.push_back(Queued {
+                event: SourceEvent::Data { partition, batch },
+                from: Some(tp.clone()),
+                advance: None,
+            });
+        }
+        let event = match watermark {
+            Some(watermark) => SourceEvent::Watermark {
+                partition,
+                watermark,
+            },
+            None => SourceEvent::Pending,
+        };
+        self.queue.push_back(Queued {
+            event,
+            from: Some(tp),
+            advance,
+        });
+        Ok(())
+    }
+
+    /// Watermarks of repartition partitions that moved with no record
+    /// (their writers turned idle).
+    fn poll_rekeyed_watermarks(&mut self) {
+        let ValueDecoder::Repartition(reader) = &mut self.decoder else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        let mut moved = Vec::new();
+        for p in reader.heard() {
+            let Some(tp) = self.assigned.iter().find(|(_, q)| *q == p).cloned() else {
+                continue;
+            };
+            if let Some(w) = reader.watermark(p, now) {
+                moved.push((tp, w));
+            }
+        }
+        for (tp, watermark) in moved {
+            let partition = self.local(&tp);
+            self.queue.push_back(Queued {
+                event: SourceEvent::Watermark {
+                    partition,
+                    watermark,
+                },
+                from: Some(tp),
+                advance: None,
+            });
+        }
+    }
+
+    /// The key groups `partitions` carry, for a repartition topic's reader.
+    fn groups_of(&self, partitions: &[TopicPartition]) -> Option<Vec<u16>> {
+        let ValueDecoder::Repartition(reader) = &self.decoder else {
+            return None;
+        };
+        let mut groups: Vec<u16> = partitions
+            .iter()
+            .flat_map(|tp| super::repartition::groups_of(tp.1, reader.partitions))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        (!groups.is_empty()).then_some(groups)
+    }
+
+    /// Releases key groups at once (a partition lost without a hand-over).
+    fn release_now(&mut self, groups: Option<Vec<u16>>) {
+        if let Some(groups) = groups {
+            let id = vigil_engine::KeyGroupChange::next_id();
+            self.queue.push_back(Queued::control(SourceEvent::KeyGroups(
+                vigil_engine::KeyGroupChange::Release { id, groups },
+            )));
+        }
+    }
+
+    /// Positions partitions just assigned, from the checkpoint their
+    /// commit names, and has their key groups adopted; then resumes them.
+    async fn adopt(&mut self) -> vigil_engine::Result<()> {
+        let tps: Vec<TopicPartition> = std::mem::take(&mut self.adopting)
+            .into_iter()
+            .filter(|tp| self.assigned.contains(tp))
+            .collect();
+        let Some(ownership) = self.ownership.clone() else {
+            return Ok(());
+        };
+        if tps.is_empty() {
+            return Ok(());
+        }
+        let mut list = TopicPartitionList::new();
+        for (t, p) in &tps {
+            list.add_partition(t, *p);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(list.clone(), Duration::from_secs(10))
+            .map_err(|e| kafka_error("cannot read committed offsets", e))?;
+        let mut resolver = super::ownership::Resolver::new(&ownership);
+        let mut seek = TopicPartitionList::new();
+        for tp in &tps {
+            let pointer = committed
+                .find_partition(&tp.0, tp.1)
+                .and_then(|e| super::ownership::Pointer::parse(e.metadata()));
+            let Some(pointer) = pointer else {
+                tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, "partition has no checkpoint yet; starting at its committed offset");
+                continue;
+            };
+            let Some(checkpoint) = resolver.resolve(&pointer, &self.node, &tp.0, tp.1).await?
+            else {
+                tracing::warn!(source = %self.name, topic = %tp.0, partition = tp.1, member = %pointer.member, checkpoint = pointer.checkpoint, "the checkpoint the partition was committed with is gone; starting at its committed offset without its state");
+                continue;
+            };
+            if let Some(next) = super::ownership::position_in(&checkpoint, &self.node, &tp.0, tp.1)
+            {
+                seek.add_partition_offset(&tp.0, tp.1, Offset::Offset(next))
+                    .map_err(|e| kafka_error("invalid offset", e))?;
+                self.next_offsets.insert(tp.clone(), next);
+            }
+            let groups = self.groups_of(std::slice::from_ref(tp));
+            if let (ValueDecoder::Repartition(reader), Some(groups)) = (&mut self.decoder, groups) {
+                let old = checkpoint.parallelism.get(&self.node).copied().unwrap_or(0);
+                for s in 0..old {
+                    if let Some(table) = checkpoint
+                        .state(&self.node, s)
+                        .and_then(|st| st.batches.get(1))
+                    {
+                        reader.adopt(tp.1, table)?;
+                    }
+                }
+                let id = vigil_engine::KeyGroupChange::next_id();
+                self.queue.push_back(Queued::control(SourceEvent::KeyGroups(
+                    vigil_engine::KeyGroupChange::Adopt {
+                        id,
+                        groups,
+                        checkpoint: checkpoint.clone(),
+                    },
+                )));
+            }
+            tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, member = %pointer.member, checkpoint = checkpoint.id, "partition taken over from its checkpoint");
+        }
+        if seek.count() > 0 {
+            self.consumer
+                .seek_partitions(seek, Duration::from_secs(10))
+                .map_err(|e| kafka_error("cannot position assigned partitions", e))?;
+        }
+        self.consumer
+            .resume(&list)
+            .map_err(|e| kafka_error("cannot resume assigned partitions", e))?;
+        Ok(())
+    }
+
+    /// Lets pruning take the checkpoints handed-over partitions were
+    /// committed with, once their next owners have committed their own.
+    fn unpin_taken_over(&mut self) {
+        let Some(ownership) = &self.ownership else {
+            return;
+        };
+        if self.handed.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for (t, p) in self.handed.keys() {
+            list.add_partition(t, *p);
+        }
+        let Ok(committed) = self
+            .consumer
+            .committed_offsets(list, Duration::from_secs(2))
+        else {
+            return;
+        };
+        let mine = |tp: &TopicPartition, id: CheckpointId| {
+            committed
+                .find_partition(&tp.0, tp.1)
+                .and_then(|e| super::ownership::Pointer::parse(e.metadata()))
+                .is_some_and(|p| p.member == ownership.member && p.checkpoint == id)
+        };
+        let before: std::collections::BTreeSet<CheckpointId> =
+            self.handed.values().copied().collect();
+        self.handed.retain(|tp, id| mine(tp, *id));
+        let after: std::collections::BTreeSet<CheckpointId> =
+            self.handed.values().copied().collect();
+        for id in before.difference(&after) {
+            ownership.store.unpin(*id);
+        }
+    }
+
     fn pop(&mut self) -> Option<SourceEvent> {
         let q = self.queue.pop_front()?;
         if let (Some(tp), Some(next)) = (q.from, q.advance) {
@@ -1182,6 +1500,13 @@ impl Source for KafkaSource {
     async fn next(&mut self) -> vigil_engine::Result<SourceEvent> {
         self.apply_rebalances();
         self.check_handover_deadline();
+        if !self.adopting.is_empty() {
+            self.adopt().await?;
+        }
+        if let Some(e) = self.pop() {
+            return Ok(e);
+        }
+        self.poll_rekeyed_watermarks();
         if let Some(e) = self.pop() {
             return Ok(e);
         }
@@ -1201,11 +1526,25 @@ impl Source for KafkaSource {
     fn snapshot(&mut self, checkpoint: CheckpointId) -> vigil_engine::Result<OperatorState> {
         // Events still queued here have not reached the pipeline; their
         // offsets move only when they are handed out.
-        let offsets = self.next_offsets.clone();
-        self.pending_commits.insert(checkpoint, offsets.clone());
+        let mut offsets = self.next_offsets.clone();
         if let Some(h) = &mut self.handover {
-            h.checkpoint.get_or_insert(checkpoint);
+            match h.checkpoint {
+                // Partitions being handed over belong to the checkpoint
+                // that hands them over, and to none after it: the next
+                // owner goes on from that one.
+                Some(_) => {
+                    for tp in &h.partitions {
+                        offsets.remove(tp);
+                    }
+                }
+                None => {
+                    h.checkpoint = Some(checkpoint);
+                    let partitions = h.partitions.clone();
+                    self.release = self.groups_of(&partitions);
+                }
+            }
         }
+        self.pending_commits.insert(checkpoint, offsets.clone());
         let mut topics = Vec::new();
         let mut parts = Vec::new();
         let mut next = Vec::new();
@@ -1227,9 +1566,15 @@ impl Source for KafkaSource {
                 Arc::new(Int64Array::from(next)),
             ],
         )?;
-        Ok(OperatorState {
-            batches: vec![batch],
-        })
+        let mut batches = vec![batch];
+        if let ValueDecoder::Repartition(reader) = &self.decoder {
+            batches.push(reader.snapshot(offsets.keys().map(|tp| tp.1))?);
+        }
+        Ok(OperatorState { batches })
+    }
+
+    fn released_at_barrier(&mut self) -> Option<Vec<u16>> {
+        self.release.take()
     }
 
     /// Reading resumes at the checkpoint's offsets, not at the group's
@@ -1280,9 +1625,18 @@ impl Source for KafkaSource {
             .is_some_and(|c| c <= checkpoint)
         {
             if let Some(h) = self.handover.take() {
+                if let Some(o) = &self.ownership {
+                    for tp in &h.partitions {
+                        if offsets.contains_key(tp) && self.committed.get(tp) == offsets.get(tp) {
+                            o.store.pin(checkpoint);
+                            self.handed.insert(tp.clone(), checkpoint);
+                        }
+                    }
+                }
                 self.let_go(h, Some(&offsets));
             }
         }
+        self.unpin_taken_over();
         Ok(())
     }
 }
@@ -1298,9 +1652,17 @@ impl KafkaSource {
             return Ok(());
         }
         let mut list = TopicPartitionList::new();
+        let pointer = self
+            .ownership
+            .as_ref()
+            .map(|o| super::ownership::Pointer::format(&o.member, checkpoint, &o.definition));
         for ((t, p), o) in offsets {
-            list.add_partition_offset(t, *p, Offset::Offset(*o))
+            let mut e = list.add_partition(t, *p);
+            e.set_offset(Offset::Offset(*o))
                 .map_err(|e| kafka_error("invalid offset", e))?;
+            if let Some(pointer) = &pointer {
+                e.set_metadata(pointer);
+            }
         }
         // A commit can fail while the group rebalances; the records are safe
         // (the next owner re-reads from the last commit) and the next

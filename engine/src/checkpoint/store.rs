@@ -101,6 +101,10 @@ pub struct CheckpointStore {
     /// Savepoints written by this process, by checkpoint id, so their
     /// commit marker goes beside them too.
     savepoints: Arc<parking_lot::Mutex<BTreeMap<CheckpointId, String>>>,
+    /// Checkpoints that pruning keeps whatever their age: those a partition
+    /// handed to another process was committed with, until its new owner
+    /// has committed a position of its own.
+    pinned: Arc<parking_lot::Mutex<std::collections::BTreeSet<CheckpointId>>>,
 }
 
 fn store_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> EngineError {
@@ -167,6 +171,7 @@ impl CheckpointStore {
             local,
             member: None,
             savepoints: Arc::default(),
+            pinned: Arc::default(),
         })
     }
 
@@ -188,6 +193,49 @@ impl CheckpointStore {
             member: Some(member.to_string()),
             ..self.clone()
         })
+    }
+
+    /// The member whose checkpoints these are, if several share the storage.
+    pub fn member(&self) -> Option<&str> {
+        self.member.as_deref()
+    }
+
+    /// Keeps checkpoint `id` of this store's member from being pruned
+    /// until [`CheckpointStore::unpin`].
+    pub fn pin(&self, id: CheckpointId) {
+        self.pinned.lock().insert(id);
+    }
+
+    /// Lets pruning take checkpoint `id` again.
+    pub fn unpin(&self, id: CheckpointId) {
+        self.pinned.lock().remove(&id);
+    }
+
+    /// Checkpoint `id` of process `member`, if it is stored and complete.
+    pub async fn checkpoint_of(
+        &self,
+        member: &str,
+        id: CheckpointId,
+    ) -> Result<Option<CompletedCheckpoint>> {
+        let dir = self
+            .checkpoints_of(Some(member))
+            .join(format!("chk-{id:020}").as_str());
+        match self.manifest_at(&dir).await? {
+            Some(m) => Ok(Some(self.read(&dir, m).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The latest complete checkpoint of process `member` (its own
+    /// directory only).
+    pub async fn latest_of(&self, member: &str) -> Result<Option<CompletedCheckpoint>> {
+        let base = self.checkpoints_of(Some(member));
+        for id in self.checkpoint_dirs_in(&base).await?.into_iter().rev() {
+            if let Some(c) = self.checkpoint_of(member, id).await? {
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
     }
 
     /// The directory of checkpoints of `member` (None: the shared one).
@@ -398,29 +446,38 @@ impl CheckpointStore {
                 m.id, m.key_groups
             )));
         }
-        let reads = m.tasks.iter().flat_map(|t| {
-            t.files
-                .iter()
-                .enumerate()
-                .map(move |(n, f)| ((t.node.clone(), t.subtask, n), child(dir, f)))
-        });
+        // Owned reads and a cloned store: the futures borrow nothing, so a
+        // read can be awaited inside a source's `Send` future.
+        let reads: Vec<_> = m
+            .tasks
+            .iter()
+            .flat_map(|t| {
+                t.files
+                    .iter()
+                    .enumerate()
+                    .map(move |(n, f)| ((t.node.clone(), t.subtask, n), child(dir, f)))
+            })
+            .collect();
+        let store = self.store.clone();
         let tables: Vec<((String, usize, usize), arrow::record_batch::RecordBatch)> =
             futures::stream::iter(reads)
-                .map(|(key, path)| async move {
-                    let got = self
-                        .store
-                        .get(&path)
-                        .await
-                        .map_err(|e| store_error(format!("cannot read {path}"), e))?;
-                    let bytes = got
-                        .bytes()
-                        .await
-                        .map_err(|e| store_error(format!("cannot read {path}"), e))?;
-                    let reader = FileReader::try_new(std::io::Cursor::new(bytes), None)?;
-                    let schema = reader.schema();
-                    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
-                    let table = arrow::compute::concat_batches(&schema, &batches)?;
-                    Ok::<_, EngineError>((key, table))
+                .map(move |(key, path)| {
+                    let store = store.clone();
+                    async move {
+                        let got = store
+                            .get(&path)
+                            .await
+                            .map_err(|e| store_error(format!("cannot read {path}"), e))?;
+                        let bytes = got
+                            .bytes()
+                            .await
+                            .map_err(|e| store_error(format!("cannot read {path}"), e))?;
+                        let reader = FileReader::try_new(std::io::Cursor::new(bytes), None)?;
+                        let schema = reader.schema();
+                        let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+                        let table = arrow::compute::concat_batches(&schema, &batches)?;
+                        Ok::<_, EngineError>((key, table))
+                    }
                 })
                 .buffer_unordered(CONCURRENCY)
                 .try_collect()
@@ -597,7 +654,12 @@ impl CheckpointStore {
             }
         }
         let keep_from = complete.len().saturating_sub(self.retain);
-        doomed.extend(&complete[..keep_from]);
+        let pinned = self.pinned.lock().clone();
+        doomed.extend(
+            complete[..keep_from]
+                .iter()
+                .filter(|id| !pinned.contains(id)),
+        );
         for id in doomed {
             self.delete_dir(id).await?;
         }
