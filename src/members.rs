@@ -192,7 +192,7 @@ impl Membership {
             {
                 tracing::warn!(
                     other = %other.member,
-                    "another process runs this pipeline; it has keyed steps, whose state does not yet follow partitions between processes (docs/scale-out.md): run it as one process"
+                    "another process runs this pipeline; it has keyed steps, whose state follows partitions between processes only with scale_out (docs/scale-out.md): add it, or run one process"
                 );
             }
         }

@@ -374,10 +374,12 @@ pub async fn run(plan: &Plan, mut options: RunOptions) -> Result<Summary, Engine
                     .unwrap_or_else(crate::members::default_member),
                 &plan.name,
                 &plan.definition,
-                plan.graph.nodes().iter().any(|n| match &n.kind {
-                    vigil_engine::graph::NodeKind::Operator(f) => !f.key_columns().is_empty(),
-                    _ => false,
-                }),
+                // With scale_out, keyed state moves with partitions.
+                plan.repartitions.is_empty()
+                    && plan.graph.nodes().iter().any(|n| match &n.kind {
+                        vigil_engine::graph::NodeKind::Operator(f) => !f.key_columns().is_empty(),
+                        _ => false,
+                    }),
                 listener
                     .as_ref()
                     .and_then(|l| l.local_addr().ok())
@@ -474,8 +476,10 @@ fn owned_here(plan: &Plan, mut c: CompletedCheckpoint) -> CompletedCheckpoint {
         })
         .map(|(_, n)| n.name.as_str())
         .collect();
-    c.states.retain(|(node, _), _| !dropped.contains(node.as_str()));
-    c.parallelism.retain(|node, _| !dropped.contains(node.as_str()));
+    c.states
+        .retain(|(node, _), _| !dropped.contains(node.as_str()));
+    c.parallelism
+        .retain(|node, _| !dropped.contains(node.as_str()));
     c
 }
 

@@ -633,17 +633,14 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
     }
 
     let repartitions = match &spec.scale_out {
-        Some(scale) => {
-            super::rekey::plan(spec, scale, &mut graph, &definition, &mut kafka_sources).map_err(
-                |e| {
-                    Diagnostics::from(Diagnostic::new(
-                        &spec.file,
-                        spec.locate("scale_out"),
-                        format!("scale_out: {e}"),
-                    ))
-                },
-            )?
-        }
+        Some(scale) => super::rekey::plan(spec, scale, &mut graph, &definition, &mut kafka_sources)
+            .map_err(|e| {
+                Diagnostics::from(Diagnostic::new(
+                    &spec.file,
+                    spec.locate("scale_out"),
+                    format!("scale_out: {e}"),
+                ))
+            })?,
         None => Vec::new(),
     };
 

@@ -477,3 +477,227 @@ async fn a_repartition_writer_sends_each_row_to_its_key_groups_partition_with_wa
     // with their next owner, and readers let it go when it turns idle.
     assert!(finished.is_empty(), "a stopped writer said it had finished");
 }
+
+/// A pipeline counting logins per user and minute over `auth`, whose
+/// partitions are not divided by user; with `scale_out`, the count reads
+/// its rows through a repartition topic keyed by user.
+fn counting(brokers: &str, name: &str, scale_out: bool) -> String {
+    let scale = if scale_out {
+        "scale_out: { partitions: 6 }\n"
+    } else {
+        ""
+    };
+    format!(
+        "\
+name: {name}
+{scale}sources:
+  auth:
+    type: kafka
+    brokers: {brokers}
+    topics: [auth]
+    properties: {{ session.timeout.ms: \"6000\" }}
+    watermark: {{ out_of_orderness: 120s }}
+    schema:
+      fields:
+        - {{ name: ts, type: timestamp }}
+        - {{ name: user, type: string }}
+      event_time: {{ field: ts, format: epoch_ms }}
+transforms:
+  per_user:
+    type: sql
+    query: \"SELECT window_start, user, count(*) AS logins FROM auth GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), user\"
+sinks:
+  counts:
+    type: file
+    input: per_user
+    path: counts.ndjson
+"
+    )
+}
+
+/// Logins `from..to` (one a second of event time) spread over the 4
+/// partitions of `auth` regardless of user, 12 users.
+async fn logins(brokers: &str, from: i64, to: i64) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    for i in from..to {
+        let value = format!(
+            r#"{{"ts":{},"user":"u{}"}}"#,
+            1_767_225_600_000 + i * 1000,
+            (i * 7) % 12
+        );
+        producer
+            .send(
+                FutureRecord::<(), _>::to("auth")
+                    .partition((i % 4) as i32)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered");
+    }
+}
+
+/// One record per partition far ahead of the rest, so every window of the
+/// logins closes.
+async fn close_windows(brokers: &str) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    for p in 0..4 {
+        let value = format!(
+            r#"{{"ts":{},"user":"end"}}"#,
+            1_767_225_600_000_i64 + 3_600_000
+        );
+        producer
+            .send(
+                FutureRecord::<(), _>::to("auth")
+                    .partition(p)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered");
+    }
+}
+
+/// The committed rows of the `counts` files in `dirs`, sorted.
+fn counted(dirs: &[&Path]) -> Vec<String> {
+    let mut rows: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("counts.ndjson")).ok())
+        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn logins_in(rows: &[String]) -> i64 {
+    rows.iter()
+        .map(|r| {
+            serde_json::from_str::<serde_json::Value>(r).expect("a JSON row")["logins"]
+                .as_i64()
+                .expect("logins")
+        })
+        .sum()
+}
+
+/// Waits until the rows in `dirs` count `total` logins, then a little
+/// longer, so rows written twice would show.
+async fn wait_for_logins(dirs: &[&Path], total: i64, within: Duration) -> Vec<String> {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        let rows = counted(dirs);
+        if logins_in(&rows) >= total {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            return counted(dirs);
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "only {} of {total} logins counted within {within:?}",
+            logins_in(&rows)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+// Does not pass yet: after the kill, checkpoints stall ("3 checkpoints are
+// still in flight") and a pointer can name a checkpoint already pruned, so
+// part of the count is lost. Run it with `--ignored`; see docs/scale-out.md.
+#[ignore = "re-keyed state hand-over across processes does not pass yet"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_count_a_rekeyed_window_as_one_does_even_when_one_is_killed() {
+    const PHASE: i64 = 300;
+    let Some(tansu) = start_tansu() else { return };
+    let brokers = tansu.brokers.clone();
+    create_topics(&brokers, &[("auth", 4)]).await;
+    let tmp = tempfile::tempdir().expect("dir");
+    let root = tmp.path().to_path_buf();
+    if let Ok(keep) = std::env::var("VIGIL_KEEP_TEST_DIR") {
+        // Kept for a look at the processes' logs after a failure.
+        let _ = std::fs::write(keep, root.display().to_string());
+        std::mem::forget(tmp);
+    }
+    let shared = root.join("checkpoints");
+    let dirs: Vec<std::path::PathBuf> = ["a", "b", "c", "solo"]
+        .iter()
+        .map(|m| root.join(m))
+        .collect();
+    for (d, scale) in dirs.iter().zip([true, true, true, false]) {
+        std::fs::create_dir_all(d).expect("dir");
+        let name = if scale { "rekeyed" } else { "solo" };
+        std::fs::write(d.join("pipeline.yaml"), counting(&brokers, name, scale)).expect("write");
+    }
+    let start = |i: usize, log: &str| {
+        let member = ["a", "b", "c", "solo"][i];
+        vigil(
+            &dirs[i],
+            &[
+                "run",
+                "pipeline.yaml",
+                "--checkpoints",
+                shared.to_str().expect("path"),
+                "--member",
+                member,
+                "--http",
+                "127.0.0.1:0",
+                "--progress",
+                "off",
+                "--checkpoint-interval",
+                "1s",
+            ],
+            log,
+        )
+    };
+    let explain = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["explain", "pipeline.yaml"])
+        .current_dir(&dirs[0])
+        .output()
+        .expect("vigil explain");
+    let explain = String::from_utf8_lossy(&explain.stdout).into_owned();
+    assert!(
+        explain
+            .contains("repartition by user into vigil-rekeyed-per_user-repartition (6 partitions)")
+            && explain.contains("<- per_user/rekey-in"),
+        "{explain}"
+    );
+
+    let a = start(0, "a.log");
+    let mut b = start(1, "b1.log");
+    let c = start(2, "c.log");
+    logins(&brokers, 0, PHASE).await;
+    let three: Vec<&Path> = dirs[..3].iter().map(|d| d.as_path()).collect();
+    // Windows of the first phase close and are counted somewhere.
+    let until = tokio::time::Instant::now() + Duration::from_secs(120);
+    while logins_in(&counted(&three)) < 60 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "nothing counted: {:?}",
+            counted(&three)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // One process dies without a word, in the middle of the input.
+    b.0.kill().expect("SIGKILL");
+    b.0.wait().expect("reaped");
+    logins(&brokers, PHASE, 2 * PHASE).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Its successor (same member name, same disk) starts later.
+    let b2 = start(1, "b2.log");
+    logins(&brokers, 2 * PHASE, 3 * PHASE).await;
+    close_windows(&brokers).await;
+    let rekeyed = wait_for_logins(&three, 3 * PHASE, Duration::from_secs(150)).await;
+    drop((a, b2, c));
+
+    let solo = start(3, "solo.log");
+    let single = wait_for_logins(&[&dirs[3]], 3 * PHASE, Duration::from_secs(120)).await;
+    drop(solo);
+    assert_eq!(logins_in(&single), 3 * PHASE);
+    assert_eq!(
+        rekeyed, single,
+        "three processes (one killed and replaced) counted otherwise than one"
+    );
+}

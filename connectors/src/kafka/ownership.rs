@@ -2,12 +2,15 @@
 //! repartition topic their keyed state, with them (see `docs/scale-out.md`,
 //! "State follows partitions").
 //!
-//! Every offset a process commits carries a **pointer** in the commit's
-//! metadata, `<member>/<checkpoint>/<fingerprint>`: the checkpoint of the
-//! committing process that holds the partition's state at that offset. The
-//! commit is what makes a partition's state official, and Kafka refuses
-//! commits from a member that has lost its place in the group, so the
-//! pointer always names the last rightful owner.
+//! Every offset a process commits comes with a **pointer**,
+//! `<member>/<checkpoint>/<fingerprint>`: the checkpoint of the committing
+//! process that holds the partition's state at that offset. The pointer is
+//! written to the shared checkpoint storage (`partitions/<topic>/<n>`) once
+//! the Kafka commit has succeeded, and also rides in the commit's metadata
+//! for brokers that keep it (tansu does not, which is why the storage holds
+//! the copy that is read). Kafka refuses commits from a member that has
+//! lost its place in the group, and a refused commit writes no pointer, so
+//! the pointer names the last rightful owner.
 //!
 //! A process that is assigned a partition reads the pointer and takes the
 //! partition from the **latest** checkpoint of the named member that still
@@ -156,6 +159,39 @@ impl<'a> Resolver<'a> {
         }
         Ok(self.named.get(&key).cloned().flatten())
     }
+}
+
+/// The pointer of `topic`/`partition` in the shared storage, if any.
+pub fn read_pointer(
+    store: &CheckpointStore,
+    topic: &str,
+    partition: i32,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Pointer>>> + Send>> {
+    let (store, topic) = (store.clone(), topic.to_string());
+    Box::pin(async move {
+        let got = store
+            .pointer(&topic, partition)
+            .await
+            .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))?;
+        Ok(got.as_deref().and_then(Pointer::parse))
+    })
+}
+
+/// Writes pointers of partitions just committed.
+pub fn write_pointers(
+    store: &CheckpointStore,
+    pointers: Vec<(String, i32, String)>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> {
+    let store = store.clone();
+    Box::pin(async move {
+        for (topic, partition, body) in pointers {
+            store
+                .put_pointer(&topic, partition, body)
+                .await
+                .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))?;
+        }
+        Ok(())
+    })
 }
 
 /// Checkpoint `id` of `member`, or its latest. A boxed `'static` future:

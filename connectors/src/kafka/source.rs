@@ -559,6 +559,7 @@ impl SourceFactory for KafkaSourceFactory {
             adopting: Vec::new(),
             release: None,
             handed: HashMap::new(),
+            pointers_due: Vec::new(),
             schema: self.schema.clone(),
             batch_size: self.config.batch_size,
             index: HashMap::new(),
@@ -859,6 +860,8 @@ struct KafkaSource {
     /// Partitions handed over with a commit naming one of this process's
     /// checkpoints, which is kept until the next owner commits.
     handed: HashMap<TopicPartition, CheckpointId>,
+    /// Pointers of commits that succeeded, to write to the storage.
+    pointers_due: Vec<(String, i32, String)>,
     consumer: Arc<StreamConsumer<RebalanceRecorder>>,
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
     closing: Arc<AtomicBool>,
@@ -1389,16 +1392,10 @@ impl KafkaSource {
         for (t, p) in &tps {
             list.add_partition(t, *p);
         }
-        let committed = self
-            .consumer
-            .committed_offsets(list.clone(), Duration::from_secs(10))
-            .map_err(|e| kafka_error("cannot read committed offsets", e))?;
         let mut resolver = super::ownership::Resolver::new(&ownership);
         let mut seek = TopicPartitionList::new();
         for tp in &tps {
-            let pointer = committed
-                .find_partition(&tp.0, tp.1)
-                .and_then(|e| super::ownership::Pointer::parse(e.metadata()));
+            let pointer = super::ownership::read_pointer(&ownership.store, &tp.0, tp.1).await?;
             let Some(pointer) = pointer else {
                 tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, "partition has no checkpoint yet; starting at its committed offset");
                 continue;
@@ -1447,39 +1444,33 @@ impl KafkaSource {
         Ok(())
     }
 
-    /// Lets pruning take the checkpoints handed-over partitions were
-    /// committed with, once their next owners have committed their own.
-    fn unpin_taken_over(&mut self) {
-        let Some(ownership) = &self.ownership else {
-            return;
+    /// Writes the pointers of the last commits, then lets pruning take the
+    /// checkpoints handed-over partitions were committed with once their
+    /// next owners have written pointers of their own.
+    async fn write_pointers(&mut self) -> vigil_engine::Result<()> {
+        let Some(ownership) = self.ownership.clone() else {
+            return Ok(());
         };
-        if self.handed.is_empty() {
-            return;
+        let due = std::mem::take(&mut self.pointers_due);
+        super::ownership::write_pointers(&ownership.store, due).await?;
+        let mut taken = Vec::new();
+        for (tp, id) in &self.handed {
+            let p = super::ownership::read_pointer(&ownership.store, &tp.0, tp.1).await?;
+            if !p.is_some_and(|p| p.member == ownership.member && p.checkpoint == *id) {
+                taken.push(tp.clone());
+            }
         }
-        let mut list = TopicPartitionList::new();
-        for (t, p) in self.handed.keys() {
-            list.add_partition(t, *p);
-        }
-        let Ok(committed) = self
-            .consumer
-            .committed_offsets(list, Duration::from_secs(2))
-        else {
-            return;
-        };
-        let mine = |tp: &TopicPartition, id: CheckpointId| {
-            committed
-                .find_partition(&tp.0, tp.1)
-                .and_then(|e| super::ownership::Pointer::parse(e.metadata()))
-                .is_some_and(|p| p.member == ownership.member && p.checkpoint == id)
-        };
         let before: std::collections::BTreeSet<CheckpointId> =
             self.handed.values().copied().collect();
-        self.handed.retain(|tp, id| mine(tp, *id));
+        for tp in taken {
+            self.handed.remove(&tp);
+        }
         let after: std::collections::BTreeSet<CheckpointId> =
             self.handed.values().copied().collect();
         for id in before.difference(&after) {
             ownership.store.unpin(*id);
         }
+        Ok(())
     }
 
     fn pop(&mut self) -> Option<SourceEvent> {
@@ -1500,6 +1491,9 @@ impl Source for KafkaSource {
     async fn next(&mut self) -> vigil_engine::Result<SourceEvent> {
         self.apply_rebalances();
         self.check_handover_deadline();
+        if !self.pointers_due.is_empty() {
+            self.write_pointers().await?;
+        }
         if !self.adopting.is_empty() {
             self.adopt().await?;
         }
@@ -1636,7 +1630,6 @@ impl Source for KafkaSource {
                 self.let_go(h, Some(&offsets));
             }
         }
-        self.unpin_taken_over();
         Ok(())
     }
 }
@@ -1670,6 +1663,13 @@ impl KafkaSource {
         match self.consumer.commit(&list, CommitMode::Sync) {
             Ok(()) => {
                 tracing::debug!(source = %self.name, checkpoint, partitions = offsets.len(), "offsets committed");
+                if let Some(pointer) = &pointer {
+                    self.pointers_due.extend(
+                        offsets
+                            .keys()
+                            .map(|(t, p)| (t.clone(), *p, pointer.clone())),
+                    );
+                }
                 self.committed
                     .extend(offsets.iter().map(|(tp, o)| (tp.clone(), *o)));
             }

@@ -526,6 +526,31 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Where the pointer of partition `partition` of `topic` is kept.
+    fn pointer_path(topic: &str, partition: i32) -> String {
+        format!("partitions/{}/{partition}", encode(topic))
+    }
+
+    /// Writes the pointer of a partition: which process's checkpoint holds
+    /// its state at its last committed offset. Shared by all members.
+    pub async fn put_pointer(&self, topic: &str, partition: i32, body: String) -> Result<()> {
+        let path = child(&self.root, &Self::pointer_path(topic, partition));
+        self.store
+            .put(&path, PutPayload::from(Bytes::from(body)))
+            .await
+            .map_err(|e| store_error(format!("cannot write {path}"), e))?;
+        Ok(())
+    }
+
+    /// The pointer of a partition, if one was written.
+    pub async fn pointer(&self, topic: &str, partition: i32) -> Result<Option<String>> {
+        let path = child(&self.root, &Self::pointer_path(topic, partition));
+        Ok(self
+            .get_if_present(&path)
+            .await?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
     /// Every lease in the storage, by member.
     pub async fn members(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let prefix = self.root.clone().join("members");
