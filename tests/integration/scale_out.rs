@@ -49,6 +49,13 @@ sinks:
     )
 }
 
+fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer")
+}
+
 /// Produces `n` logins to `auth` (one a second of event time), record `i`
 /// as user `user(i)` with `outcome(i)` to partition `i % partitions`.
 async fn produce(
@@ -58,10 +65,7 @@ async fn produce(
     user: impl Fn(i64) -> String,
     outcome: impl Fn(i64) -> &'static str,
 ) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("producer");
+    let producer = producer(brokers);
     for i in 0..n {
         let (user, outcome) = (user(i), outcome(i));
         let value = format!(
@@ -518,10 +522,7 @@ sinks:
 /// Logins `from..to` (one a second of event time) spread over the 4
 /// partitions of `auth` regardless of user, 12 users.
 async fn logins(brokers: &str, from: i64, to: i64) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("producer");
+    let producer = producer(brokers);
     for i in from..to {
         let value = format!(
             r#"{{"ts":{},"user":"u{}"}}"#,
@@ -543,10 +544,7 @@ async fn logins(brokers: &str, from: i64, to: i64) {
 /// One record per partition far ahead of the rest, so every window of the
 /// logins closes.
 async fn close_windows(brokers: &str) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("producer");
+    let producer = producer(brokers);
     for p in 0..4 {
         let value = format!(
             r#"{{"ts":{},"user":"end"}}"#,
