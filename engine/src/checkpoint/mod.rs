@@ -128,6 +128,9 @@ pub(crate) struct Coordinator {
     /// Per checkpoint, source and sink subtasks that have acted on its completion.
     handled: Mutex<HashMap<CheckpointId, usize>>,
     completed: Mutex<VecDeque<Arc<CompletedCheckpoint>>>,
+    /// The latest completed savepoints, kept apart from `completed` so one
+    /// is still found after periodic checkpoints have completed behind it.
+    savepoints: Mutex<VecDeque<Arc<CompletedCheckpoint>>>,
     stats: Mutex<CheckpointStats>,
     clock: crate::clock::SharedClock,
     notify: Notify,
@@ -163,6 +166,7 @@ impl Coordinator {
             committed: Mutex::new(Vec::new()),
             handled: Mutex::new(HashMap::new()),
             completed: Mutex::new(VecDeque::new()),
+            savepoints: Mutex::new(VecDeque::new()),
             stats: Mutex::new(CheckpointStats::default()),
             clock,
             notify: Notify::new(),
@@ -290,6 +294,13 @@ impl Coordinator {
         bytes: Option<u64>,
     ) {
         let id = checkpoint.id;
+        if checkpoint.savepoint.is_some() {
+            let mut savepoints = self.savepoints.lock();
+            savepoints.push_back(checkpoint.clone());
+            while savepoints.len() > KEEP_IN_MEMORY {
+                savepoints.pop_front();
+            }
+        }
         {
             let mut completed = self.completed.lock();
             completed.push_back(checkpoint);
@@ -396,21 +407,53 @@ impl CheckpointHandle {
         }
     }
 
-    /// Waits until checkpoint `id` has completed (or a later one has).
+    /// Waits until checkpoint `id` has completed (or a later one has, when
+    /// `id` failed): returns `id` itself if it is still in memory (always,
+    /// for a savepoint), else the earliest later one.
     pub async fn wait_for(&self, id: CheckpointId) -> Arc<CompletedCheckpoint> {
         loop {
             let notified = self.inner.notify.notified();
-            if let Some(c) = self
-                .inner
-                .completed
-                .lock()
-                .iter()
-                .rev()
-                .find(|c| c.id >= id)
-            {
+            if let Some(c) = self.inner.savepoints.lock().iter().find(|c| c.id == id) {
+                return c.clone();
+            }
+            if let Some(c) = self.inner.completed.lock().iter().find(|c| c.id >= id) {
                 return c.clone();
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_savepoint_is_found_after_periodic_checkpoints_completed_behind_it() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let key: TaskKey = ("src".into(), 0);
+        let coordinator = Arc::new(Coordinator::new(
+            BTreeMap::from([("src".to_string(), 1)]),
+            vec![(key, tx)],
+            Vec::new(),
+            1,
+            Arc::new(crate::clock::SystemClock),
+            false,
+        ));
+        let handle = CheckpointHandle {
+            inner: coordinator.clone(),
+        };
+        let saved = handle.savepoint("before-upgrade").expect("savepoint");
+        let later = [handle.trigger().expect("2"), handle.trigger().expect("3")];
+        for id in std::iter::once(saved).chain(later) {
+            assert!(matches!(rx.recv().await, Some(Control::Barrier(b)) if b == id));
+            coordinator.ack(id, "src", 0, OperatorState::default());
+        }
+        // Only two completed checkpoints are kept in memory; the savepoint
+        // is still the one its waiter gets, not a later periodic one.
+        let done = handle.wait_for(saved).await;
+        assert_eq!(done.id, saved);
+        assert_eq!(done.savepoint.as_deref(), Some("before-upgrade"));
+        assert_eq!(handle.wait_for(later[0]).await.id, later[0]);
     }
 }
