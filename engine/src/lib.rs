@@ -35,7 +35,9 @@ pub mod operator;
 pub mod runtime;
 pub mod watermark;
 
-pub use checkpoint::{CheckpointHandle, CheckpointStats, CheckpointStore, CompletedCheckpoint};
+pub use checkpoint::{
+    CheckpointHandle, CheckpointStats, CheckpointStore, CompletedCheckpoint, PartitionPointer,
+};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use error::{ConfigError, EngineError, ErrorDomain, Result};
 pub use event_log::{EventLog, MemoryEventLog, Recovery};

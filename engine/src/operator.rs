@@ -250,6 +250,16 @@ pub enum SourceEvent {
     },
     /// Records that could not be decoded, in the dead-letter schema.
     DeadLetters(RecordBatch),
+    /// Records for side output `port` (one of [`SourceFactory::side_outputs`]),
+    /// in its schema: a repartition topic that carries both inputs of a join
+    /// hands the second input's rows out here. They do not move the
+    /// watermark; such a source announces it.
+    Side {
+        /// The side output.
+        port: SidePort,
+        /// The records.
+        batch: RecordBatch,
+    },
     /// Nothing available right now; poll again.
     Pending,
     /// Partition `partition` has ended (a file read to its end).

@@ -892,6 +892,11 @@ async fn run_source(
                 count_dead_letters(&m, &batch);
                 outs.emit_side(crate::operator::DEAD_LETTER, batch).await?;
             }
+            SourceEvent::Side { port, batch } => {
+                TaskMetrics::add(&m.records_in, batch.num_rows());
+                TaskMetrics::add(&m.batches_in, 1);
+                outs.emit_side(port, batch).await?;
+            }
             SourceEvent::Pending => {}
             SourceEvent::PartitionEnd(p) => wm.finish(p),
             SourceEvent::PartitionAssigned(p) => wm.assign(p, clock.now_ms()),

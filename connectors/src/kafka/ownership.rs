@@ -42,36 +42,7 @@ pub struct Ownership {
 }
 
 /// A commit's pointer to the checkpoint holding the partition's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pointer {
-    /// The committing process.
-    pub member: String,
-    /// Its checkpoint.
-    pub checkpoint: CheckpointId,
-    /// Its definition.
-    pub definition: String,
-}
-
-impl Pointer {
-    /// The metadata string of a commit.
-    pub fn format(member: &str, checkpoint: CheckpointId, definition: &str) -> String {
-        format!("{member}/{checkpoint}/{definition}")
-    }
-
-    /// Reads a commit's metadata; None for metadata Vigil did not write
-    /// (an empty string, another tool's commit).
-    pub fn parse(metadata: &str) -> Option<Self> {
-        let mut parts = metadata.splitn(3, '/');
-        let member = parts.next()?.to_string();
-        let checkpoint = parts.next()?.parse().ok()?;
-        let definition = parts.next()?.to_string();
-        (!member.is_empty() && !definition.is_empty()).then_some(Self {
-            member,
-            checkpoint,
-            definition,
-        })
-    }
-}
+pub use vigil_engine::PartitionPointer as Pointer;
 
 /// The next offset of `topic`/`partition` in the position table of source
 /// `node` in `checkpoint`, if it holds the partition.
@@ -169,24 +140,23 @@ pub fn read_pointer(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Pointer>>> + Send>> {
     let (store, topic) = (store.clone(), topic.to_string());
     Box::pin(async move {
-        let got = store
+        store
             .pointer(&topic, partition)
             .await
-            .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))?;
-        Ok(got.as_deref().and_then(Pointer::parse))
+            .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))
     })
 }
 
 /// Writes pointers of partitions just committed.
 pub fn write_pointers(
     store: &CheckpointStore,
-    pointers: Vec<(String, i32, String)>,
+    pointers: Vec<(String, i32, Pointer)>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> {
     let store = store.clone();
     Box::pin(async move {
-        for (topic, partition, body) in pointers {
+        for (topic, partition, pointer) in pointers {
             store
-                .put_pointer(&topic, partition, body)
+                .put_pointer(&topic, partition, &pointer)
                 .await
                 .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))?;
         }
@@ -211,25 +181,4 @@ fn read(
         };
         got.map_err(|e| ConnectorError::config("checkpoints", e.to_string()))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pointers_round_trip_and_foreign_metadata_is_not_one() {
-        let s = Pointer::format("vigil-1", 42, "0123456789ab");
-        assert_eq!(
-            Pointer::parse(&s),
-            Some(Pointer {
-                member: "vigil-1".into(),
-                checkpoint: 42,
-                definition: "0123456789ab".into()
-            })
-        );
-        for other in ["", "x", "a/b/c", "/1/f", "m/1/"] {
-            assert_eq!(Pointer::parse(other), None, "{other:?}");
-        }
-    }
 }

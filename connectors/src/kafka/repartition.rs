@@ -388,6 +388,39 @@ impl ProducerWatermarks {
         }
     }
 
+    /// The writers as rows (producer, watermark, finished), and the
+    /// watermark emitted so far as a row without producer.
+    fn rows(&self) -> Vec<(Option<&str>, i64, bool)> {
+        let mut rows: Vec<(Option<&str>, i64, bool)> = self
+            .producers
+            .iter()
+            .map(|(id, p)| (Some(id.as_str()), p.watermark, p.finished))
+            .collect();
+        rows.sort_unstable();
+        rows.extend(self.emitted.map(|e| (None, e, false)));
+        rows
+    }
+
+    /// Takes writers from a checkpoint's rows (see [`Self::rows`]), as if
+    /// each had just been heard from: a reader that takes a partition over
+    /// knows where its writers were, and those gone stop holding it back
+    /// after the idle time, as they would have at the previous owner.
+    fn restore(&mut self, rows: impl Iterator<Item = (Option<String>, i64, bool)>, now_ms: i64) {
+        for (producer, watermark, finished) in rows {
+            match producer {
+                Some(id) => {
+                    let p = self.producers.entry(id).or_insert(Producer {
+                        watermark,
+                        heard_ms: now_ms,
+                        finished,
+                    });
+                    p.watermark = p.watermark.max(watermark);
+                }
+                None => self.emitted = self.emitted.max(Some(watermark)),
+            }
+        }
+    }
+
     /// The partition's watermark at `now_ms`: the minimum over writers that
     /// are neither finished nor idle, never below what it was before. None
     /// until a writer has been heard from.
@@ -513,21 +546,55 @@ impl ReaderPartitions {
         self.writers.keys().copied().collect()
     }
 
-    /// Takes `partition`'s marks from a checkpoint's marks table (see
-    /// [`ReaderPartitions::snapshot`]).
-    pub fn adopt(&mut self, partition: i32, table: &RecordBatch) -> Result<()> {
-        let Some(of) = table
-            .column_by_name("reader_partition")
-            .and_then(|c| c.as_primitive_opt::<Int32Type>())
-        else {
-            return Err(ConnectorError::config(
-                "origin marks",
-                "the checkpoint's origin marks have no reader_partition column",
-            ));
-        };
-        let mine: BooleanArray = of.iter().map(|p| Some(p == Some(partition))).collect();
-        let rows = filter_record_batch(table, &mine)?;
+    /// Takes `partition`'s origin marks and writers from a checkpoint's
+    /// tables (see [`ReaderPartitions::snapshot`]).
+    pub fn adopt(
+        &mut self,
+        partition: i32,
+        marks: &RecordBatch,
+        writers: Option<&RecordBatch>,
+        now_ms: i64,
+    ) -> Result<()> {
+        let rows = rows_of(marks, partition, "origin marks")?;
         self.marks.insert(partition, OriginMarks::restore(&rows)?);
+        let Some(writers) = writers else {
+            return Ok(());
+        };
+        let rows = rows_of(writers, partition, "repartition writers")?;
+        let bad = || {
+            ConnectorError::config(
+                "repartition writers",
+                "the checkpoint's writer table has the wrong columns",
+            )
+        };
+        let producers = rows
+            .column_by_name("producer")
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(bad)?;
+        let watermarks = rows
+            .column_by_name("watermark")
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .ok_or_else(bad)?;
+        let finished = rows
+            .column_by_name("finished")
+            .and_then(|c| c.as_boolean_opt())
+            .ok_or_else(bad)?;
+        let idle = self.idle;
+        self.writers
+            .entry(partition)
+            .or_insert_with(|| ProducerWatermarks::new(idle))
+            .restore(
+                (0..rows.num_rows()).map(|r| {
+                    (
+                        producers
+                            .is_valid(r)
+                            .then(|| producers.value(r).to_string()),
+                        watermarks.value(r),
+                        finished.value(r),
+                    )
+                }),
+                now_ms,
+            );
         Ok(())
     }
 
@@ -556,6 +623,55 @@ impl ReaderPartitions {
         cols.extend(table.columns().iter().cloned());
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
     }
+
+    /// The writers of `partitions`, one table (`reader_partition`,
+    /// `producer`, `watermark`, `finished`); a row without producer holds
+    /// the watermark the partition has reached.
+    pub fn snapshot_writers(&self, partitions: impl Iterator<Item = i32>) -> Result<RecordBatch> {
+        let (mut of, mut producers, mut watermarks, mut finished) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for p in partitions {
+            let Some(w) = self.writers.get(&p) else {
+                continue;
+            };
+            for (producer, watermark, done) in w.rows() {
+                of.push(p);
+                producers.push(producer.map(str::to_string));
+                watermarks.push(watermark);
+                finished.push(done);
+            }
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("reader_partition", DataType::Int32, false),
+            Field::new("producer", DataType::Utf8, true),
+            Field::new("watermark", DataType::Int64, false),
+            Field::new("finished", DataType::Boolean, false),
+        ]));
+        Ok(RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int32Array::from(of)),
+                Arc::new(StringArray::from(producers)),
+                Arc::new(Int64Array::from(watermarks)),
+                Arc::new(BooleanArray::from(finished)),
+            ],
+        )?)
+    }
+}
+
+/// The rows of a reader's checkpoint table that belong to `partition`.
+fn rows_of(table: &RecordBatch, partition: i32, what: &str) -> Result<RecordBatch> {
+    let Some(of) = table
+        .column_by_name("reader_partition")
+        .and_then(|c| c.as_primitive_opt::<Int32Type>())
+    else {
+        return Err(ConnectorError::config(
+            what,
+            format!("the checkpoint's {what} have no reader_partition column"),
+        ));
+    };
+    let mine: BooleanArray = of.iter().map(|p| Some(p == Some(partition))).collect();
+    Ok(filter_record_batch(table, &mine)?)
 }
 
 /// Builds the writers of one repartition topic.
@@ -868,5 +984,56 @@ mod tests {
         // A finished writer stops holding it back at once.
         w.finish("c/0", 13_100);
         assert_eq!(w.watermark(13_100), Some(310));
+    }
+
+    #[test]
+    fn a_partitions_next_owner_knows_where_its_writers_were() {
+        let schema = rows(&[], &[]).schema();
+        let control = |producer: &'static str, w: &'static str, offset| Record {
+            kind: Some("watermark"),
+            producer: Some(producer),
+            watermark: Some(w),
+            value: &[],
+            offset,
+        };
+        let mut before = ReaderPartitions::new(6, Duration::from_secs(10));
+        let read = |r: &mut ReaderPartitions, p, records: Vec<Record<'static>>, now| {
+            r.read(p, records.into_iter(), &schema, now, "t")
+                .expect("read")
+                .1
+        };
+        assert_eq!(
+            read(
+                &mut before,
+                1,
+                vec![control("a/0", "100", 0), control("b/0", "50", 1)],
+                0
+            ),
+            Some(50)
+        );
+        assert_eq!(
+            read(&mut before, 2, vec![control("a/0", "70", 0)], 0),
+            Some(70)
+        );
+        let marks = before.snapshot([1].into_iter()).expect("marks");
+        let writers = before.snapshot_writers([1].into_iter()).expect("writers");
+        assert_eq!(
+            writers.num_rows(),
+            3,
+            "two writers and the emitted watermark"
+        );
+
+        // The writers sent nothing since: the new owner has the watermark
+        // at once, and a writer that went quiet stops holding it back.
+        let mut after = ReaderPartitions::new(6, Duration::from_secs(10));
+        after
+            .adopt(1, &marks, Some(&writers), 5_000)
+            .expect("adopt");
+        assert_eq!(after.watermark(1, 5_000), Some(50));
+        assert_eq!(after.heard(), vec![1], "partition 2 is not taken over");
+        assert_eq!(
+            read(&mut after, 1, vec![control("a/0", "200", 2)], 16_000),
+            Some(200)
+        );
     }
 }

@@ -861,7 +861,7 @@ struct KafkaSource {
     /// checkpoints, which is kept until the next owner commits.
     handed: HashMap<TopicPartition, CheckpointId>,
     /// Pointers of commits that succeeded, to write to the storage.
-    pointers_due: Vec<(String, i32, String)>,
+    pointers_due: Vec<(String, i32, super::ownership::Pointer)>,
     consumer: Arc<StreamConsumer<RebalanceRecorder>>,
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
     closing: Arc<AtomicBool>,
@@ -1414,12 +1414,13 @@ impl KafkaSource {
             let groups = self.groups_of(std::slice::from_ref(tp));
             if let (ValueDecoder::Repartition(reader), Some(groups)) = (&mut self.decoder, groups) {
                 let old = checkpoint.parallelism.get(&self.node).copied().unwrap_or(0);
+                let now = self.clock.now_ms();
                 for s in 0..old {
-                    if let Some(table) = checkpoint
-                        .state(&self.node, s)
-                        .and_then(|st| st.batches.get(1))
-                    {
-                        reader.adopt(tp.1, table)?;
+                    let Some(state) = checkpoint.state(&self.node, s) else {
+                        continue;
+                    };
+                    if let Some(marks) = state.batches.get(1) {
+                        reader.adopt(tp.1, marks, state.batches.get(2), now)?;
                     }
                 }
                 let id = vigil_engine::KeyGroupChange::next_id();
@@ -1563,6 +1564,7 @@ impl Source for KafkaSource {
         let mut batches = vec![batch];
         if let ValueDecoder::Repartition(reader) = &self.decoder {
             batches.push(reader.snapshot(offsets.keys().map(|tp| tp.1))?);
+            batches.push(reader.snapshot_writers(offsets.keys().map(|tp| tp.1))?);
         }
         Ok(OperatorState { batches })
     }
@@ -1645,16 +1647,17 @@ impl KafkaSource {
             return Ok(());
         }
         let mut list = TopicPartitionList::new();
-        let pointer = self
-            .ownership
-            .as_ref()
-            .map(|o| super::ownership::Pointer::format(&o.member, checkpoint, &o.definition));
+        let pointer = self.ownership.as_ref().map(|o| super::ownership::Pointer {
+            member: o.member.clone(),
+            checkpoint,
+            definition: o.definition.clone(),
+        });
         for ((t, p), o) in offsets {
             let mut e = list.add_partition(t, *p);
             e.set_offset(Offset::Offset(*o))
                 .map_err(|e| kafka_error("invalid offset", e))?;
             if let Some(pointer) = &pointer {
-                e.set_metadata(pointer);
+                e.set_metadata(pointer.to_string());
             }
         }
         // A commit can fail while the group rebalances; the records are safe

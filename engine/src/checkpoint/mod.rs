@@ -24,7 +24,7 @@
 
 mod store;
 
-pub use store::{CheckpointStore, Manifest, StoredSize};
+pub use store::{CheckpointStore, Manifest, PartitionPointer, StoredSize};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -249,8 +249,22 @@ impl Coordinator {
         // A savepoint is asked for by a person: it is never refused for
         // the periodic ones still in flight.
         if savepoint.is_none() && pending.len() >= MAX_IN_FLIGHT {
+            let waiting = pending
+                .iter()
+                .next()
+                .map(|(id, p)| {
+                    let missing: Vec<String> = self
+                        .parallelism
+                        .iter()
+                        .flat_map(|(node, n)| (0..*n).map(move |s| (node.clone(), s)))
+                        .filter(|k| !p.acks.contains_key(k))
+                        .map(|(node, s)| format!("{node}[{s}]"))
+                        .collect();
+                    format!("; checkpoint {id} waits for {}", missing.join(", "))
+                })
+                .unwrap_or_default();
             return Err(EngineError::Checkpoint(format!(
-                "{} checkpoints are still in flight",
+                "{} checkpoints are still in flight{waiting}",
                 pending.len()
             )));
         }

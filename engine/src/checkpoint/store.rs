@@ -8,7 +8,11 @@
 //! <root>/savepoints/<name>/...            (same shape, never pruned)
 //! <root>/members/<member>.json            (a process's lease)
 //! <root>/members/<member>/checkpoints/... (a process's own checkpoints)
+//! <root>/partitions/<topic>/<n>           (a partition's pointer)
 //! ```
+//! A partition's [pointer](PartitionPointer) names the member checkpoint
+//! its last committed offset belongs to; the member's pruning keeps every
+//! checkpoint a pointer names, so a partition's next owner finds it.
 //! A store opened [`for a member`](CheckpointStore::for_member), one of
 //! several processes sharing the storage, keeps its checkpoints apart from
 //! the others'; one that has none yet restores the shared `checkpoints/`
@@ -533,22 +537,54 @@ impl CheckpointStore {
 
     /// Writes the pointer of a partition: which process's checkpoint holds
     /// its state at its last committed offset. Shared by all members.
-    pub async fn put_pointer(&self, topic: &str, partition: i32, body: String) -> Result<()> {
+    pub async fn put_pointer(
+        &self,
+        topic: &str,
+        partition: i32,
+        pointer: &PartitionPointer,
+    ) -> Result<()> {
         let path = child(&self.root, &Self::pointer_path(topic, partition));
         self.store
-            .put(&path, PutPayload::from(Bytes::from(body)))
+            .put(&path, PutPayload::from(Bytes::from(pointer.to_string())))
             .await
             .map_err(|e| store_error(format!("cannot write {path}"), e))?;
         Ok(())
     }
 
-    /// The pointer of a partition, if one was written.
-    pub async fn pointer(&self, topic: &str, partition: i32) -> Result<Option<String>> {
+    /// The pointer of a partition, if one was written (and is one).
+    pub async fn pointer(&self, topic: &str, partition: i32) -> Result<Option<PartitionPointer>> {
         let path = child(&self.root, &Self::pointer_path(topic, partition));
         Ok(self
             .get_if_present(&path)
             .await?
-            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .and_then(|b| PartitionPointer::parse(&String::from_utf8_lossy(&b))))
+    }
+
+    /// Checkpoints of this store's member that a partition's pointer names.
+    async fn pointed(&self) -> Result<std::collections::BTreeSet<CheckpointId>> {
+        let Some(member) = &self.member else {
+            return Ok(Default::default());
+        };
+        let prefix = self.root.clone().join("partitions");
+        let paths: Vec<Path> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| store_error(format!("cannot list {prefix}"), e))?;
+        let mut ids = std::collections::BTreeSet::new();
+        for path in paths {
+            let Some(body) = self.get_if_present(&path).await? else {
+                continue;
+            };
+            if let Some(p) = PartitionPointer::parse(&String::from_utf8_lossy(&body)) {
+                if &p.member == member {
+                    ids.insert(p.checkpoint);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// Every lease in the storage, by member.
@@ -679,7 +715,10 @@ impl CheckpointStore {
             }
         }
         let keep_from = complete.len().saturating_sub(self.retain);
-        let pinned = self.pinned.lock().clone();
+        let mut pinned = self.pinned.lock().clone();
+        if keep_from > 0 {
+            pinned.extend(self.pointed().await?);
+        }
         doomed.extend(
             complete[..keep_from]
                 .iter()
@@ -689,6 +728,41 @@ impl CheckpointStore {
             self.delete_dir(id).await?;
         }
         Ok(())
+    }
+}
+
+/// A partition's pointer, `<member>/<checkpoint>/<fingerprint>`: the
+/// checkpoint of the process that committed the partition's offset which
+/// holds its state at that offset, and the definition it ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionPointer {
+    /// The committing process.
+    pub member: String,
+    /// Its checkpoint.
+    pub checkpoint: CheckpointId,
+    /// Fingerprint of its pipeline definition.
+    pub definition: String,
+}
+
+impl PartitionPointer {
+    /// Reads a pointer; None for text Vigil did not write (an empty
+    /// string, another tool's commit metadata).
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.splitn(3, '/');
+        let member = parts.next()?.to_string();
+        let checkpoint = parts.next()?.parse().ok()?;
+        let definition = parts.next()?.to_string();
+        (!member.is_empty() && !definition.is_empty()).then_some(Self {
+            member,
+            checkpoint,
+            definition,
+        })
+    }
+}
+
+impl std::fmt::Display for PartitionPointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.member, self.checkpoint, self.definition)
     }
 }
 
@@ -709,4 +783,68 @@ fn child(dir: &Path, relative: &str) -> Path {
     relative
         .split('/')
         .fold(dir.clone(), |p, part| p.join(part))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_round_trip_and_foreign_metadata_is_not_one() {
+        let p = PartitionPointer {
+            member: "vigil-1".into(),
+            checkpoint: 42,
+            definition: "0123456789ab".into(),
+        };
+        assert_eq!(p.to_string(), "vigil-1/42/0123456789ab");
+        assert_eq!(PartitionPointer::parse(&p.to_string()), Some(p));
+        for other in ["", "x", "a/b/c", "/1/f", "m/1/"] {
+            assert_eq!(PartitionPointer::parse(other), None, "{other:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_checkpoints_partition_pointers_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = CheckpointStore::open(dir.path().to_str().expect("utf-8"), 1).expect("open");
+        let a = shared.for_member("a").expect("a");
+        let b = shared.for_member("b").expect("b");
+        let pointer = |member: &str, checkpoint| PartitionPointer {
+            member: member.into(),
+            checkpoint,
+            definition: "f".into(),
+        };
+        for id in 1..=2 {
+            a.write(&CompletedCheckpoint {
+                id,
+                ..Default::default()
+            })
+            .await
+            .expect("write");
+        }
+        // Partition 0 was last committed with a's checkpoint 2; partition 1
+        // with b's 2, which says nothing about a's.
+        a.put_pointer("auth", 0, &pointer("a", 2))
+            .await
+            .expect("put");
+        a.put_pointer("auth", 1, &pointer("b", 1))
+            .await
+            .expect("put");
+        for id in 3..=5 {
+            a.write(&CompletedCheckpoint {
+                id,
+                ..Default::default()
+            })
+            .await
+            .expect("write");
+        }
+        let kept: Vec<CheckpointId> = a.list().await.expect("list").iter().map(|m| m.id).collect();
+        assert_eq!(kept, vec![2, 5]);
+        assert!(a.checkpoint_of("a", 2).await.expect("read").is_some());
+        assert_eq!(
+            b.pointer("auth", 0).await.expect("read"),
+            Some(pointer("a", 2))
+        );
+        assert_eq!(b.pointer("auth", 7).await.expect("read"), None);
+    }
 }
