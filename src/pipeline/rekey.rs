@@ -6,7 +6,10 @@
 //! each such step, puts a writer (a sink, `<step>/rekey-out`, that sends
 //! each row to the partition of its key group) and a reader (a Kafka
 //! source in the pipeline's group, `<step>/rekey-in`) whose output the step
-//! reads instead. Graph surgery after the fact, rather than in each step's
+//! reads instead. A join's two inputs share one topic: writers
+//! `<step>/rekey-out-1` and `-2`, the second's rows tagged, and one reader
+//! whose side output carries them, so both inputs of a key group are always
+//! in the same process. Graph surgery after the fact, rather than in each step's
 //! planning, keeps the steps unaware of how many processes run them: a
 //! single-process pipeline is the same graph without the pairs.
 
@@ -14,7 +17,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, TimeUnit};
 use vigil_connectors::kafka::repartition::{
-    topic_name, RepartitionSinkFactory, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC,
+    topic_name, RepartitionSinkFactory, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC, SECOND_INPUT,
 };
 use vigil_connectors::kafka::{KafkaSourceFactory, Properties};
 use vigil_engine::graph::NodeKind;
@@ -103,41 +106,55 @@ pub fn plan(
     let mut out = Vec::new();
     for (id, keys) in keyed {
         let node = graph.nodes()[id].clone();
-        if node.inputs.len() != 1 {
+        if node.inputs.is_empty() || node.inputs.len() > 2 {
             return Err(format!(
-                "step {:?} joins {} inputs; with scale_out, a join is not re-keyed across processes yet: run it in one process (no scale_out)",
+                "step {:?} has {} inputs; with scale_out, a keyed step of one or two inputs is re-keyed",
                 node.name,
                 node.inputs.len()
             ));
         }
-        let edge = node.inputs[0].clone();
-        if is_divided_by(graph, &divided, edge.from, &keys) {
+        // Co-partitioned: every input already divided by this key.
+        if node
+            .inputs
+            .iter()
+            .all(|e| is_divided_by(graph, &divided, e.from, &keys))
+        {
             divided.push((id, keys));
             continue;
         }
-        let up = &graph.nodes()[edge.from];
-        let schema = up
-            .output_schema(edge.port)
-            .ok_or_else(|| format!("step {:?}: its input has no schema", node.name))?;
-        for c in [ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET] {
-            if schema.index_of(c).is_err() {
-                return Err(format!(
-                    "step {:?} is re-keyed across processes and needs the Kafka column {c:?} in its input, to drop rows sent twice; keep kafka_topic, kafka_partition and kafka_offset in the steps before it",
-                    node.name
-                ));
+        // Both inputs of a join go through one topic, the second tagged,
+        // so partition p of both is one process's (Kafka's assignors do
+        // not promise that for two topics).
+        let join = node.inputs.len() == 2;
+        let mut schemas = Vec::new();
+        for (i, edge) in node.inputs.iter().enumerate() {
+            let up = &graph.nodes()[edge.from];
+            let schema = up
+                .output_schema(edge.port)
+                .ok_or_else(|| format!("step {:?}: input {i} has no schema", node.name))?;
+            for c in [ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET] {
+                if schema.index_of(c).is_err() {
+                    return Err(format!(
+                        "step {:?} is re-keyed across processes and needs the Kafka column {c:?} in {}, to drop rows sent twice; keep kafka_topic, kafka_partition and kafka_offset in the steps before it",
+                        node.name,
+                        if join { format!("input {}", i + 1) } else { "its input".to_string() }
+                    ));
+                }
             }
+            schemas.push(schema);
         }
+        let first = &node.inputs[0];
         let is_ts = |i: usize| {
             matches!(
-                schema.field(i).data_type(),
+                schemas[0].field(i).data_type(),
                 DataType::Timestamp(TimeUnit::Millisecond, _)
             )
         };
-        let event_time = times[edge.from]
+        let event_time = times[first.from]
             .as_deref()
-            .and_then(|c| schema.index_of(c).ok())
+            .and_then(|c| schemas[0].index_of(c).ok())
             .filter(|&i| is_ts(i))
-            .or_else(|| (0..schema.fields().len()).find(|&i| is_ts(i)))
+            .or_else(|| (0..schemas[0].fields().len()).find(|&i| is_ts(i)))
             .ok_or_else(|| {
                 format!(
                     "step {:?}: its input has no millisecond timestamp column to carry event time",
@@ -145,23 +162,32 @@ pub fn plan(
                 )
             })?;
         let topic = topic_name(&topic_safe(&spec.name), &topic_safe(&node.name));
-        let writer = RepartitionSinkFactory::new(
-            &brokers,
-            properties.clone(),
-            &topic,
-            keys.clone(),
-            scale.partitions,
-        )
-        .map_err(|e| format!("step {:?}: {e}", node.name))?;
-        let writer_name = format!("{}/rekey-out", node.name);
-        graph
-            .add_sink(
-                &writer_name,
-                Arc::new(writer),
-                up.parallelism,
-                &[(edge.from, edge.port)],
+        for (i, edge) in node.inputs.iter().enumerate() {
+            let mut writer = RepartitionSinkFactory::new(
+                &brokers,
+                properties.clone(),
+                &topic,
+                keys.clone(),
+                scale.partitions,
             )
             .map_err(|e| format!("step {:?}: {e}", node.name))?;
+            if i == 1 {
+                writer = writer.second_input();
+            }
+            let writer_name = match join {
+                false => format!("{}/rekey-out", node.name),
+                true => format!("{}/rekey-out-{}", node.name, i + 1),
+            };
+            let up = graph.nodes()[edge.from].parallelism;
+            graph
+                .add_sink(
+                    &writer_name,
+                    Arc::new(writer),
+                    up,
+                    &[(edge.from, edge.port)],
+                )
+                .map_err(|e| format!("step {:?}: {e}", node.name))?;
+        }
         let reader_name = format!("{}/rekey-in", node.name);
         let reader = KafkaSourceFactory::repartition_reader(
             &spec.name,
@@ -169,7 +195,8 @@ pub fn plan(
             &brokers,
             &properties,
             &topic,
-            schema.clone(),
+            schemas[0].clone(),
+            schemas.get(1).cloned(),
             event_time,
             scale.partitions,
             idle,
@@ -191,6 +218,11 @@ pub fn plan(
         graph
             .reroute(id, 0, (reader_id, Port::Main))
             .map_err(|e| format!("step {:?}: {e}", node.name))?;
+        if join {
+            graph
+                .reroute(id, 1, (reader_id, Port::Side(SECOND_INPUT)))
+                .map_err(|e| format!("step {:?}: {e}", node.name))?;
+        }
         divided.push((id, keys.clone()));
         out.push(Repartition {
             step: node.name.clone(),

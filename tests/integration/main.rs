@@ -3,6 +3,7 @@
 
 mod avro;
 mod backpressure;
+mod broker;
 mod correlation;
 mod demo;
 mod incidents;

@@ -485,9 +485,36 @@ async fn a_repartition_writer_sends_each_row_to_its_key_groups_partition_with_wa
     assert!(finished.is_empty(), "a stopped writer said it had finished");
 }
 
+/// The `auth` source of the three-process tests' pipelines: logins over
+/// a topic not divided by user.
+fn auth_source(brokers: &str) -> String {
+    format!(
+        "\
+  auth:
+    type: kafka
+    brokers: {brokers}
+    topics: [auth]
+    properties: {{ session.timeout.ms: \"6000\" }}
+    watermark: {{ out_of_orderness: 20m }}
+    schema:
+      fields:
+        - {{ name: ts, type: timestamp }}
+        - {{ name: user, type: string }}
+      event_time: {{ field: ts, format: epoch_ms }}
+"
+    )
+}
+
 /// A pipeline counting logins per user and minute over `auth`, whose
 /// partitions are not divided by user; with `scale_out`, the count reads
 /// its rows through a repartition topic keyed by user.
+///
+/// The tests send 15 minutes of event time in a few seconds, so a
+/// partition that moves between processes comes with minutes of event
+/// time unread, which a watermark kept per subtask would make late at its
+/// new owner (docs/scale-out.md, "per-partition event time"). The
+/// out-of-orderness covers the whole input: the tests check that state
+/// and positions move exactly once, not lateness under replay.
 fn counting(brokers: &str, name: &str, scale_out: bool) -> String {
     let scale = if scale_out {
         "scale_out: { partitions: 6 }\n"
@@ -498,18 +525,7 @@ fn counting(brokers: &str, name: &str, scale_out: bool) -> String {
         "\
 name: {name}
 {scale}sources:
-  auth:
-    type: kafka
-    brokers: {brokers}
-    topics: [auth]
-    properties: {{ session.timeout.ms: \"6000\" }}
-    watermark: {{ out_of_orderness: 120s }}
-    schema:
-      fields:
-        - {{ name: ts, type: timestamp }}
-        - {{ name: user, type: string }}
-      event_time: {{ field: ts, format: epoch_ms }}
-transforms:
+{auth}transforms:
   per_user:
     type: sql
     query: \"SELECT window_start, user, count(*) AS logins FROM auth GROUP BY TUMBLE(ts, INTERVAL '1' MINUTE), user\"
@@ -518,8 +534,92 @@ sinks:
     type: file
     input: per_user
     path: counts.ndjson
-"
+",
+        auth = auth_source(brokers)
     )
+}
+
+/// A pipeline joining logins with alerts on the same user that come at
+/// most 30 s after the login; neither topic is divided by user, so with
+/// `scale_out` both inputs of the join go through one repartition topic.
+fn joining(brokers: &str, name: &str, scale_out: bool) -> String {
+    let scale = if scale_out {
+        "scale_out: { partitions: 6 }\n"
+    } else {
+        ""
+    };
+    format!(
+        "\
+name: {name}
+{scale}sources:
+{auth}  alerts:
+    type: kafka
+    brokers: {brokers}
+    topics: [alerts]
+    properties: {{ session.timeout.ms: \"6000\" }}
+    watermark: {{ out_of_orderness: 20m }}
+    schema:
+      fields:
+        - {{ name: ts, type: timestamp }}
+        - {{ name: user, type: string }}
+        - {{ name: rule, type: string }}
+      event_time: {{ field: ts, format: epoch_ms }}
+transforms:
+  pairs:
+    type: sql
+    query: \"SELECT a.user, a.ts AS login_ts, b.ts AS alert_ts, b.rule FROM auth a JOIN alerts b ON a.user = b.user AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '30' SECOND\"
+sinks:
+  pairs_out:
+    type: file
+    input: pairs
+    path: pairs.ndjson
+",
+        auth = auth_source(brokers)
+    )
+}
+
+/// The user of login `i`, and of alert `j`.
+fn login_user(i: i64) -> i64 {
+    (i * 7) % 12
+}
+fn alert_user(j: i64) -> i64 {
+    (j * 5) % 12
+}
+
+/// Alerts `from..to`, one every 10 s of event time (3 s into it), over
+/// the 2 partitions of `alerts`.
+async fn alerts(brokers: &str, from: i64, to: i64) {
+    let producer = producer(brokers);
+    for j in from..to {
+        let value = format!(
+            r#"{{"ts":{},"user":"u{}","rule":"r{}"}}"#,
+            1_767_225_600_000 + j * 10_000 + 3_000,
+            alert_user(j),
+            j % 3
+        );
+        producer
+            .send(
+                FutureRecord::<(), _>::to("alerts")
+                    .partition((j % 2) as i32)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered");
+    }
+}
+
+/// Pairs of the first `n` logins and their alerts: an alert at `t` pairs
+/// with the same user's logins in `[t - 30 s, t]`.
+fn expected_pairs(n: i64) -> i64 {
+    (0..n / 10)
+        .map(|j| {
+            let t = j * 10 + 3;
+            (0..n)
+                .filter(|&i| login_user(i) == alert_user(j) && i <= t && t - i <= 30)
+                .count() as i64
+        })
+        .sum()
 }
 
 /// Logins `from..to` (one a second of event time) spread over the 4
@@ -530,7 +630,7 @@ async fn logins(brokers: &str, from: i64, to: i64) {
         let value = format!(
             r#"{{"ts":{},"user":"u{}"}}"#,
             1_767_225_600_000 + i * 1000,
-            (i * 7) % 12
+            login_user(i)
         );
         producer
             .send(
@@ -544,32 +644,83 @@ async fn logins(brokers: &str, from: i64, to: i64) {
     }
 }
 
-/// One record per partition far ahead of the rest, so every window of the
-/// logins closes.
-async fn close_windows(brokers: &str) {
+/// One record per partition of `topics` far ahead of the rest, so every
+/// window of the input closes (its user pairs with no one).
+async fn close_windows(brokers: &str, topics: &[(&str, i32)]) {
     let producer = producer(brokers);
-    for p in 0..4 {
-        let value = format!(
-            r#"{{"ts":{},"user":"end"}}"#,
-            1_767_225_600_000_i64 + 3_600_000
-        );
-        producer
-            .send(
-                FutureRecord::<(), _>::to("auth")
-                    .partition(p)
-                    .payload(&value),
-                Duration::from_secs(10),
-            )
-            .await
-            .expect("delivered");
+    for (topic, partitions) in topics {
+        for p in 0..*partitions {
+            let value = format!(
+                r#"{{"ts":{},"user":"end-{topic}","rule":"end"}}"#,
+                1_767_225_600_000_i64 + 3_600_000
+            );
+            producer
+                .send(
+                    FutureRecord::<(), _>::to(topic)
+                        .partition(p)
+                        .payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("delivered");
+        }
     }
 }
 
-/// The committed rows of the `counts` files in `dirs`, sorted.
-fn counted(dirs: &[&Path]) -> Vec<String> {
+/// What a three-process test runs: a pipeline, its input and its output.
+#[derive(Clone, Copy)]
+enum Scenario {
+    /// Logins counted per user and minute ([`counting`]).
+    Window,
+    /// Logins joined with alerts on the same user within 30 s ([`joining`]).
+    Join,
+}
+
+impl Scenario {
+    fn topics(self) -> &'static [(&'static str, i32)] {
+        match self {
+            Scenario::Window => &[("auth", 4)],
+            Scenario::Join => &[("auth", 4), ("alerts", 2)],
+        }
+    }
+
+    fn pipeline(self, brokers: &str, name: &str, scale_out: bool) -> String {
+        match self {
+            Scenario::Window => counting(brokers, name, scale_out),
+            Scenario::Join => joining(brokers, name, scale_out),
+        }
+    }
+
+    /// The output file each process writes.
+    fn output(self) -> &'static str {
+        match self {
+            Scenario::Window => "counts.ndjson",
+            Scenario::Join => "pairs.ndjson",
+        }
+    }
+
+    /// Sends logins `from..to` and, for a join, the alerts of their time.
+    async fn input(self, brokers: &str, from: i64, to: i64) {
+        logins(brokers, from, to).await;
+        if let Scenario::Join = self {
+            alerts(brokers, from / 10, to / 10).await;
+        }
+    }
+
+    /// What `rows` amount to: logins counted, or pairs found.
+    fn total(self, rows: &[String]) -> i64 {
+        match self {
+            Scenario::Window => logins_in(rows),
+            Scenario::Join => rows.len() as i64,
+        }
+    }
+}
+
+/// The committed rows of the output files in `dirs`, sorted.
+fn counted(scenario: Scenario, dirs: &[&Path]) -> Vec<String> {
     let mut rows: Vec<String> = dirs
         .iter()
-        .filter_map(|d| std::fs::read_to_string(d.join("counts.ndjson")).ok())
+        .filter_map(|d| std::fs::read_to_string(d.join(scenario.output())).ok())
         .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
         .collect();
     rows.sort();
@@ -586,27 +737,45 @@ fn logins_in(rows: &[String]) -> i64 {
         .sum()
 }
 
-/// Waits until the rows in `dirs` count `total` logins, then a little
+/// Waits until the rows in `dirs` amount to `total`, then a little
 /// longer, so rows written twice would show.
-async fn wait_for_logins(dirs: &[&Path], total: i64, within: Duration) -> Vec<String> {
+async fn wait_for_total(
+    scenario: Scenario,
+    dirs: &[&Path],
+    total: i64,
+    within: Duration,
+) -> Vec<String> {
     let until = tokio::time::Instant::now() + within;
     loop {
-        let rows = counted(dirs);
-        if logins_in(&rows) >= total {
+        let rows = counted(scenario, dirs);
+        if scenario.total(&rows) >= total {
             tokio::time::sleep(Duration::from_secs(4)).await;
-            return counted(dirs);
+            return counted(scenario, dirs);
         }
         if tokio::time::Instant::now() >= until {
             for d in dirs {
                 keep_metrics(d).await;
             }
             panic!(
-                "only {} of {total} logins counted within {within:?} (each process's metrics are beside its log)",
-                logins_in(&rows)
+                "only {} of {total} counted within {within:?} (each process's metrics are beside its log)",
+                scenario.total(&rows)
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The highest checkpoint id under `dir` (0 if none).
+fn latest_checkpoint(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("chk-")?.parse().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
 }
 
 /// Writes the metrics of the processes still running in `dir` beside
@@ -641,10 +810,23 @@ async fn keep_metrics(dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_count_a_rekeyed_window_as_one_does_even_when_one_is_killed() {
+    three_processes_as_one(Scenario::Window, 900).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_join_rekeyed_streams_as_one_does_even_when_one_is_killed() {
+    three_processes_as_one(Scenario::Join, expected_pairs(900)).await;
+}
+
+/// Runs `scenario` in three processes sharing tansu and a checkpoint
+/// storage, kills one with SIGKILL in the middle of the input and starts
+/// its successor later; then runs the same input in one process. The
+/// committed output must amount to `total` in both and be identical.
+async fn three_processes_as_one(scenario: Scenario, total: i64) {
     const PHASE: i64 = 300;
     let Some(tansu) = start_tansu() else { return };
     let brokers = tansu.brokers.clone();
-    create_topics(&brokers, &[("auth", 4)]).await;
+    create_topics(&brokers, scenario.topics()).await;
     let tmp = tempfile::tempdir().expect("dir");
     let root = tmp.path().to_path_buf();
     if let Ok(keep) = std::env::var("VIGIL_KEEP_TEST_DIR") {
@@ -660,7 +842,11 @@ async fn three_processes_count_a_rekeyed_window_as_one_does_even_when_one_is_kil
     for (d, scale) in dirs.iter().zip([true, true, true, false]) {
         std::fs::create_dir_all(d).expect("dir");
         let name = if scale { "rekeyed" } else { "solo" };
-        std::fs::write(d.join("pipeline.yaml"), counting(&brokers, name, scale)).expect("write");
+        std::fs::write(
+            d.join("pipeline.yaml"),
+            scenario.pipeline(&brokers, name, scale),
+        )
+        .expect("write");
     }
     let start = |i: usize, log: &str| {
         let member = ["a", "b", "c", "solo"][i];
@@ -689,44 +875,56 @@ async fn three_processes_count_a_rekeyed_window_as_one_does_even_when_one_is_kil
         .output()
         .expect("vigil explain");
     let explain = String::from_utf8_lossy(&explain.stdout).into_owned();
-    assert!(
-        explain
-            .contains("repartition by user into vigil-rekeyed-per_user-repartition (6 partitions)")
-            && explain.contains("<- per_user/rekey-in"),
-        "{explain}"
-    );
+    let shown = match scenario {
+        Scenario::Window => {
+            explain.contains(
+                "repartition by user into vigil-rekeyed-per_user-repartition (6 partitions)",
+            ) && explain.contains("<- per_user/rekey-in")
+        }
+        Scenario::Join => {
+            explain.contains("into vigil-rekeyed-pairs-repartition (6 partitions), second input")
+                && explain.contains("<- pairs/rekey-in [")
+                && explain.contains("<- pairs/rekey-in.second_input")
+        }
+    };
+    assert!(shown, "{explain}");
 
     let a = start(0, "a.log");
     let mut b = start(1, "b1.log");
     let c = start(2, "c.log");
-    logins(&brokers, 0, PHASE).await;
+    // The single process, the reference, reads the same input as it comes
+    // (a group of its own). Started after the input, its two join sources
+    // would race: the one assigned first reads everything, the other is
+    // idle until assigned, and its rows would come behind the watermark.
+    let solo = start(3, "solo.log");
+    scenario.input(&brokers, 0, PHASE).await;
     let three: Vec<&Path> = dirs[..3].iter().map(|d| d.as_path()).collect();
-    // Windows of the first phase close and are counted somewhere.
+    // The first phase is read, and b has checkpointed state of its own.
     let until = tokio::time::Instant::now() + Duration::from_secs(120);
-    while logins_in(&counted(&three)) < 60 {
+    let b_checkpoints = shared.join("rekeyed/members/b/checkpoints");
+    while latest_checkpoint(&b_checkpoints) < 8 {
         assert!(
             tokio::time::Instant::now() < until,
-            "nothing counted: {:?}",
-            counted(&three)
+            "b stored no checkpoints in {}",
+            b_checkpoints.display()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // One process dies without a word, in the middle of the input.
     b.0.kill().expect("SIGKILL");
     b.0.wait().expect("reaped");
-    logins(&brokers, PHASE, 2 * PHASE).await;
+    scenario.input(&brokers, PHASE, 2 * PHASE).await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     // Its successor (same member name, same disk) starts later.
     let b2 = start(1, "b2.log");
-    logins(&brokers, 2 * PHASE, 3 * PHASE).await;
-    close_windows(&brokers).await;
-    let rekeyed = wait_for_logins(&three, 3 * PHASE, Duration::from_secs(150)).await;
+    scenario.input(&brokers, 2 * PHASE, 3 * PHASE).await;
+    close_windows(&brokers, scenario.topics()).await;
+    let rekeyed = wait_for_total(scenario, &three, total, Duration::from_secs(150)).await;
     drop((a, b2, c));
 
-    let solo = start(3, "solo.log");
-    let single = wait_for_logins(&[&dirs[3]], 3 * PHASE, Duration::from_secs(120)).await;
+    let single = wait_for_total(scenario, &[&dirs[3]], total, Duration::from_secs(120)).await;
     drop(solo);
-    assert_eq!(logins_in(&single), 3 * PHASE);
+    assert_eq!(scenario.total(&single), total);
     assert_eq!(
         rekeyed, single,
         "three processes (one killed and replaced) counted otherwise than one"

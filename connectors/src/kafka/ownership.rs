@@ -13,13 +13,18 @@
 //! the pointer names the last rightful owner.
 //!
 //! A process that is assigned a partition reads the pointer and takes the
-//! partition from the **latest** checkpoint of the named member that still
-//! holds the partition, if it is at or after the named one: a process can
-//! die after storing a checkpoint and before committing it, and its
-//! successor under the same member name finishes that checkpoint's sink
-//! commits, so the partition must go on from there. A member's checkpoint
-//! holds a partition only while the member owns it: the hand-over
-//! checkpoint is the last one.
+//! partition from the **newest** checkpoint of the named member, at or
+//! after the named one, that still holds the partition: a process can die
+//! after storing a checkpoint and before committing it (its successor
+//! under the same member name finishes that checkpoint's sink commits), or
+//! have its hand-over commit refused by a rebalance, and either way its
+//! sinks' output reaches that checkpoint, so the partition must go on from
+//! there. A member's checkpoint holds a partition only while the member
+//! owns it: the hand-over checkpoint is the last one.
+//!
+//! A repartition reader's pointers also publish each partition's
+//! watermark at the checkpoint, which the other readers are held below
+//! (see `KafkaSource::read_floor`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +34,9 @@ use arrow::datatypes::{Int32Type, Int64Type};
 use vigil_engine::{CheckpointId, CheckpointStore, CompletedCheckpoint};
 
 use crate::error::{ConnectorError, Result};
+
+/// A boxed `'static` future of the storage (see [`read`]).
+type Boxed<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
 
 /// Who this process is, for the pointers it commits and reads.
 #[derive(Debug, Clone)]
@@ -72,7 +80,7 @@ pub fn position_in(
 /// round of assignments.
 pub struct Resolver<'a> {
     ownership: &'a Ownership,
-    latest: HashMap<String, Option<Arc<CompletedCheckpoint>>>,
+    ids: HashMap<String, Vec<CheckpointId>>,
     named: HashMap<(String, CheckpointId), Option<Arc<CompletedCheckpoint>>>,
 }
 
@@ -81,15 +89,16 @@ impl<'a> Resolver<'a> {
     pub fn new(ownership: &'a Ownership) -> Self {
         Self {
             ownership,
-            latest: HashMap::new(),
+            ids: HashMap::new(),
             named: HashMap::new(),
         }
     }
 
     /// The checkpoint partition `topic`/`partition` of source `node` goes
-    /// on from, given its commit's pointer: the named member's latest that
-    /// still holds the partition, else the named one. None when the named
-    /// checkpoint is gone (the partition then starts without state).
+    /// on from, given its commit's pointer: the named member's newest
+    /// checkpoint at or after the named one that still holds the
+    /// partition. None when the named checkpoint is gone (the partition
+    /// then starts without state).
     pub async fn resolve(
         &mut self,
         pointer: &Pointer,
@@ -106,30 +115,44 @@ impl<'a> Resolver<'a> {
                 ),
             ));
         }
-        if !self.latest.contains_key(&pointer.member) {
-            let got = read(&self.ownership.store, &pointer.member, None).await?;
-            self.latest
-                .insert(pointer.member.clone(), got.map(Arc::new));
+        if !self.ids.contains_key(&pointer.member) {
+            let got = ids(&self.ownership.store, &pointer.member).await?;
+            self.ids.insert(pointer.member.clone(), got);
         }
-        if let Some(Some(latest)) = self.latest.get(&pointer.member) {
-            if latest.id >= pointer.checkpoint
-                && position_in(latest, node, topic, partition).is_some()
-            {
-                return Ok(Some(latest.clone()));
+        let later: Vec<CheckpointId> = self.ids[&pointer.member]
+            .iter()
+            .rev()
+            .copied()
+            .filter(|&id| id > pointer.checkpoint)
+            .collect();
+        // Newest first: the member may have stored later checkpoints that
+        // still hold the partition (it died before committing them), and
+        // after those, ones that no longer do (it handed the partition over).
+        for id in later.into_iter().chain([pointer.checkpoint]) {
+            let key = (pointer.member.clone(), id);
+            if !self.named.contains_key(&key) {
+                let got = read(&self.ownership.store, &pointer.member, id).await?;
+                self.named.insert(key.clone(), got.map(Arc::new));
+            }
+            if let Some(Some(c)) = self.named.get(&key) {
+                if id == pointer.checkpoint || position_in(c, node, topic, partition).is_some() {
+                    return Ok(Some(c.clone()));
+                }
             }
         }
-        let key = (pointer.member.clone(), pointer.checkpoint);
-        if !self.named.contains_key(&key) {
-            let got = read(
-                &self.ownership.store,
-                &pointer.member,
-                Some(pointer.checkpoint),
-            )
-            .await?;
-            self.named.insert(key.clone(), got.map(Arc::new));
-        }
-        Ok(self.named.get(&key).cloned().flatten())
+        Ok(None)
     }
+}
+
+/// Ids of `member`'s checkpoints, oldest first.
+fn ids(store: &CheckpointStore, member: &str) -> Boxed<Vec<CheckpointId>> {
+    let (store, member) = (store.clone(), member.to_string());
+    Box::pin(async move {
+        store
+            .ids_of(&member)
+            .await
+            .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))
+    })
 }
 
 /// The pointer of `topic`/`partition` in the shared storage, if any.
@@ -137,7 +160,7 @@ pub fn read_pointer(
     store: &CheckpointStore,
     topic: &str,
     partition: i32,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Pointer>>> + Send>> {
+) -> Boxed<Option<Pointer>> {
     let (store, topic) = (store.clone(), topic.to_string());
     Box::pin(async move {
         store
@@ -147,11 +170,19 @@ pub fn read_pointer(
     })
 }
 
+/// The pointers of every partition of `topic` that has one.
+pub fn read_pointers(store: &CheckpointStore, topic: &str) -> Boxed<Vec<(i32, Pointer)>> {
+    let (store, topic) = (store.clone(), topic.to_string());
+    Box::pin(async move {
+        store
+            .pointers(&topic)
+            .await
+            .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))
+    })
+}
+
 /// Writes pointers of partitions just committed.
-pub fn write_pointers(
-    store: &CheckpointStore,
-    pointers: Vec<(String, i32, Pointer)>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> {
+pub fn write_pointers(store: &CheckpointStore, pointers: Vec<(String, i32, Pointer)>) -> Boxed<()> {
     let store = store.clone();
     Box::pin(async move {
         for (topic, partition, pointer) in pointers {
@@ -164,21 +195,19 @@ pub fn write_pointers(
     })
 }
 
-/// Checkpoint `id` of `member`, or its latest. A boxed `'static` future:
-/// the store's reads borrow in ways the compiler cannot prove `Send` inside
-/// a source's `next`, and a future owning its inputs can be.
+/// Checkpoint `id` of `member`. A boxed `'static` future: the store's
+/// reads borrow in ways the compiler cannot prove `Send` inside a source's
+/// `next`, and a future owning its inputs can be.
 fn read(
     store: &CheckpointStore,
     member: &str,
-    id: Option<CheckpointId>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<CompletedCheckpoint>>> + Send>>
-{
+    id: CheckpointId,
+) -> Boxed<Option<CompletedCheckpoint>> {
     let (store, member) = (store.clone(), member.to_string());
     Box::pin(async move {
-        let got = match id {
-            Some(id) => store.checkpoint_of(&member, id).await,
-            None => store.latest_of(&member).await,
-        };
-        got.map_err(|e| ConnectorError::config("checkpoints", e.to_string()))
+        store
+            .checkpoint_of(&member, id)
+            .await
+            .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))
     })
 }

@@ -70,6 +70,11 @@ pub const KIND: &str = "vigil.kind";
 pub const PRODUCER: &str = "vigil.producer";
 /// Header of a watermark record: the writer's watermark, in ms.
 pub const WATERMARK: &str = "vigil.watermark";
+/// Header of a data record of a join's second input (`1`); records of
+/// the first input have none.
+pub const SIDE: &str = "vigil.side";
+/// The reader's side output carrying a join's second input.
+pub const SECOND_INPUT: vigil_engine::operator::SidePort = "second_input";
 /// How often a writer sends its watermark to every partition, at most.
 pub const WATERMARK_EVERY: Duration = Duration::from_millis(200);
 
@@ -449,49 +454,67 @@ pub(crate) struct ReaderPartitions {
     /// Partitions of the topic.
     pub partitions: usize,
     idle: Duration,
-    marks: HashMap<i32, OriginMarks>,
+    /// The schema of each input: one, or a join's two.
+    inputs: Vec<arrow::datatypes::SchemaRef>,
+    /// Per partition and input (0, or 1 for a join's second input).
+    marks: HashMap<(i32, usize), OriginMarks>,
     writers: HashMap<i32, ProducerWatermarks>,
     announced: HashMap<i32, i64>,
+    /// The lowest watermark other readers' partitions have published:
+    /// this reader's partitions are announced no higher.
+    floor: Option<i64>,
 }
+
+/// What a reader takes from a chunk of one partition: the fresh rows per
+/// input, and the partition's watermark if it moved.
+pub(crate) type ReadChunk = (Vec<(usize, RecordBatch)>, Option<i64>);
 
 /// One record of a repartition partition, as the reader meets it.
 pub(crate) struct Record<'a> {
     pub kind: Option<&'a str>,
     pub producer: Option<&'a str>,
     pub watermark: Option<&'a str>,
+    /// The record holds a join's second input.
+    pub second: bool,
     pub value: &'a [u8],
     pub offset: i64,
 }
 
 impl ReaderPartitions {
-    pub fn new(partitions: usize, idle: Duration) -> Self {
+    pub fn new(
+        partitions: usize,
+        idle: Duration,
+        inputs: Vec<arrow::datatypes::SchemaRef>,
+    ) -> Self {
         Self {
             partitions,
             idle,
+            inputs,
             marks: HashMap::new(),
             writers: HashMap::new(),
             announced: HashMap::new(),
+            floor: None,
         }
     }
 
-    /// The rows of a chunk of records of `partition` not taken before
-    /// (None if there are none), and the partition's watermark if it moved.
-    /// `location` names the partition in errors.
+    /// The rows of a chunk of records of `partition` not taken before, per
+    /// input (`schemas[i]` is input `i`'s; a join has two), and the
+    /// partition's watermark if it moved. `location` names the partition
+    /// in errors.
     pub fn read<'a>(
         &mut self,
         partition: i32,
         records: impl Iterator<Item = Record<'a>>,
-        schema: &arrow::datatypes::SchemaRef,
         now_ms: i64,
         location: &str,
-    ) -> Result<(Option<RecordBatch>, Option<i64>)> {
+    ) -> Result<ReadChunk> {
         let idle = self.idle;
-        let marks = self.marks.entry(partition).or_default();
+        let schemas = &self.inputs;
         let writers = self
             .writers
             .entry(partition)
             .or_insert_with(|| ProducerWatermarks::new(idle));
-        let mut rows = Vec::new();
+        let mut rows: Vec<Vec<RecordBatch>> = vec![Vec::new(); schemas.len()];
         for r in records {
             let at = format!("{location}@{}", r.offset);
             match r.kind {
@@ -510,6 +533,16 @@ impl ReaderPartitions {
                     }
                 }
                 _ => {
+                    let input = usize::from(r.second);
+                    let Some(schema) = schemas.get(input) else {
+                        return Err(ConnectorError::config(
+                            "repartition",
+                            format!(
+                                "{at}: a record of a join's second input in a topic of one input"
+                            ),
+                        ));
+                    };
+                    let marks = self.marks.entry((partition, input)).or_default();
                     for b in decode(r.value, &at)? {
                         let b = RecordBatch::try_new(schema.clone(), b.columns().to_vec())
                             .map_err(|e| {
@@ -519,26 +552,48 @@ impl ReaderPartitions {
                             })?;
                         let fresh = marks.admit(&b)?;
                         if fresh.num_rows() > 0 {
-                            rows.push(fresh);
+                            rows[input].push(fresh);
                         }
                     }
                 }
             }
         }
-        let batch = match rows.len() {
-            0 => None,
-            1 => rows.pop(),
-            _ => Some(arrow::compute::concat_batches(schema, &rows)?),
-        };
-        Ok((batch, self.watermark(partition, now_ms)))
+        let mut batches = Vec::new();
+        for (input, mut parts) in rows.into_iter().enumerate() {
+            let batch = match parts.len() {
+                0 => continue,
+                1 => parts.pop(),
+                _ => Some(arrow::compute::concat_batches(&schemas[input], &parts)?),
+            };
+            batches.extend(batch.map(|b| (input, b)));
+        }
+        Ok((batches, self.watermark(partition, now_ms)))
     }
 
     /// `partition`'s watermark, if it moved since it was last asked for
     /// (writers turn idle without a record saying so).
     pub fn watermark(&mut self, partition: i32, now_ms: i64) -> Option<i64> {
         let w = self.writers.get_mut(&partition)?.watermark(now_ms)?;
-        let last = self.announced.insert(partition, w);
+        // Held by the floor, but never below what was announced already.
+        let last = self.announced.get(&partition).copied();
+        let w = self
+            .floor
+            .map_or(w, |f| w.min(f))
+            .max(last.unwrap_or(i64::MIN));
+        self.announced.insert(partition, w);
         (last != Some(w)).then_some(w)
+    }
+
+    /// Holds every partition's announced watermark at or below `floor`
+    /// (None: no hold).
+    pub fn set_floor(&mut self, floor: Option<i64>) {
+        self.floor = floor;
+    }
+
+    /// The watermark `partition`'s writers have reached, without the hold:
+    /// what this reader publishes for it.
+    pub fn reached(&self, partition: i32) -> Option<i64> {
+        self.writers.get(&partition)?.emitted
     }
 
     /// Partitions whose writers have been heard from.
@@ -556,7 +611,19 @@ impl ReaderPartitions {
         now_ms: i64,
     ) -> Result<()> {
         let rows = rows_of(marks, partition, "origin marks")?;
-        self.marks.insert(partition, OriginMarks::restore(&rows)?);
+        let inputs = rows
+            .column_by_name("input")
+            .and_then(|c| c.as_primitive_opt::<Int32Type>());
+        for input in 0..2 {
+            let of: BooleanArray = (0..rows.num_rows())
+                .map(|r| Some(inputs.map_or(0, |c| c.value(r)) == input as i32))
+                .collect();
+            let mine = filter_record_batch(&rows, &of)?;
+            if input == 0 || mine.num_rows() > 0 {
+                self.marks
+                    .insert((partition, input), OriginMarks::restore(&mine)?);
+            }
+        }
         let Some(writers) = writers else {
             return Ok(());
         };
@@ -600,26 +667,43 @@ impl ReaderPartitions {
 
     /// Forgets a partition that went to another process.
     pub fn forget(&mut self, partition: i32) {
-        self.marks.remove(&partition);
+        self.marks.retain(|(p, _), _| *p != partition);
         self.writers.remove(&partition);
         self.announced.remove(&partition);
     }
 
-    /// The marks of `partitions`, one table (`reader_partition`, `topic`,
-    /// `partition`, `offset`).
+    /// The marks of `partitions`, one table (`reader_partition`, `input`,
+    /// `topic`, `partition`, `offset`).
     pub fn snapshot(&self, partitions: impl Iterator<Item = i32>) -> Result<RecordBatch> {
         let mut of = Vec::new();
+        let mut inputs = Vec::new();
         let mut tables = Vec::new();
         for p in partitions {
-            let t = self.marks.get(&p).cloned().unwrap_or_default().snapshot()?;
-            of.extend(std::iter::repeat_n(p, t.num_rows()));
-            tables.push(t);
+            let mut mine: Vec<(&usize, &OriginMarks)> = self
+                .marks
+                .iter()
+                .filter(|((q, _), _)| *q == p)
+                .map(|((_, i), m)| (i, m))
+                .collect();
+            mine.sort_by_key(|(i, _)| **i);
+            for (input, marks) in mine {
+                let t = marks.snapshot()?;
+                of.extend(std::iter::repeat_n(p, t.num_rows()));
+                inputs.extend(std::iter::repeat_n(*input as i32, t.num_rows()));
+                tables.push(t);
+            }
         }
         let empty = OriginMarks::default().snapshot()?;
         let table = arrow::compute::concat_batches(&empty.schema(), &tables)?;
-        let mut fields: Vec<Field> = vec![Field::new("reader_partition", DataType::Int32, false)];
+        let mut fields: Vec<Field> = vec![
+            Field::new("reader_partition", DataType::Int32, false),
+            Field::new("input", DataType::Int32, false),
+        ];
         fields.extend(table.schema().fields().iter().map(|f| f.as_ref().clone()));
-        let mut cols: Vec<arrow::array::ArrayRef> = vec![Arc::new(Int32Array::from(of))];
+        let mut cols: Vec<arrow::array::ArrayRef> = vec![
+            Arc::new(Int32Array::from(of)),
+            Arc::new(Int32Array::from(inputs)),
+        ];
         cols.extend(table.columns().iter().cloned());
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
     }
@@ -682,6 +766,8 @@ pub struct RepartitionSinkFactory {
     topic: String,
     keys: Vec<String>,
     partitions: usize,
+    /// Writes a join's second input (tagged [`SIDE`]).
+    second: bool,
 }
 
 impl RepartitionSinkFactory {
@@ -711,7 +797,15 @@ impl RepartitionSinkFactory {
             topic: topic.to_string(),
             keys,
             partitions,
+            second: false,
         })
+    }
+
+    /// This writer sends a join's second input: its rows are tagged, and
+    /// the reader hands them out on [`SECOND_INPUT`].
+    pub fn second_input(mut self) -> Self {
+        self.second = true;
+        self
     }
 }
 
@@ -745,6 +839,7 @@ impl SinkFactory for RepartitionSinkFactory {
             topic: self.topic.clone(),
             keys,
             partitions: self.partitions,
+            second: self.second,
             id: format!("{host}/{}/{}/{}", std::process::id(), ctx.node, ctx.subtask),
             clock: ctx.clock.clone(),
             last_watermark: None,
@@ -755,10 +850,11 @@ impl SinkFactory for RepartitionSinkFactory {
 
     fn describe(&self) -> String {
         format!(
-            "repartition by {} into {} ({} partitions)",
+            "repartition by {} into {} ({} partitions){}",
             self.keys.join(", "),
             self.topic,
-            self.partitions
+            self.partitions,
+            if self.second { ", second input" } else { "" }
         )
     }
 }
@@ -769,6 +865,7 @@ struct RepartitionSink {
     topic: String,
     keys: Vec<usize>,
     partitions: usize,
+    second: bool,
     /// This writer's id in control records: host, process, node, subtask.
     id: String,
     clock: vigil_engine::SharedClock,
@@ -832,10 +929,16 @@ impl RepartitionSink {
 impl Sink for RepartitionSink {
     async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
         for (p, value) in encode(&batch, &self.keys, self.partitions)? {
-            let headers = OwnedHeaders::new().insert(Header {
+            let mut headers = OwnedHeaders::new().insert(Header {
                 key: KIND,
                 value: Some("data"),
             });
+            if self.second {
+                headers = headers.insert(Header {
+                    key: SIDE,
+                    value: Some("1"),
+                });
+            }
             let record = FutureRecord::<str, [u8]>::to(&self.topic)
                 .partition(p)
                 .payload(value.as_slice())
@@ -993,14 +1096,14 @@ mod tests {
             kind: Some("watermark"),
             producer: Some(producer),
             watermark: Some(w),
+            second: false,
             value: &[],
             offset,
         };
-        let mut before = ReaderPartitions::new(6, Duration::from_secs(10));
+        let new = || ReaderPartitions::new(6, Duration::from_secs(10), vec![schema.clone()]);
+        let mut before = new();
         let read = |r: &mut ReaderPartitions, p, records: Vec<Record<'static>>, now| {
-            r.read(p, records.into_iter(), &schema, now, "t")
-                .expect("read")
-                .1
+            r.read(p, records.into_iter(), now, "t").expect("read").1
         };
         assert_eq!(
             read(
@@ -1025,7 +1128,7 @@ mod tests {
 
         // The writers sent nothing since: the new owner has the watermark
         // at once, and a writer that went quiet stops holding it back.
-        let mut after = ReaderPartitions::new(6, Duration::from_secs(10));
+        let mut after = new();
         after
             .adopt(1, &marks, Some(&writers), 5_000)
             .expect("adopt");
@@ -1035,5 +1138,73 @@ mod tests {
             read(&mut after, 1, vec![control("a/0", "200", 2)], 16_000),
             Some(200)
         );
+        // Another reader's partition, in transit, published 150: this one
+        // is held there (it does not go back from 200), and publishes what
+        // its own writers reached.
+        after.set_floor(Some(150));
+        assert_eq!(
+            read(&mut after, 1, vec![control("a/0", "300", 3)], 16_100),
+            None
+        );
+        assert_eq!(after.reached(1), Some(300));
+        after.set_floor(Some(250));
+        assert_eq!(after.watermark(1, 16_200), Some(250));
+        after.set_floor(None);
+        assert_eq!(after.watermark(1, 16_300), Some(300));
+    }
+
+    #[test]
+    fn a_joins_two_inputs_share_a_partition_and_keep_marks_of_their_own() {
+        // A self-join: both inputs' rows come from the same origin.
+        let batch = rows(&[("auth", 0, 1), ("auth", 0, 2)], &["x", "y"]);
+        let (_, value) = encode(&batch, &[0], 1).expect("encode").remove(0);
+        let data = |second, offset| Record {
+            kind: Some("data"),
+            producer: None,
+            watermark: None,
+            second,
+            value: value.as_slice(),
+            offset,
+        };
+        let schema = batch.schema();
+        let mut before = ReaderPartitions::new(
+            1,
+            Duration::from_secs(10),
+            vec![schema.clone(), schema.clone()],
+        );
+        let (got, _) = before
+            .read(0, [data(false, 0), data(true, 1)].into_iter(), 0, "t")
+            .expect("read");
+        let sides: Vec<(usize, usize)> = got.iter().map(|(i, b)| (*i, b.num_rows())).collect();
+        assert_eq!(sides, [(0, 2), (1, 2)]);
+
+        // The next owner drops re-sends of either input, and only those.
+        let marks = before.snapshot([0].into_iter()).expect("marks");
+        let mut after =
+            ReaderPartitions::new(1, Duration::from_secs(10), vec![schema.clone(), schema]);
+        after.adopt(0, &marks, None, 0).expect("adopt");
+        let (got, _) = after
+            .read(0, [data(true, 2), data(false, 3)].into_iter(), 0, "t")
+            .expect("read");
+        assert!(got.is_empty(), "{got:?}");
+        let fresh = rows(&[("auth", 0, 3)], &["z"]);
+        let (_, value) = encode(&fresh, &[0], 1).expect("encode").remove(0);
+        let record = Record {
+            kind: Some("data"),
+            producer: None,
+            watermark: None,
+            second: true,
+            value: value.as_slice(),
+            offset: 4,
+        };
+        let (got, _) = after.read(0, [record].into_iter(), 0, "t").expect("read");
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0, got[0].1.num_rows()), (1, 1));
+        // One input only: a second input's record is an error naming it.
+        let mut single = ReaderPartitions::new(1, Duration::from_secs(10), vec![batch.schema()]);
+        let e = single
+            .read(0, [data(true, 9)].into_iter(), 0, "t/0")
+            .expect_err("refused");
+        assert!(e.to_string().contains("t/0@9"), "{e}");
     }
 }

@@ -122,7 +122,13 @@ enum Codec {
     /// String or bytes, one `value` column.
     Raw,
     /// A repartition topic: Arrow IPC rows and the writers' watermarks.
-    Repartition { partitions: usize, idle: Duration },
+    Repartition {
+        partitions: usize,
+        idle: Duration,
+        /// A join's second input, handed out on
+        /// [`super::repartition::SECOND_INPUT`].
+        second: Option<SchemaRef>,
+    },
 }
 
 /// A subtask's decoder: the Avro one keeps the writer schemas it has met.
@@ -308,7 +314,9 @@ impl KafkaSourceFactory {
     /// pipeline `pipeline`: its records are rows of `schema` (the step's
     /// input, event time at column `event_time`) and the watermarks of
     /// their writers; a writer not heard from for `idle` stops holding a
-    /// partition's watermark back.
+    /// partition's watermark back. For a join, `second` is the schema of
+    /// its second input, whose rows leave on
+    /// [`super::repartition::SECOND_INPUT`].
     #[allow(clippy::too_many_arguments)]
     pub fn repartition_reader(
         pipeline: &str,
@@ -317,6 +325,7 @@ impl KafkaSourceFactory {
         properties: &super::config::Properties,
         topic: &str,
         schema: SchemaRef,
+        second: Option<SchemaRef>,
         event_time: usize,
         partitions: usize,
         idle: Duration,
@@ -335,7 +344,11 @@ impl KafkaSourceFactory {
             properties: properties.clone(),
         };
         let mut f = Self::new(pipeline, name, &config)?;
-        f.codec = Codec::Repartition { partitions, idle };
+        f.codec = Codec::Repartition {
+            partitions,
+            idle,
+            second,
+        };
         f.schema = schema;
         f.event_time = event_time;
         Ok(f)
@@ -484,7 +497,15 @@ impl SourceFactory for KafkaSourceFactory {
         self.event_time
     }
     fn side_outputs(&self) -> Vec<(&'static str, SchemaRef)> {
-        vec![(DEAD_LETTER, dead_letter::schema())]
+        let mut sides = vec![(DEAD_LETTER, dead_letter::schema())];
+        if let Codec::Repartition {
+            second: Some(schema),
+            ..
+        } = &self.codec
+        {
+            sides.push((super::repartition::SECOND_INPUT, schema.clone()));
+        }
+        sides
     }
     fn create(&self, ctx: &TaskContext) -> vigil_engine::Result<Box<dyn Source>> {
         self.check_definition()?;
@@ -549,15 +570,26 @@ impl SourceFactory for KafkaSourceFactory {
                     }
                 }
                 Codec::Raw => ValueDecoder::Raw,
-                Codec::Repartition { partitions, idle } => ValueDecoder::Repartition(Box::new(
-                    super::repartition::ReaderPartitions::new(*partitions, *idle),
-                )),
+                Codec::Repartition {
+                    partitions,
+                    idle,
+                    second,
+                } => {
+                    ValueDecoder::Repartition(Box::new(super::repartition::ReaderPartitions::new(
+                        *partitions,
+                        *idle,
+                        std::iter::once(self.schema.clone())
+                            .chain(second.clone())
+                            .collect(),
+                    )))
+                }
             },
             node: ctx.node.clone(),
             clock: ctx.clock.clone(),
             ownership: self.ownership.lock().clone(),
             adopting: Vec::new(),
             release: None,
+            letting_go: None,
             handed: HashMap::new(),
             pointers_due: Vec::new(),
             schema: self.schema.clone(),
@@ -566,6 +598,9 @@ impl SourceFactory for KafkaSourceFactory {
             assigned: HashSet::new(),
             next_offsets: HashMap::new(),
             pending_commits: BTreeMap::new(),
+            pending_watermarks: BTreeMap::new(),
+            floor_read: None,
+            config_topic: self.config.topics.first().cloned(),
             queue: VecDeque::new(),
         }))
     }
@@ -593,6 +628,10 @@ enum RebalanceEvent {
     /// Partitions lost without a hand-over (already unassigned).
     Lost(Vec<(String, i32)>),
 }
+
+/// How often a repartition reader reads the watermarks other partitions'
+/// pointers publish.
+const FLOOR_EVERY: Duration = Duration::from_millis(500);
 
 /// How long a revoked partition waits for its flushing checkpoint before it
 /// is unassigned anyway (its records are then re-read by the next owner).
@@ -857,6 +896,9 @@ struct KafkaSource {
     adopting: Vec<TopicPartition>,
     /// Key groups to release behind the barrier just injected.
     release: Option<Vec<u16>>,
+    /// A hand-over whose checkpoint is committed, unassigned once its
+    /// pointers are written.
+    letting_go: Option<(Handover, HashMap<TopicPartition, i64>)>,
     /// Partitions handed over with a commit naming one of this process's
     /// checkpoints, which is kept until the next owner commits.
     handed: HashMap<TopicPartition, CheckpointId>,
@@ -881,6 +923,13 @@ struct KafkaSource {
     next_offsets: HashMap<TopicPartition, i64>,
     /// Offsets to commit when a checkpoint completes.
     pending_commits: BTreeMap<CheckpointId, HashMap<TopicPartition, i64>>,
+    /// For a repartition topic, each partition's watermark at each pending
+    /// checkpoint, which its pointer publishes.
+    pending_watermarks: BTreeMap<CheckpointId, HashMap<i32, i64>>,
+    /// When the other partitions' published watermarks were last read.
+    floor_read: Option<tokio::time::Instant>,
+    /// The first topic read (a repartition reader reads one).
+    config_topic: Option<String>,
     /// Events not yet handed out.
     queue: VecDeque<Queued>,
 }
@@ -1293,16 +1342,23 @@ impl KafkaSource {
             kind: header(r, super::repartition::KIND),
             producer: header(r, super::repartition::PRODUCER),
             watermark: header(r, super::repartition::WATERMARK),
+            second: header(r, super::repartition::SIDE) == Some("1"),
             value: &g.buf[g.spans[r].bytes.clone()],
             offset: g.offsets[r],
         });
-        let (batch, watermark) =
-            reader.read(tp.1, records, &self.schema, self.clock.now_ms(), location)?;
+        let (batches, watermark) = reader.read(tp.1, records, self.clock.now_ms(), location)?;
         let advance = g.offsets.last().map(|last| last + 1);
         let partition = self.local(&tp);
-        if let Some(batch) = batch {
+        for (input, batch) in batches {
+            let event = match input {
+                0 => SourceEvent::Data { partition, batch },
+                _ => SourceEvent::Side {
+                    port: super::repartition::SECOND_INPUT,
+                    batch,
+                },
+            };
             self.queue.push_back(Queued {
-                event: SourceEvent::Data { partition, batch },
+                event,
                 from: Some(tp.clone()),
                 advance: None,
             });
@@ -1457,7 +1513,7 @@ impl KafkaSource {
         let mut taken = Vec::new();
         for (tp, id) in &self.handed {
             let p = super::ownership::read_pointer(&ownership.store, &tp.0, tp.1).await?;
-            if !p.is_some_and(|p| p.member == ownership.member && p.checkpoint == *id) {
+            if p.is_some_and(|p| p.member != ownership.member || p.checkpoint > *id) {
                 taken.push(tp.clone());
             }
         }
@@ -1470,6 +1526,43 @@ impl KafkaSource {
             self.handed.values().copied().collect();
         for id in before.difference(&after) {
             ownership.store.unpin(*id);
+        }
+        Ok(())
+    }
+
+    /// For a repartition topic shared with other processes: reads, at most
+    /// every [`FLOOR_EVERY`], the watermarks the other partitions' pointers
+    /// publish, and holds this reader's partitions at or below the lowest.
+    ///
+    /// A partition in transit (handed over, or its owner dead) keeps the
+    /// watermark of its last pointer until its next owner has caught up
+    /// and published a later one. Without the hold, readers of the other
+    /// partitions would move on, and the rows the next owner reads from
+    /// the backlog would be late where they arrive.
+    async fn read_floor(&mut self) -> vigil_engine::Result<()> {
+        let (Some(ownership), ValueDecoder::Repartition(_)) = (&self.ownership, &self.decoder)
+        else {
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        if self
+            .floor_read
+            .is_some_and(|at| now.duration_since(at) < FLOOR_EVERY)
+        {
+            return Ok(());
+        }
+        self.floor_read = Some(now);
+        let Some(topic) = self.config_topic.clone() else {
+            return Ok(());
+        };
+        let pointers = super::ownership::read_pointers(&ownership.store, &topic).await?;
+        let floor = pointers
+            .iter()
+            .filter(|(p, _)| !self.assigned.contains(&(topic.clone(), *p)))
+            .filter_map(|(_, pointer)| pointer.watermark)
+            .min();
+        if let ValueDecoder::Repartition(reader) = &mut self.decoder {
+            reader.set_floor(floor);
         }
         Ok(())
     }
@@ -1495,12 +1588,16 @@ impl Source for KafkaSource {
         if !self.pointers_due.is_empty() {
             self.write_pointers().await?;
         }
+        if let Some((h, offsets)) = self.letting_go.take() {
+            self.let_go(h, Some(&offsets));
+        }
         if !self.adopting.is_empty() {
             self.adopt().await?;
         }
         if let Some(e) = self.pop() {
             return Ok(e);
         }
+        self.read_floor().await?;
         self.poll_rekeyed_watermarks();
         if let Some(e) = self.pop() {
             return Ok(e);
@@ -1540,6 +1637,13 @@ impl Source for KafkaSource {
             }
         }
         self.pending_commits.insert(checkpoint, offsets.clone());
+        if let ValueDecoder::Repartition(reader) = &self.decoder {
+            let marks = offsets
+                .keys()
+                .filter_map(|tp| Some((tp.1, reader.reached(tp.1)?)))
+                .collect();
+            self.pending_watermarks.insert(checkpoint, marks);
+        }
         let mut topics = Vec::new();
         let mut parts = Vec::new();
         let mut next = Vec::new();
@@ -1613,7 +1717,12 @@ impl Source for KafkaSource {
         };
         // Older checkpoints are superseded by this one.
         self.pending_commits = self.pending_commits.split_off(&checkpoint);
-        self.commit(checkpoint, &offsets)?;
+        let watermarks = self
+            .pending_watermarks
+            .remove(&checkpoint)
+            .unwrap_or_default();
+        self.pending_watermarks = self.pending_watermarks.split_off(&checkpoint);
+        self.commit(checkpoint, &offsets, &watermarks)?;
         if self
             .handover
             .as_ref()
@@ -1622,12 +1731,22 @@ impl Source for KafkaSource {
         {
             if let Some(h) = self.handover.take() {
                 if let Some(o) = &self.ownership {
+                    // Kept until the next owner has written a pointer of
+                    // its own: if this commit was refused, the pointer
+                    // names an older checkpoint, and the next owner goes
+                    // on from this one, the newest holding the partition.
                     for tp in &h.partitions {
-                        if offsets.contains_key(tp) && self.committed.get(tp) == offsets.get(tp) {
+                        if offsets.contains_key(tp) {
                             o.store.pin(checkpoint);
                             self.handed.insert(tp.clone(), checkpoint);
                         }
                     }
+                    // Unassigned once the pointers of this commit are
+                    // written: the next owner reads them as soon as it is
+                    // assigned, and an older pointer would have it re-read
+                    // what this process's sinks have committed.
+                    self.letting_go = Some((h, offsets));
+                    return Ok(());
                 }
                 self.let_go(h, Some(&offsets));
             }
@@ -1642,37 +1761,48 @@ impl KafkaSource {
         &mut self,
         checkpoint: CheckpointId,
         offsets: &HashMap<TopicPartition, i64>,
+        watermarks: &HashMap<i32, i64>,
     ) -> vigil_engine::Result<()> {
         if offsets.is_empty() {
             return Ok(());
         }
         let mut list = TopicPartitionList::new();
-        let pointer = self.ownership.as_ref().map(|o| super::ownership::Pointer {
-            member: o.member.clone(),
-            checkpoint,
-            definition: o.definition.clone(),
-        });
+        let pointer = |p: i32| {
+            self.ownership.as_ref().map(|o| super::ownership::Pointer {
+                member: o.member.clone(),
+                checkpoint,
+                definition: o.definition.clone(),
+                watermark: watermarks.get(&p).copied(),
+            })
+        };
+        let mut pointers = Vec::new();
         for ((t, p), o) in offsets {
             let mut e = list.add_partition(t, *p);
             e.set_offset(Offset::Offset(*o))
                 .map_err(|e| kafka_error("invalid offset", e))?;
-            if let Some(pointer) = &pointer {
+            if let Some(pointer) = pointer(*p) {
                 e.set_metadata(pointer.to_string());
+                pointers.push((t.clone(), *p, pointer));
             }
         }
         // A commit can fail while the group rebalances; the records are safe
         // (the next owner re-reads from the last commit) and the next
         // checkpoint commits again, so this is a warning, not a failure.
-        match self.consumer.commit(&list, CommitMode::Sync) {
+        // A synchronous commit waits for the coordinator, seconds while the
+        // group rebalances: on a multi-threaded runtime the worker hands
+        // its other tasks to the rest of the pool meanwhile.
+        let commit = || self.consumer.commit(&list, CommitMode::Sync);
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let committed = if multi_thread {
+            tokio::task::block_in_place(commit)
+        } else {
+            commit()
+        };
+        match committed {
             Ok(()) => {
                 tracing::debug!(source = %self.name, checkpoint, partitions = offsets.len(), "offsets committed");
-                if let Some(pointer) = &pointer {
-                    self.pointers_due.extend(
-                        offsets
-                            .keys()
-                            .map(|(t, p)| (t.clone(), *p, pointer.clone())),
-                    );
-                }
+                self.pointers_due.extend(pointers);
                 self.committed
                     .extend(offsets.iter().map(|(tp, o)| (tp.clone(), *o)));
             }

@@ -230,16 +230,11 @@ impl CheckpointStore {
         }
     }
 
-    /// The latest complete checkpoint of process `member` (its own
-    /// directory only).
-    pub async fn latest_of(&self, member: &str) -> Result<Option<CompletedCheckpoint>> {
-        let base = self.checkpoints_of(Some(member));
-        for id in self.checkpoint_dirs_in(&base).await?.into_iter().rev() {
-            if let Some(c) = self.checkpoint_of(member, id).await? {
-                return Ok(Some(c));
-            }
-        }
-        Ok(None)
+    /// Ids of the checkpoints of process `member` (complete or not), oldest
+    /// first.
+    pub async fn ids_of(&self, member: &str) -> Result<Vec<CheckpointId>> {
+        self.checkpoint_dirs_in(&self.checkpoints_of(Some(member)))
+            .await
     }
 
     /// The directory of checkpoints of `member` (None: the shared one).
@@ -560,31 +555,53 @@ impl CheckpointStore {
             .and_then(|b| PartitionPointer::parse(&String::from_utf8_lossy(&b))))
     }
 
+    /// The pointers of every partition of `topic` that has one.
+    pub async fn pointers(&self, topic: &str) -> Result<Vec<(i32, PartitionPointer)>> {
+        let prefix = child(&self.root, &format!("partitions/{}", encode(topic)));
+        let mut out: Vec<(i32, PartitionPointer)> = self
+            .pointers_under(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(path, p)| Some((path.filename()?.parse().ok()?, p)))
+            .collect();
+        out.sort_by_key(|(p, _)| *p);
+        Ok(out)
+    }
+
     /// Checkpoints of this store's member that a partition's pointer names.
     async fn pointed(&self) -> Result<std::collections::BTreeSet<CheckpointId>> {
         let Some(member) = &self.member else {
             return Ok(Default::default());
         };
         let prefix = self.root.clone().join("partitions");
+        Ok(self
+            .pointers_under(&prefix)
+            .await?
+            .into_iter()
+            .filter(|(_, p)| &p.member == member)
+            .map(|(_, p)| p.checkpoint)
+            .collect())
+    }
+
+    /// Every pointer under `prefix`, with its path.
+    async fn pointers_under(&self, prefix: &Path) -> Result<Vec<(Path, PartitionPointer)>> {
         let paths: Vec<Path> = self
             .store
-            .list(Some(&prefix))
+            .list(Some(prefix))
             .map_ok(|meta| meta.location)
             .try_collect()
             .await
             .map_err(|e| store_error(format!("cannot list {prefix}"), e))?;
-        let mut ids = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
         for path in paths {
             let Some(body) = self.get_if_present(&path).await? else {
                 continue;
             };
             if let Some(p) = PartitionPointer::parse(&String::from_utf8_lossy(&body)) {
-                if &p.member == member {
-                    ids.insert(p.checkpoint);
-                }
+                out.push((path, p));
             }
         }
-        Ok(ids)
+        Ok(out)
     }
 
     /// Every lease in the storage, by member.
@@ -731,9 +748,10 @@ impl CheckpointStore {
     }
 }
 
-/// A partition's pointer, `<member>/<checkpoint>/<fingerprint>`: the
-/// checkpoint of the process that committed the partition's offset which
-/// holds its state at that offset, and the definition it ran.
+/// A partition's pointer, `<member>/<checkpoint>/<fingerprint>[/<watermark>]`:
+/// the checkpoint of the process that committed the partition's offset
+/// which holds its state at that offset, the definition it ran, and for a
+/// repartition topic the partition's watermark at that checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionPointer {
     /// The committing process.
@@ -742,27 +760,39 @@ pub struct PartitionPointer {
     pub checkpoint: CheckpointId,
     /// Fingerprint of its pipeline definition.
     pub definition: String,
+    /// The event-time watermark (ms) its reader had reached in the
+    /// partition at that checkpoint.
+    pub watermark: Option<i64>,
 }
 
 impl PartitionPointer {
     /// Reads a pointer; None for text Vigil did not write (an empty
     /// string, another tool's commit metadata).
     pub fn parse(text: &str) -> Option<Self> {
-        let mut parts = text.splitn(3, '/');
+        let mut parts = text.splitn(4, '/');
         let member = parts.next()?.to_string();
         let checkpoint = parts.next()?.parse().ok()?;
         let definition = parts.next()?.to_string();
+        let watermark = match parts.next() {
+            Some(w) => Some(w.parse().ok()?),
+            None => None,
+        };
         (!member.is_empty() && !definition.is_empty()).then_some(Self {
             member,
             checkpoint,
             definition,
+            watermark,
         })
     }
 }
 
 impl std::fmt::Display for PartitionPointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}", self.member, self.checkpoint, self.definition)
+        write!(f, "{}/{}/{}", self.member, self.checkpoint, self.definition)?;
+        if let Some(w) = self.watermark {
+            write!(f, "/{w}")?;
+        }
+        Ok(())
     }
 }
 
@@ -791,14 +821,18 @@ mod tests {
 
     #[test]
     fn pointers_round_trip_and_foreign_metadata_is_not_one() {
-        let p = PartitionPointer {
+        let mut p = PartitionPointer {
             member: "vigil-1".into(),
             checkpoint: 42,
             definition: "0123456789ab".into(),
+            watermark: None,
         };
         assert_eq!(p.to_string(), "vigil-1/42/0123456789ab");
+        assert_eq!(PartitionPointer::parse(&p.to_string()), Some(p.clone()));
+        p.watermark = Some(-5);
+        assert_eq!(p.to_string(), "vigil-1/42/0123456789ab/-5");
         assert_eq!(PartitionPointer::parse(&p.to_string()), Some(p));
-        for other in ["", "x", "a/b/c", "/1/f", "m/1/"] {
+        for other in ["", "x", "a/b/c", "/1/f", "m/1/", "m/1/f/x"] {
             assert_eq!(PartitionPointer::parse(other), None, "{other:?}");
         }
     }
@@ -813,6 +847,7 @@ mod tests {
             member: member.into(),
             checkpoint,
             definition: "f".into(),
+            watermark: None,
         };
         for id in 1..=2 {
             a.write(&CompletedCheckpoint {
@@ -846,5 +881,8 @@ mod tests {
             Some(pointer("a", 2))
         );
         assert_eq!(b.pointer("auth", 7).await.expect("read"), None);
+        let all = b.pointers("auth").await.expect("list");
+        assert_eq!(all, vec![(0, pointer("a", 2)), (1, pointer("b", 1))]);
+        assert!(b.pointers("dns").await.expect("list").is_empty());
     }
 }
