@@ -611,14 +611,13 @@ impl ReaderPartitions {
         now_ms: i64,
     ) -> Result<()> {
         let rows = rows_of(marks, partition, "origin marks")?;
-        let inputs = rows
-            .column_by_name("input")
-            .and_then(|c| c.as_primitive_opt::<Int32Type>());
         for input in 0..2 {
-            let of: BooleanArray = (0..rows.num_rows())
-                .map(|r| Some(inputs.map_or(0, |c| c.value(r)) == input as i32))
-                .collect();
-            let mine = filter_record_batch(&rows, &of)?;
+            // A table without the input column holds the first input's.
+            let mine = match rows_where(&rows, "input", input as i32)? {
+                Some(mine) => mine,
+                None if input == 0 => rows.clone(),
+                None => continue,
+            };
             if input == 0 || mine.num_rows() > 0 {
                 self.marks
                     .insert((partition, input), OriginMarks::restore(&mine)?);
@@ -745,17 +744,22 @@ impl ReaderPartitions {
 
 /// The rows of a reader's checkpoint table that belong to `partition`.
 fn rows_of(table: &RecordBatch, partition: i32, what: &str) -> Result<RecordBatch> {
-    let Some(of) = table
-        .column_by_name("reader_partition")
-        .and_then(|c| c.as_primitive_opt::<Int32Type>())
-    else {
-        return Err(ConnectorError::config(
+    rows_where(table, "reader_partition", partition)?.ok_or_else(|| {
+        ConnectorError::config(
             what,
             format!("the checkpoint's {what} have no reader_partition column"),
-        ));
+        )
+    })
+}
+
+/// The rows of `table` whose Int32 column `column` is `value`; None when
+/// the table has no such column.
+fn rows_where(table: &RecordBatch, column: &str, value: i32) -> Result<Option<RecordBatch>> {
+    let Some(c) = table.column_by_name(column) else {
+        return Ok(None);
     };
-    let mine: BooleanArray = of.iter().map(|p| Some(p == Some(partition))).collect();
-    Ok(filter_record_batch(table, &mine)?)
+    let mine = arrow::compute::kernels::cmp::eq(c, &Int32Array::new_scalar(value))?;
+    Ok(Some(filter_record_batch(table, &mine)?))
 }
 
 /// Builds the writers of one repartition topic.
