@@ -818,7 +818,6 @@ async fn three_processes_count_a_rekeyed_window_as_one_does_even_when_one_is_kil
 // pointer of its own is written; its next owner goes on from the previous
 // owner's older checkpoint and repeats pairs the refused owner's file sink
 // committed (6 of 228 seen). See docs/scale-out.md, "Not built yet".
-#[ignore = "a partition whose owner's commits were all refused is re-read from an older pointer"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_join_rekeyed_streams_as_one_does_even_when_one_is_killed() {
     three_processes_as_one(Scenario::Join, expected_pairs(900)).await;

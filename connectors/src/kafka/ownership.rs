@@ -5,12 +5,16 @@
 //! Every offset a process commits comes with a **pointer**,
 //! `<member>/<checkpoint>/<fingerprint>`: the checkpoint of the committing
 //! process that holds the partition's state at that offset. The pointer is
-//! written to the shared checkpoint storage (`partitions/<topic>/<n>`) once
-//! the Kafka commit has succeeded, and also rides in the commit's metadata
-//! for brokers that keep it (tansu does not, which is why the storage holds
-//! the copy that is read). Kafka refuses commits from a member that has
-//! lost its place in the group, and a refused commit writes no pointer, so
-//! the pointer names the last rightful owner.
+//! written to the shared checkpoint storage (`partitions/<topic>/<n>`) when
+//! the checkpoint completes, and also rides in the commit's metadata for
+//! brokers that keep it (tansu does not, which is why the storage holds the
+//! copy that is read). Kafka refuses the commits of a rebalancing group's
+//! members, including of partitions they keep, so a refused commit still
+//! writes its pointers: the checkpoint's output is committed, and the
+//! partition must go on from it. The storage fences instead: a process
+//! writes over a pointer only if it is the one the partition had when the
+//! process took it, or one of its own member's, so a zombie cannot write
+//! over its successor's.
 //!
 //! A process that is assigned a partition reads the pointer and takes the
 //! partition from the **newest** checkpoint of the named member, at or

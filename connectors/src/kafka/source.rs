@@ -592,6 +592,7 @@ impl SourceFactory for KafkaSourceFactory {
             letting_go: None,
             handed: HashMap::new(),
             pointers_due: Vec::new(),
+            adopted_from: HashMap::new(),
             schema: self.schema.clone(),
             batch_size: self.config.batch_size,
             index: HashMap::new(),
@@ -826,6 +827,22 @@ impl ConsumerContext for RebalanceRecorder {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+                if !self.closing.load(Ordering::Acquire) && consumer.assignment_lost() =>
+            {
+                // Fenced out of the group (its session timed out): the
+                // partitions may already be someone else's, so there is
+                // no hand-over and nothing of theirs is committed.
+                tracing::warn!("kafka assignment lost");
+                self.events
+                    .lock()
+                    .push(RebalanceEvent::Lost(partitions_of(list)));
+                if cooperative {
+                    consumer.incremental_unassign(list)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
                 if !self.closing.load(Ordering::Acquire) =>
             {
                 // The subtask unassigns once the partitions are flushed.
@@ -902,8 +919,13 @@ struct KafkaSource {
     /// Partitions handed over with a commit naming one of this process's
     /// checkpoints, which is kept until the next owner commits.
     handed: HashMap<TopicPartition, CheckpointId>,
-    /// Pointers of commits that succeeded, to write to the storage.
+    /// Pointers of completed checkpoints, to write to the storage.
     pointers_due: Vec<(String, i32, super::ownership::Pointer)>,
+    /// The pointer each partition had when this process took it (`None`:
+    /// it had none). A pointer is written over only if it is still that
+    /// one or one of this member's: anything else means another process
+    /// has taken the partition since, and this one is a zombie.
+    adopted_from: HashMap<TopicPartition, Option<super::ownership::Pointer>>,
     consumer: Arc<StreamConsumer<RebalanceRecorder>>,
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
     closing: Arc<AtomicBool>,
@@ -1452,6 +1474,7 @@ impl KafkaSource {
         let mut seek = TopicPartitionList::new();
         for tp in &tps {
             let pointer = super::ownership::read_pointer(&ownership.store, &tp.0, tp.1).await?;
+            self.adopted_from.insert(tp.clone(), pointer.clone());
             let Some(pointer) = pointer else {
                 tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, "partition has no checkpoint yet; starting at its committed offset");
                 continue;
@@ -1461,11 +1484,10 @@ impl KafkaSource {
                 tracing::warn!(source = %self.name, topic = %tp.0, partition = tp.1, member = %pointer.member, checkpoint = pointer.checkpoint, "the checkpoint the partition was committed with is gone; starting at its committed offset without its state");
                 continue;
             };
-            if let Some(next) = super::ownership::position_in(&checkpoint, &self.node, &tp.0, tp.1)
-            {
+            let next = super::ownership::position_in(&checkpoint, &self.node, &tp.0, tp.1);
+            if let Some(next) = next {
                 seek.add_partition_offset(&tp.0, tp.1, Offset::Offset(next))
                     .map_err(|e| kafka_error("invalid offset", e))?;
-                self.next_offsets.insert(tp.clone(), next);
             }
             let groups = self.groups_of(std::slice::from_ref(tp));
             if let (ValueDecoder::Repartition(reader), Some(groups)) = (&mut self.decoder, groups) {
@@ -1479,14 +1501,22 @@ impl KafkaSource {
                         reader.adopt(tp.1, marks, state.batches.get(2), now)?;
                     }
                 }
+                // The partition's position moves when the adoption is
+                // handed out, not before: a barrier taken in between must
+                // not say this process holds a partition whose state its
+                // keyed operators have not taken yet.
                 let id = vigil_engine::KeyGroupChange::next_id();
-                self.queue.push_back(Queued::control(SourceEvent::KeyGroups(
-                    vigil_engine::KeyGroupChange::Adopt {
+                self.queue.push_back(Queued {
+                    event: SourceEvent::KeyGroups(vigil_engine::KeyGroupChange::Adopt {
                         id,
                         groups,
                         checkpoint: checkpoint.clone(),
-                    },
-                )));
+                    }),
+                    from: Some(tp.clone()),
+                    advance: next,
+                });
+            } else if let Some(next) = next {
+                self.next_offsets.insert(tp.clone(), next);
             }
             tracing::info!(source = %self.name, topic = %tp.0, partition = tp.1, member = %pointer.member, checkpoint = checkpoint.id, "partition taken over from its checkpoint");
         }
@@ -1508,7 +1538,27 @@ impl KafkaSource {
         let Some(ownership) = self.ownership.clone() else {
             return Ok(());
         };
-        let due = std::mem::take(&mut self.pointers_due);
+        let mut due = std::mem::take(&mut self.pointers_due);
+        let mut fenced = Vec::new();
+        for (t, p, _) in &due {
+            let tp = (t.clone(), *p);
+            let current = super::ownership::read_pointer(&ownership.store, t, *p).await?;
+            let ours = match &current {
+                None => true,
+                Some(c) => {
+                    c.member == ownership.member
+                        || self
+                            .adopted_from
+                            .get(&tp)
+                            .is_some_and(|from| from.as_ref() == Some(c))
+                }
+            };
+            if !ours {
+                tracing::error!(source = %self.name, topic = %t, partition = p, pointer = ?current, "another process has taken this partition; its pointer is left alone");
+                fenced.push(tp);
+            }
+        }
+        due.retain(|(t, p, _)| !fenced.iter().any(|f| f.0 == *t && f.1 == *p));
         super::ownership::write_pointers(&ownership.store, due).await?;
         let mut taken = Vec::new();
         for (tp, id) in &self.handed {
@@ -1806,8 +1856,19 @@ impl KafkaSource {
                 self.committed
                     .extend(offsets.iter().map(|(tp, o)| (tp.clone(), *o)));
             }
+            Err(e) if self.consumer.assignment_lost() => {
+                tracing::warn!(source = %self.name, checkpoint, error = %e, "offset commit failed and the assignment is lost; the partitions' next owners go on from their last pointers")
+            }
             Err(e) => {
-                tracing::warn!(source = %self.name, checkpoint, error = %e, "offset commit failed; the next checkpoint retries")
+                // Refused while the group rebalances (the generation moved
+                // on), though the partitions are still this process's: a
+                // cooperative rebalance revokes before it reassigns. The
+                // checkpoint is complete and the sinks have committed its
+                // output, so its pointer is written all the same; only one
+                // that another process has written over since it took the
+                // partition is left alone (see `write_pointers`).
+                tracing::warn!(source = %self.name, checkpoint, error = %e, "offset commit failed; the next checkpoint retries, and the checkpoint's pointers are written");
+                self.pointers_due.extend(pointers);
             }
         }
         Ok(())
