@@ -80,6 +80,23 @@ pub fn position_in(
     })
 }
 
+/// Whether a process of `member`, which took the partition when its
+/// pointer was `taken_from`, may write over the partition's `current`
+/// pointer: only if nobody has written one, or it is still the one the
+/// process took the partition from, or one of `member`'s own (a restart
+/// under the same member name is the same owner). Anything else was
+/// written by a process that has taken the partition since.
+pub fn may_write_over(
+    current: Option<&Pointer>,
+    taken_from: Option<&Pointer>,
+    member: &str,
+) -> bool {
+    match current {
+        None => true,
+        Some(c) => c.member == member || taken_from == Some(c),
+    }
+}
+
 /// Finds the checkpoints pointers name, reading each at most once per
 /// round of assignments.
 pub struct Resolver<'a> {
@@ -214,4 +231,31 @@ fn read(
             .await
             .map_err(|e| ConnectorError::config("checkpoints", e.to_string()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pointer(text: &str) -> Pointer {
+        Pointer::parse(text).expect("a pointer")
+    }
+
+    #[test]
+    fn a_pointer_is_written_over_only_by_its_owner_or_the_process_that_took_it_over() {
+        let a7 = pointer("a/7/f");
+        let b3 = pointer("b/3/f");
+        let b9 = pointer("b/9/f");
+        // The first owner of a partition nobody has checkpointed.
+        assert!(may_write_over(None, None, "a"));
+        // Its own pointers, including a predecessor's under the same name.
+        assert!(may_write_over(Some(&a7), None, "a"));
+        // The process that took the partition from b/3 goes on over it.
+        assert!(may_write_over(Some(&b3), Some(&b3), "a"));
+        // a took the partition from b/3, and b has written b/9 since: b
+        // took it back (b -> a -> b), and a, now a zombie, leaves it alone.
+        assert!(!may_write_over(Some(&b9), Some(&b3), "a"));
+        // b, which took the partition from nobody, is fenced by a's.
+        assert!(!may_write_over(Some(&a7), None, "b"));
+    }
 }

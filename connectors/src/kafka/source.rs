@@ -1543,17 +1543,8 @@ impl KafkaSource {
         for (t, p, _) in &due {
             let tp = (t.clone(), *p);
             let current = super::ownership::read_pointer(&ownership.store, t, *p).await?;
-            let ours = match &current {
-                None => true,
-                Some(c) => {
-                    c.member == ownership.member
-                        || self
-                            .adopted_from
-                            .get(&tp)
-                            .is_some_and(|from| from.as_ref() == Some(c))
-                }
-            };
-            if !ours {
+            let from = self.adopted_from.get(&tp).and_then(Option::as_ref);
+            if !super::ownership::may_write_over(current.as_ref(), from, &ownership.member) {
                 tracing::error!(source = %self.name, topic = %t, partition = p, pointer = ?current, "another process has taken this partition; its pointer is left alone");
                 fenced.push(tp);
             }
