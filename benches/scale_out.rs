@@ -43,6 +43,18 @@ use support::{arg, spread};
 const PARTITIONS: i32 = 6;
 const BASE_MS: i64 = 1_767_225_600_000;
 
+/// The benchmark's directory: removed on drop, unless the benchmark is
+/// failing, when it is kept for its logs.
+struct KeepOnPanic(Option<tempfile::TempDir>);
+
+impl Drop for KeepOnPanic {
+    fn drop(&mut self) {
+        if let (true, Some(dir)) = (std::thread::panicking(), self.0.take()) {
+            eprintln!("logs kept in {}", dir.keep().display());
+        }
+    }
+}
+
 /// A `vigil run`; killed on drop.
 struct Process(Child);
 
@@ -242,7 +254,11 @@ fn main() {
         broker::create_topics(&tansu.brokers, &[("auth", PARTITIONS)]).await;
         preload(&tansu.brokers, n).await;
     });
+    // Kept when a run fails, with every process's log in it: a run that
+    // stops counting is diagnosed from those logs.
     let root = tempfile::tempdir().expect("tempdir");
+    let kept = root.path().to_path_buf();
+    let root = KeepOnPanic(Some(root));
     let configs: [(&str, usize, bool); 4] = [
         ("co-partitioned", 1, false),
         ("scale_out x1", 1, true),
@@ -258,7 +274,7 @@ fn main() {
                 processes,
                 if scale_out { "s" } else { "c" }
             );
-            let secs = run(&tansu.brokers, root.path(), &name, processes, scale_out, n);
+            let secs = run(&tansu.brokers, &kept, &name, processes, scale_out, n);
             rates.push(n as f64 / secs);
         }
         let (median, min, max) = spread(rates);
@@ -271,6 +287,7 @@ fn main() {
         );
         medians.push(median);
     }
+    drop(root);
     println!(
         "repartition overhead: scale_out x1 runs at {:.2} of the co-partitioned rate; x2 {:.2} and x3 {:.2} of x1",
         medians[1] / medians[0],
