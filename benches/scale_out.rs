@@ -258,7 +258,7 @@ fn main() {
     // stops counting is diagnosed from those logs.
     let root = tempfile::tempdir().expect("tempdir");
     let kept = root.path().to_path_buf();
-    let root = KeepOnPanic(Some(root));
+    let _root = KeepOnPanic(Some(root));
     let configs: [(&str, usize, bool); 4] = [
         ("co-partitioned", 1, false),
         ("scale_out x1", 1, true),
@@ -287,7 +287,6 @@ fn main() {
         );
         medians.push(median);
     }
-    drop(root);
     println!(
         "repartition overhead: scale_out x1 runs at {:.2} of the co-partitioned rate; x2 {:.2} and x3 {:.2} of x1",
         medians[1] / medians[0],

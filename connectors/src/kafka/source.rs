@@ -1538,18 +1538,19 @@ impl KafkaSource {
         let Some(ownership) = self.ownership.clone() else {
             return Ok(());
         };
-        let mut due = std::mem::take(&mut self.pointers_due);
-        let mut fenced = Vec::new();
-        for (t, p, _) in &due {
-            let tp = (t.clone(), *p);
-            let current = super::ownership::read_pointer(&ownership.store, t, *p).await?;
-            let from = self.adopted_from.get(&tp).and_then(Option::as_ref);
-            if !super::ownership::may_write_over(current.as_ref(), from, &ownership.member) {
+        let mut due = Vec::new();
+        for (t, p, pointer) in std::mem::take(&mut self.pointers_due) {
+            let current = super::ownership::read_pointer(&ownership.store, &t, p).await?;
+            let from = self
+                .adopted_from
+                .get(&(t.clone(), p))
+                .and_then(Option::as_ref);
+            if super::ownership::may_write_over(current.as_ref(), from, &ownership.member) {
+                due.push((t, p, pointer));
+            } else {
                 tracing::error!(source = %self.name, topic = %t, partition = p, pointer = ?current, "another process has taken this partition; its pointer is left alone");
-                fenced.push(tp);
             }
         }
-        due.retain(|(t, p, _)| !fenced.iter().any(|f| f.0 == *t && f.1 == *p));
         super::ownership::write_pointers(&ownership.store, due).await?;
         let mut taken = Vec::new();
         for (tp, id) in &self.handed {
