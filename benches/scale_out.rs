@@ -26,7 +26,10 @@
 //! share the cores, so the absolute scaling is capped; the per-process
 //! figure is what one process adds.
 //!
-//! `cargo bench --bench scale_out` (add `-- --events N --runs R`).
+//! `cargo bench --bench scale_out` (add `-- --events N --runs R`, and
+//! `--only LABEL` for the configurations whose label starts with it; the
+//! processes log at `VIGIL_BENCH_LOG`, `warn` by default, into `vigil.log`
+//! of their directory).
 
 #[path = "../tests/integration/broker.rs"]
 mod broker;
@@ -212,7 +215,10 @@ fn run(brokers: &str, root: &Path, name: &str, processes: usize, scale_out: bool
                 .args(["--checkpoint-interval", "1s"])
                 .args(["--http", &format!("127.0.0.1:{port}")])
                 .current_dir(&dir)
-                .env("RUST_LOG", "warn")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("VIGIL_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -265,8 +271,22 @@ fn main() {
         ("scale_out x2", 2, true),
         ("scale_out x3", 3, true),
     ];
+    // `--only LABEL` runs the configurations whose label starts with it.
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let mut medians = Vec::new();
     for (label, processes, scale_out) in configs {
+        if only
+            .as_ref()
+            .is_some_and(|o| !label.starts_with(o.as_str()))
+        {
+            medians.push(f64::NAN);
+            continue;
+        }
         let mut rates = Vec::new();
         for r in 0..runs {
             let name = format!(

@@ -349,6 +349,15 @@ pub trait SourceFactory: Send + Sync {
     fn max_parallelism(&self) -> Option<usize> {
         None
     }
+    /// True when the source's partitions carry their watermarks
+    /// ([`SourceEvent::Watermark`]) and their records' event times say
+    /// nothing about what may follow: a repartition topic, whose rows of
+    /// many writers are in no event-time order. Such a partition holds the
+    /// watermark back until its first announcement instead of being
+    /// derived from the rows it delivered.
+    fn announces_watermarks(&self) -> bool {
+        false
+    }
     /// One-line description for `vigil explain`.
     fn describe(&self) -> String;
 }

@@ -742,12 +742,15 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                             node.name
                         )));
                     }
-                    let wm = PartitionWatermarks::new(
+                    let mut wm = PartitionWatermarks::new(
                         source.partitions(),
                         node.watermark.out_of_orderness_ms,
                         node.watermark.idle_timeout_ms,
                         ctx.clock.now_ms(),
                     );
+                    if f.announces_watermarks() {
+                        wm = wm.announced_only();
+                    }
                     let control = source_rx
                         .next()
                         .ok_or_else(|| EngineError::Internal("source control missing".into()))?;
@@ -918,7 +921,12 @@ async fn run_source(
             }
         }
         m.partitions.store(wm.active() as u64, Ordering::Relaxed);
-        if let Some(w) = wm.poll(clock.now_ms()) {
+        let next = wm.poll(clock.now_ms());
+        for p in wm.take_went_idle() {
+            tracing::info!(node = %ctx.node, subtask = ctx.subtask, partition = p, "partition idle: it no longer holds the watermark back");
+        }
+        if let Some(w) = next {
+            tracing::debug!(node = %ctx.node, subtask = ctx.subtask, watermark = ?w, "source watermark");
             outs.watermark(w).await?;
         }
     }

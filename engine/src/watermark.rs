@@ -89,6 +89,8 @@ struct PartitionTrack {
     announced: Option<EventTime>,
     last_activity_ms: i64,
     state: PartitionState,
+    /// Excluded as idle at the last poll.
+    idle: bool,
 }
 
 /// The watermarks of the partitions one source subtask reads, merged.
@@ -103,6 +105,11 @@ pub struct PartitionWatermarks {
     idle_timeout_ms: i64,
     last_emitted: Option<Watermark>,
     last_event_time: Option<EventTime>,
+    /// Partitions that turned idle since [`Self::take_went_idle`].
+    went_idle: Vec<usize>,
+    /// Partitions are held at their announcements only, never at their
+    /// records' event times.
+    announced_only: bool,
 }
 
 impl PartitionWatermarks {
@@ -117,12 +124,25 @@ impl PartitionWatermarks {
                     announced: None,
                     last_activity_ms: now_ms,
                     state: PartitionState::Active,
+                    idle: false,
                 })
                 .collect(),
             idle_timeout_ms,
             last_emitted: None,
             last_event_time: None,
+            went_idle: Vec::new(),
+            announced_only: false,
         }
+    }
+
+    /// Holds each partition at what the source announces for it
+    /// ([`Self::announce`]) and never at its records' event times: until
+    /// its first announcement, a partition that is not idle holds the
+    /// watermark back. For sources whose rows are in no event-time order
+    /// (a repartition topic).
+    pub fn announced_only(mut self) -> Self {
+        self.announced_only = true;
+        self
     }
 
     /// Number of partitions tracked.
@@ -176,6 +196,7 @@ impl PartitionWatermarks {
                 announced: None,
                 last_activity_ms: now_ms,
                 state: PartitionState::Revoked,
+                idle: false,
             });
         }
         let t = &mut self.partitions[p];
@@ -223,7 +244,7 @@ impl PartitionWatermarks {
         let mut any_active = false;
         let mut blocked = false;
         let mut all_finished = true;
-        for t in &self.partitions {
+        for (p, t) in self.partitions.iter_mut().enumerate() {
             if t.state == PartitionState::Finished {
                 continue;
             }
@@ -231,11 +252,23 @@ impl PartitionWatermarks {
             if t.state == PartitionState::Revoked {
                 continue;
             }
-            if now_ms.saturating_sub(t.last_activity_ms) >= self.idle_timeout_ms {
-                continue; // idle: excluded
+            let idle = now_ms.saturating_sub(t.last_activity_ms) >= self.idle_timeout_ms;
+            if idle != t.idle {
+                t.idle = idle;
+                if idle {
+                    self.went_idle.push(p);
+                }
+            }
+            if idle {
+                continue; // excluded
             }
             any_active = true;
-            match t.announced.or_else(|| t.generator.current()) {
+            let derived = if self.announced_only {
+                None
+            } else {
+                t.generator.current()
+            };
+            match t.announced.or(derived) {
                 Some(w) => min = Some(min.map_or(w, |m| m.min(w))),
                 None => blocked = true,
             }
@@ -251,6 +284,13 @@ impl PartitionWatermarks {
             Watermark::EventTime(self.last_event_time.map_or(w, |l| l.max(w)))
         };
         self.emit_if_changed(next)
+    }
+
+    /// Partitions that turned idle (and stopped holding the watermark
+    /// back) since the last call: worth a log line, because rows they
+    /// deliver later than the others' watermark are late.
+    pub fn take_went_idle(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.went_idle)
     }
 
     fn emit_if_changed(&mut self, next: Watermark) -> Option<Watermark> {

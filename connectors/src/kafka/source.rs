@@ -605,6 +605,12 @@ impl SourceFactory for KafkaSourceFactory {
             queue: VecDeque::new(),
         }))
     }
+    fn announces_watermarks(&self) -> bool {
+        // A repartition partition's rows come from every writer, each at
+        // its own pace: their event times bound nothing, only the writers'
+        // watermark records do.
+        matches!(self.codec, Codec::Repartition { .. })
+    }
     fn describe(&self) -> String {
         format!(
             "kafka {} (group {})",

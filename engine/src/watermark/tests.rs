@@ -221,3 +221,47 @@ fn an_announced_watermark_overrides_event_times_and_never_moves_back() {
         "partition 1 holds it now"
     );
 }
+
+#[test]
+fn an_announcing_partition_is_held_until_its_first_announcement() {
+    // Rows of a repartition partition come from several writers in no
+    // event-time order: a row at 900_000 says nothing about what follows.
+    let mut w = PartitionWatermarks::new(2, 0, IDLE, 0).announced_only();
+    w.observe(0, 900_000, 10);
+    w.observe(1, 800_000, 10);
+    assert_eq!(w.poll(20), None, "rows alone move nothing");
+    w.announce(0, 5_000, 30);
+    assert_eq!(w.poll(30), None, "partition 1 has not announced yet");
+    w.announce(1, 4_000, 40);
+    assert_eq!(w.poll(40), Some(Watermark::EventTime(4_000)));
+    // Rows keep a partition active without moving it.
+    w.observe(1, 950_000, IDLE);
+    assert_eq!(w.poll(IDLE + 40), None);
+    // Without the mode, the same rows would have moved it.
+    let mut derived = PartitionWatermarks::new(2, 0, IDLE, 0);
+    derived.observe(0, 900_000, 10);
+    derived.observe(1, 800_000, 10);
+    assert_eq!(derived.poll(20), Some(Watermark::EventTime(800_000)));
+}
+
+#[test]
+fn partitions_turning_idle_are_reported_once() {
+    let mut w = PartitionWatermarks::new(2, 0, IDLE, 0);
+    w.observe(0, 1_000, 0);
+    w.observe(1, 1_000, 0);
+    assert_eq!(w.poll(1), Some(Watermark::EventTime(1_000)));
+    assert!(w.take_went_idle().is_empty());
+    w.observe(0, 2_000, IDLE);
+    w.poll(IDLE);
+    assert_eq!(w.take_went_idle(), vec![1]);
+    w.poll(IDLE + 1);
+    assert!(
+        w.take_went_idle().is_empty(),
+        "still idle: not reported again"
+    );
+    w.observe(1, 3_000, IDLE + 2);
+    w.poll(IDLE + 2);
+    assert!(w.take_went_idle().is_empty(), "active again");
+    w.poll(2 * IDLE + 2);
+    assert_eq!(w.take_went_idle(), vec![0, 1]);
+}
