@@ -426,6 +426,9 @@ pub async fn run(plan: &Plan, mut options: RunOptions) -> Result<Summary, Engine
             .await?;
         }
     }
+    for log in &plan.changelogs {
+        log.ensure(&plan.name).await?;
+    }
     let result = supervise(plan, &options, control, listener, membership.as_ref()).await;
     if let Some(m) = &membership {
         m.leave().await;

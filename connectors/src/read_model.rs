@@ -8,6 +8,10 @@
 //! `kafka` sink with `changelog: true`, for services that keep their own
 //! copy.
 //!
+//! A pipeline running as several processes (`scale_out`) shares each model
+//! through a changelog topic that every process follows whole
+//! ([`crate::kafka::model_log`]), so any process answers for every key.
+//!
 //! Rows are kept as the JSON text arrow-json writes for the batch (one pass
 //! per batch, never per-row value trees), beside the text of their scalar
 //! columns for filters. Every read is scoped to one tenant: the key of the
@@ -27,6 +31,8 @@ use async_trait::async_trait;
 use parking_lot::RwLock;
 use serde::Deserialize;
 use vigil_engine::{EngineError, Sink, SinkFactory, TaskContext};
+
+use crate::kafka::model_log::{Follower, LogWriter, ModelLog};
 
 /// A `read_model` sink.
 ///
@@ -59,10 +65,20 @@ fn default_op() -> String {
     "op".into()
 }
 
-struct Row {
-    json: Box<str>,
+/// A row of a model.
+pub(crate) struct Row {
+    /// The row as a JSON object.
+    pub json: Box<str>,
     /// Text of the scalar columns, by the model's column index.
-    fields: Box<[Option<Box<str>>]>,
+    pub fields: Box<[Option<Box<str>>]>,
+}
+
+/// One change to a model: the new row of (tenant, key), or its removal.
+pub(crate) struct Change {
+    /// Tenant and key.
+    pub id: (String, String),
+    /// The row; None deletes it.
+    pub row: Option<Row>,
 }
 
 /// One read model: rows by (tenant, key).
@@ -215,14 +231,16 @@ impl ReadModel {
         Ok(page)
     }
 
-    fn apply(
+    /// The changes `batch` makes: a row per key, or its removal where the
+    /// `op` column says `delete` or `retract`. Sets the model's columns
+    /// from the batch on first use.
+    pub(crate) fn changes_of(
         &self,
         batch: &RecordBatch,
         key: &str,
         tenant: &str,
         op: &str,
-        touched: &mut std::collections::HashSet<(String, String)>,
-    ) -> vigil_engine::Result<()> {
+    ) -> vigil_engine::Result<Vec<Change>> {
         let text = |name: &str| -> vigil_engine::Result<Option<arrow::array::ArrayRef>> {
             batch
                 .column_by_name(name)
@@ -238,21 +256,11 @@ impl ReadModel {
         };
         let ops = text(op)?;
         let schema = batch.schema();
-        let scalar: Vec<usize> = (0..schema.fields().len())
-            .filter(|i| !schema.field(*i).data_type().is_nested())
-            .collect();
+        self.set_columns(&schema);
+        let scalar = scalar_columns(&schema);
         let mut values = Vec::with_capacity(scalar.len());
         for i in &scalar {
             values.push(cast(batch.column(*i), &DataType::Utf8)?);
-        }
-        {
-            let mut cols = self.columns.write();
-            if cols.is_empty() {
-                *cols = scalar
-                    .iter()
-                    .map(|i| schema.field(*i).name().clone())
-                    .collect();
-            }
         }
         // Stored rows are the model's columns; `op` only says what to do.
         let shown: Vec<usize> = (0..schema.fields().len())
@@ -269,39 +277,71 @@ impl ReadModel {
         let (keys, tenants) = (keys.as_string::<i32>(), tenants.as_string::<i32>());
         let ops = ops.as_ref().map(|o| o.as_string::<i32>());
         let values: Vec<_> = values.iter().map(|v| v.as_string::<i32>()).collect();
-        let mut rows = self.rows.write();
+        let mut changes = Vec::with_capacity(batch.num_rows());
         for r in 0..batch.num_rows() {
             if keys.is_null(r) || tenants.is_null(r) {
                 continue;
             }
             let id = (tenants.value(r).to_string(), keys.value(r).to_string());
-            if !touched.contains(&id) {
-                touched.insert(id.clone());
-            }
             let delete = ops
                 .filter(|o| o.is_valid(r))
                 .is_some_and(|o| matches!(o.value(r), "delete" | "retract"));
-            if delete {
-                rows.remove(&id);
-            } else {
-                let line = lines.get(r).copied().unwrap_or_default();
-                let fields = values
+            let row = (!delete).then(|| Row {
+                json: String::from_utf8_lossy(lines.get(r).copied().unwrap_or_default()).into(),
+                fields: values
                     .iter()
                     .map(|v| v.is_valid(r).then(|| Box::from(v.value(r))))
-                    .collect();
-                rows.insert(
-                    id,
-                    Row {
-                        json: String::from_utf8_lossy(line).into(),
-                        fields,
-                    },
-                );
+                    .collect(),
+            });
+            changes.push(Change { id, row });
+        }
+        Ok(changes)
+    }
+
+    /// The model's columns are `schema`'s scalar ones, if not set yet.
+    pub(crate) fn set_columns(&self, schema: &arrow::datatypes::Schema) {
+        let mut cols = self.columns.write();
+        if cols.is_empty() {
+            *cols = scalar_columns(schema)
+                .iter()
+                .map(|i| schema.field(*i).name().clone())
+                .collect();
+        }
+    }
+
+    /// Applies `changes` in order, noting their keys in `touched`.
+    pub(crate) fn apply_changes(
+        &self,
+        changes: impl IntoIterator<Item = Change>,
+        mut touched: Option<&mut std::collections::HashSet<(String, String)>>,
+    ) {
+        let mut rows = self.rows.write();
+        let mut n = 0;
+        for c in changes {
+            n += 1;
+            if let Some(t) = touched.as_deref_mut() {
+                if !t.contains(&c.id) {
+                    t.insert(c.id.clone());
+                }
+            }
+            match c.row {
+                Some(row) => {
+                    rows.insert(c.id, row);
+                }
+                None => {
+                    rows.remove(&c.id);
+                }
             }
         }
-        self.changes
-            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-        Ok(())
+        self.changes.fetch_add(n, Ordering::Relaxed);
     }
+}
+
+/// The columns a model keeps text of for filters: the non-nested ones.
+fn scalar_columns(schema: &arrow::datatypes::Schema) -> Vec<usize> {
+    (0..schema.fields().len())
+        .filter(|i| !schema.field(*i).data_type().is_nested())
+        .collect()
 }
 
 impl ReadModel {
@@ -348,8 +388,9 @@ impl ReadModel {
         )?)
     }
 
-    /// Puts back rows [`ReadModel::export`] wrote; returns their keys.
-    fn import(&self, table: &RecordBatch) -> vigil_engine::Result<Vec<(String, String)>> {
+    /// The rows [`ReadModel::export`] wrote, as changes; takes the
+    /// model's columns from the table if it has none yet.
+    fn rows_of(&self, table: &RecordBatch) -> vigil_engine::Result<Vec<Change>> {
         let bad = || {
             EngineError::Checkpoint(format!(
                 "read model {:?}: the checkpoint's rows have the wrong columns",
@@ -368,22 +409,19 @@ impl ReadModel {
                 *cols = names;
             }
         }
-        let mut rows = self.rows.write();
-        let mut keys = Vec::with_capacity(table.num_rows());
+        let mut rows = Vec::with_capacity(table.num_rows());
         for r in 0..table.num_rows() {
             let f: Vec<Option<String>> =
                 serde_json::from_str(fields.value(r)).map_err(|_| bad())?;
-            let id = (tenants.value(r).to_string(), ids.value(r).to_string());
-            rows.insert(
-                id.clone(),
-                Row {
+            rows.push(Change {
+                id: (tenants.value(r).to_string(), ids.value(r).to_string()),
+                row: Some(Row {
                     json: jsons.value(r).into(),
                     fields: f.into_iter().map(|v| v.map(Box::from)).collect(),
-                },
-            );
-            keys.push(id);
+                }),
+            });
         }
-        Ok(keys)
+        Ok(rows)
     }
 }
 
@@ -429,6 +467,11 @@ impl ReadModels {
 pub struct ReadModelSinkFactory {
     config: ReadModelSinkConfig,
     model: Arc<ReadModel>,
+    /// Shared with the pipeline's other processes through this changelog.
+    log: Option<ModelLog>,
+    /// Follows the changelog into the model, from the first subtask made.
+    follower: parking_lot::Mutex<Option<Follower>>,
+    pipeline: String,
 }
 
 impl ReadModelSinkFactory {
@@ -438,7 +481,24 @@ impl ReadModelSinkFactory {
         Self {
             config: config.clone(),
             model: models.model(&name),
+            log: None,
+            follower: parking_lot::Mutex::new(None),
+            pipeline: String::new(),
         }
+    }
+
+    /// The model's name.
+    pub fn model_name(&self) -> &str {
+        &self.model.name
+    }
+
+    /// Shares the model with the other processes of pipeline `pipeline`:
+    /// changes go to `log`, and the model is what the whole log says (see
+    /// [`crate::kafka::model_log`]).
+    pub fn shared(mut self, pipeline: &str, log: ModelLog) -> Self {
+        self.log = Some(log);
+        self.pipeline = pipeline.to_string();
+        self
     }
 }
 
@@ -454,18 +514,37 @@ impl SinkFactory for ReadModelSinkFactory {
         Ok(())
     }
 
-    fn create(&self, _ctx: &TaskContext, schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
+    fn create(&self, ctx: &TaskContext, schema: SchemaRef) -> vigil_engine::Result<Box<dyn Sink>> {
         self.check_input(&schema)?;
+        let log = match &self.log {
+            Some(log) => {
+                // Filters work before the first row comes back.
+                self.model.set_columns(&schema);
+                let mut follower = self.follower.lock();
+                if follower.is_none() {
+                    let group = format!("vigil-{}-{}-follower", self.pipeline, self.model.name);
+                    *follower = Some(Follower::start(log, self.model.clone(), &group)?);
+                }
+                Some(LogWriter::new(log, ctx.metrics.clone())?)
+            }
+            None => None,
+        };
         Ok(Box::new(ReadModelSink {
             config: self.config.clone(),
             model: self.model.clone(),
             touched: std::collections::HashSet::new(),
+            log,
+            republish: Vec::new(),
         }))
     }
 
     fn describe(&self) -> String {
+        let shared = match &self.log {
+            Some(log) => format!(", shared through {}", log.topic),
+            None => String::new(),
+        };
         format!(
-            "read model {} keyed by {}, {}",
+            "read model {} keyed by {}, {}{shared}",
             self.model.name, self.config.tenant, self.config.key
         )
     }
@@ -474,30 +553,71 @@ impl SinkFactory for ReadModelSinkFactory {
 /// A subtask of a `read_model` sink. Upserts and deletes by key are
 /// idempotent, so a replay after a restore applies the same changes again
 /// with the same result; the checkpoint keeps the rows this subtask wrote,
-/// so a new process serves them before its replay starts.
+/// so a new process serves them before its replay starts. A shared model's
+/// changes go to its changelog instead, which holds the rows: its
+/// checkpoint holds nothing.
 struct ReadModelSink {
     config: ReadModelSinkConfig,
     model: Arc<ReadModel>,
     /// Keys this subtask has written or restored.
     touched: std::collections::HashSet<(String, String)>,
+    /// The changelog of a shared model.
+    log: Option<LogWriter>,
+    /// Rows of a checkpoint taken before the model was shared, for its
+    /// changelog.
+    republish: Vec<Change>,
+}
+
+impl ReadModelSink {
+    async fn send_restored(&mut self) -> vigil_engine::Result<()> {
+        if let Some(log) = &mut self.log {
+            for c in std::mem::take(&mut self.republish) {
+                log.send(&c).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Sink for ReadModelSink {
     async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
-        self.model.apply(
+        let changes = self.model.changes_of(
             &batch,
             &self.config.key,
             &self.config.tenant,
             &self.config.op,
-            &mut self.touched,
-        )
+        )?;
+        if self.log.is_none() {
+            self.model.apply_changes(changes, Some(&mut self.touched));
+            return Ok(());
+        }
+        self.send_restored().await?;
+        if let Some(log) = &mut self.log {
+            for c in &changes {
+                log.send(c).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> vigil_engine::Result<()> {
+        self.send_restored().await?;
+        match &mut self.log {
+            Some(log) => log.flush().await,
+            None => Ok(()),
+        }
     }
 
     async fn snapshot(
         &mut self,
         _checkpoint: vigil_engine::CheckpointId,
     ) -> vigil_engine::Result<vigil_engine::OperatorState> {
+        if self.log.is_some() {
+            // In the changelog before the barrier passes.
+            self.flush().await?;
+            return Ok(vigil_engine::OperatorState::default());
+        }
         let table = self.model.export(&self.touched)?;
         // Deleted keys need no state.
         let rows = self.model.rows.read();
@@ -510,7 +630,14 @@ impl Sink for ReadModelSink {
 
     fn restore(&mut self, state: vigil_engine::OperatorState) -> vigil_engine::Result<()> {
         for table in &state.batches {
-            self.touched.extend(self.model.import(table)?);
+            let rows = self.model.rows_of(table)?;
+            match self.log {
+                Some(_) => self.republish.extend(rows),
+                None => {
+                    self.touched.extend(rows.iter().map(|c| c.id.clone()));
+                    self.model.apply_changes(rows, None);
+                }
+            }
         }
         Ok(())
     }
@@ -556,27 +683,28 @@ mod tests {
         let models = ReadModels::new();
         let m = models.model("open_incidents");
         let mut touched = std::collections::HashSet::new();
-        m.apply(
-            &batch(&[
-                ("upsert", "acme", "i1", "high", 1),
-                ("upsert", "acme", "i2", "low", 2),
-                ("upsert", "acme", "i3", "high", 3),
-                ("upsert", "globex", "i9", "high", 9),
-                ("upsert", "acme", "i2", "critical", 4),
-                ("delete", "acme", "i3", "high", 3),
-            ]),
-            "incident_id",
-            "tenant_id",
-            "op",
-            &mut touched,
-        )
-        .expect("apply");
+        let changes = m
+            .changes_of(
+                &batch(&[
+                    ("upsert", "acme", "i1", "high", 1),
+                    ("upsert", "acme", "i2", "low", 2),
+                    ("upsert", "acme", "i3", "high", 3),
+                    ("upsert", "globex", "i9", "high", 9),
+                    ("upsert", "acme", "i2", "critical", 4),
+                    ("delete", "acme", "i3", "high", 3),
+                ]),
+                "incident_id",
+                "tenant_id",
+                "op",
+            )
+            .expect("changes");
+        m.apply_changes(changes, Some(&mut touched));
         assert_eq!(m.count("acme"), 2);
         // A checkpoint's rows rebuild the same model in a new process.
         let table = m.export(&touched).expect("export");
         assert_eq!(table.num_rows(), 3, "i3 was deleted");
         let again = ReadModels::new().model("open_incidents");
-        again.import(&table).expect("import");
+        again.apply_changes(again.rows_of(&table).expect("rows"), None);
         let all = Query {
             limit: 10,
             ..Query::default()

@@ -13,6 +13,7 @@ use arrow::datatypes::SchemaRef;
 use vigil_connectors::file::{FileSinkFactory, FileSourceFactory};
 use vigil_connectors::generator::GeneratorSourceFactory;
 use vigil_connectors::incident_log::KafkaEventLog;
+use vigil_connectors::kafka::model_log::{self, ModelLog};
 use vigil_connectors::kafka::{KafkaDeadLetterSinkFactory, KafkaSinkFactory, KafkaSourceFactory};
 use vigil_connectors::lookup::{LookupConfig, LookupHow, LookupMatch};
 use vigil_connectors::memory::{Collected, MemorySinkFactory};
@@ -88,6 +89,9 @@ pub struct Plan {
     pub definition: String,
     /// The Kafka sources by name, for `vigil status`.
     pub kafka_sources: Vec<(String, Arc<KafkaSourceFactory>)>,
+    /// Changelog topics of the read models, shared by the processes of a
+    /// pipeline with `scale_out`.
+    pub changelogs: Vec<ModelLog>,
     /// Internal topics re-keying keyed steps (`scale_out`), in plan order.
     pub repartitions: Vec<super::rekey::Repartition>,
 }
@@ -581,6 +585,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
     let mut consumed: HashSet<(NodeId, Port)> = HashSet::new();
     let mut sinks = Vec::new();
     let read_models = ReadModels::new();
+    let mut changelogs = Vec::new();
     for s in &spec.sinks {
         let what = format!("sink {:?}", s.name);
         let Some(inputs) = resolve(&mut p, &graph, &built, &names, &s.path, &s.inputs) else {
@@ -597,7 +602,29 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                     continue;
                 }
             },
-            SinkKind::ReadModel(c) => Arc::new(ReadModelSinkFactory::new(c, &s.name, &read_models)),
+            SinkKind::ReadModel(c) => {
+                let mut f = ReadModelSinkFactory::new(c, &s.name, &read_models);
+                // With scale_out the processes share the model through a
+                // changelog (a missing broker is scale_out's error, below).
+                if let Some(Ok((brokers, properties))) = spec
+                    .scale_out
+                    .as_ref()
+                    .map(|scale| super::rekey::kafka_of(spec, scale))
+                {
+                    let log = ModelLog {
+                        brokers,
+                        properties,
+                        topic: model_log::topic_name(
+                            &super::rekey::topic_safe(&spec.name),
+                            &super::rekey::topic_safe(f.model_name()),
+                        ),
+                        partitions: spec.scale_out.as_ref().map_or(1, |s| s.partitions),
+                    };
+                    changelogs.push(log.clone());
+                    f = f.shared(&spec.name, log);
+                }
+                Arc::new(f)
+            }
             SinkKind::Null => Arc::new(NullSinkFactory),
         };
         let mut fits = true;
@@ -716,6 +743,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         definition,
         kafka_sources,
         repartitions,
+        changelogs,
     })
 }
 

@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, TimeUnit};
 use vigil_connectors::kafka::repartition::{
-    topic_name, RepartitionSinkFactory, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC, SECOND_INPUT,
+    topic_name, OriginSpec, RepartitionSinkFactory, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC,
+    SECOND_INPUT,
 };
 use vigil_connectors::kafka::{KafkaSourceFactory, Properties};
 use vigil_engine::graph::NodeKind;
@@ -43,7 +44,7 @@ pub struct Repartition {
 }
 
 /// A name Kafka accepts as a topic: `[A-Za-z0-9._-]`.
-fn topic_safe(name: &str) -> String {
+pub(super) fn topic_safe(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
@@ -53,6 +54,29 @@ fn topic_safe(name: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The brokers and client properties of a scaled-out pipeline's internal
+/// topics: `scale_out.brokers`, else its first Kafka source's.
+pub(super) fn kafka_of(
+    spec: &PipelineSpec,
+    scale: &ScaleOutSpec,
+) -> Result<(String, Properties), String> {
+    let first_kafka = spec.sources.iter().find_map(|s| match &s.kind {
+        SourceKind::Kafka(c) => Some(c),
+        _ => None,
+    });
+    match (&scale.brokers, first_kafka) {
+        (Some(b), k) => Ok((
+            b.clone(),
+            k.map(|c| c.properties.clone()).unwrap_or_default(),
+        )),
+        (None, Some(k)) => Ok((k.brokers.clone(), k.properties.clone())),
+        (None, None) => Err(
+            "scale_out needs Kafka for its internal topics: set scale_out.brokers, or read a Kafka source"
+                .into(),
+        ),
+    }
 }
 
 /// Inserts the repartitions of `spec`'s `scale_out` into `graph`; the
@@ -65,23 +89,7 @@ pub fn plan(
     definition: &str,
     kafka_sources: &mut Vec<(String, Arc<KafkaSourceFactory>)>,
 ) -> Result<Vec<Repartition>, String> {
-    let first_kafka = spec.sources.iter().find_map(|s| match &s.kind {
-        SourceKind::Kafka(c) => Some(c),
-        _ => None,
-    });
-    let (brokers, properties) = match (&scale.brokers, first_kafka) {
-        (Some(b), k) => (
-            b.clone(),
-            k.map(|c| c.properties.clone()).unwrap_or_default(),
-        ),
-        (None, Some(k)) => (k.brokers.clone(), k.properties.clone()),
-        (None, None) => {
-            return Err(
-                "scale_out needs Kafka for its repartition topics: set scale_out.brokers, or read a Kafka source"
-                    .into(),
-            )
-        }
-    };
+    let (brokers, properties) = kafka_of(spec, scale)?;
     // Writers stop holding a partition back when silent this long: the
     // longest idle timeout of the sources, so a writer whose process died
     // holds it until its successor has taken its input over.
@@ -162,6 +170,9 @@ pub fn plan(
                 )
             })?;
         let topic = topic_name(&topic_safe(&spec.name), &topic_safe(&node.name));
+        // The Kafka topics whose partitions the writers announce bounds
+        // for: a fresh reader waits until each has been announced.
+        let mut origin_topics: Vec<String> = Vec::new();
         for (i, edge) in node.inputs.iter().enumerate() {
             let mut writer = RepartitionSinkFactory::new(
                 &brokers,
@@ -173,6 +184,30 @@ pub fn plan(
             .map_err(|e| format!("step {:?}: {e}", node.name))?;
             if i == 1 {
                 writer = writer.second_input();
+            }
+            // A bound per input partition, for readers to hold while the
+            // partition changes writers (docs/scale-out.md).
+            let column = times[edge.from].clone().filter(|c| {
+                schemas[i].field_with_name(c).is_ok_and(|f| {
+                    matches!(f.data_type(), DataType::Timestamp(TimeUnit::Millisecond, _))
+                })
+            });
+            if let (Some(column), Some(source)) = (column, source_of(graph, edge.from)) {
+                let w = graph.nodes()[source].watermark;
+                writer = writer.with_origins(OriginSpec {
+                    event_time: column,
+                    out_of_orderness_ms: w.out_of_orderness_ms,
+                    idle_timeout_ms: w.idle_timeout_ms,
+                });
+                let source_name = &graph.nodes()[source].name;
+                if let Some(SourceKind::Kafka(c)) = spec
+                    .sources
+                    .iter()
+                    .find(|s| &s.name == source_name)
+                    .map(|s| &s.kind)
+                {
+                    origin_topics.extend(c.topics.iter().cloned());
+                }
             }
             let writer_name = match join {
                 false => format!("{}/rekey-out", node.name),
@@ -202,7 +237,13 @@ pub fn plan(
             idle,
         )
         .map_err(|e| format!("step {:?}: {e}", node.name))?;
-        let reader = Arc::new(reader.with_definition(definition));
+        origin_topics.sort_unstable();
+        origin_topics.dedup();
+        let reader = Arc::new(
+            reader
+                .expect_origins(origin_topics)
+                .with_definition(definition),
+        );
         kafka_sources.push((reader_name.clone(), reader.clone()));
         let reader_id = graph
             .add_source(
@@ -234,6 +275,20 @@ pub fn plan(
         });
     }
     Ok(out)
+}
+
+/// The source whose rows reach `from` through steps of one input: whose
+/// watermarks bound them.
+fn source_of(graph: &Graph, mut from: NodeId) -> Option<NodeId> {
+    for _ in 0..graph.nodes().len() {
+        let n = &graph.nodes()[from];
+        match &n.kind {
+            NodeKind::Source(_) => return Some(from),
+            NodeKind::Operator(_) if n.inputs.len() == 1 => from = n.inputs[0].from,
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// True when the rows leaving `from` are already divided between

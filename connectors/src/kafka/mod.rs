@@ -4,6 +4,7 @@
 
 mod config;
 mod dead_letter;
+pub mod model_log;
 pub mod ownership;
 pub mod repartition;
 mod sink;

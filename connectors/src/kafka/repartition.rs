@@ -17,7 +17,10 @@
 //!   makes re-sends after a crash and a zombie writer's copies harmless.
 //! * [`ProducerWatermarks`]: the watermark of one repartition partition is
 //!   the minimum over the writers heard from recently; an idle or finished
-//!   writer stops holding it back, and it never moves back.
+//!   writer stops holding it back, and it never moves back. It is also
+//!   held at the bound each writer announces per input partition
+//!   ([`ORIGINS`]), so an input partition moving between writers, or not
+//!   yet given to any while the group forms, does not make its rows late.
 //! * [`RepartitionSinkFactory`]: the writer, a sink that sends each batch's
 //!   rows to the partitions of their key groups, and to every partition its
 //!   watermark (at most every [`WATERMARK_EVERY`]) and, when its input
@@ -25,9 +28,9 @@
 //!   input partitions go on with their next owner, and readers let it go
 //!   once it is idle). Records carry the header [`KIND`]
 //!   (`data`, `watermark` or `finished`), and the control records also carry
-//!   [`PRODUCER`] and [`WATERMARK`].
+//!   [`PRODUCER`], [`WATERMARK`] and, for watermarks, [`ORIGINS`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +73,10 @@ pub const KIND: &str = "vigil.kind";
 pub const PRODUCER: &str = "vigil.producer";
 /// Header of a watermark record: the writer's watermark, in ms.
 pub const WATERMARK: &str = "vigil.watermark";
+/// Header of a watermark record: the writer's bound for each input
+/// partition it reads, `topic:partition=ms` or `topic:partition=idle`,
+/// comma-separated (see [`OriginWatermarks`]).
+pub const ORIGINS: &str = "vigil.origins";
 /// Header of a data record of a join's second input (`1`); records of
 /// the first input have none.
 pub const SIDE: &str = "vigil.side";
@@ -98,6 +105,18 @@ pub async fn ensure_topic(
     pipeline: &str,
     topic: &str,
     partitions: usize,
+) -> Result<()> {
+    ensure_topic_with(config, pipeline, topic, partitions, &[]).await
+}
+
+/// [`ensure_topic`] for any internal topic of a pipeline, created with
+/// the topic settings `settings` (`cleanup.policy` and the like).
+pub async fn ensure_topic_with(
+    config: &ClientConfig,
+    pipeline: &str,
+    topic: &str,
+    partitions: usize,
+    settings: &[(&str, &str)],
 ) -> Result<()> {
     if partitions == 0 || partitions > MAX_PARTITIONS {
         return Err(ConnectorError::config(
@@ -129,7 +148,10 @@ pub async fn ensure_topic(
         Some(n) => return Err(wrong_count(pipeline, topic, partitions, n)),
         None => {}
     }
-    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
+    let mut new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
+    for (k, v) in settings {
+        new = new.set(k, v);
+    }
     let results = admin
         .create_topics(
             [&new],
@@ -148,7 +170,7 @@ pub async fn ensure_topic(
     match found(&admin)? {
         Some(n) if n != partitions => Err(wrong_count(pipeline, topic, partitions, n)),
         _ => {
-            tracing::info!(topic, partitions, "repartition topic ready");
+            tracing::info!(topic, partitions, "internal topic ready");
             Ok(())
         }
     }
@@ -158,7 +180,7 @@ fn wrong_count(pipeline: &str, topic: &str, want: usize, found: usize) -> Connec
     ConnectorError::config(
         "partitions",
         format!(
-            "repartition topic {topic:?} has {found} partitions, but pipeline {pipeline:?} repartitions into {want}. Vigil does not re-create it: that would lose the records in it and move keys away from their state. Stop every process of the pipeline and delete the topic, or set the pipeline's partitions to {found}"
+            "internal topic {topic:?} has {found} partitions, but pipeline {pipeline:?} expects {want}. Vigil does not re-create it: that would lose the records in it and move keys away from their state. Stop every process of the pipeline and delete the topic, or set the pipeline's partitions to {found}"
         ),
     )
 }
@@ -348,8 +370,102 @@ impl OriginMarks {
 #[derive(Debug, Clone)]
 pub struct ProducerWatermarks {
     producers: HashMap<String, Producer>,
+    origins: OriginWatermarks,
     idle_ms: i64,
     emitted: Option<i64>,
+    /// Input partitions to be announced (or a time) before the watermark
+    /// first moves: see [`Self::expect_origins`].
+    gate: Option<(Arc<HashSet<String>>, i64)>,
+}
+
+/// The writers' bounds per input partition ([`ORIGINS`]), which hold a
+/// repartition partition's watermark while an input partition changes
+/// writers.
+///
+/// A writer's watermark covers only the input partitions it reads. One
+/// that takes a partition over (its owner died, or a rebalance moved it)
+/// has announced a watermark from its other partitions, often past the
+/// rows the taken partition still has to deliver. The bound of an input
+/// partition is the highest any writer announced for it (a successor
+/// re-reading from the last commit delivers only copies below it, which
+/// the origin marks drop); it holds while some writer heard within the
+/// idle time announces the partition active, so a dead writer's
+/// partitions are held until their successor takes over.
+#[derive(Debug, Clone, Default)]
+struct OriginWatermarks {
+    /// Per input partition (`topic:partition`): the bound, and its holders.
+    origins: HashMap<String, (i64, Holders)>,
+}
+
+/// Per writer: whether it announced an input partition active, and when.
+type Holders = HashMap<String, (bool, i64)>;
+
+impl OriginWatermarks {
+    /// Takes writer `producer`'s [`ORIGINS`] header; malformed entries are
+    /// reported under `at` and skipped.
+    fn observe(&mut self, producer: &str, header: &str, now_ms: i64, at: &str) {
+        for entry in header.split(',').filter(|e| !e.is_empty()) {
+            let Some((origin, value)) = entry.split_once('=') else {
+                tracing::warn!(record = %at, entry, "repartition origin bound without value ignored");
+                continue;
+            };
+            let bound = match value {
+                "idle" => None,
+                v => match v.parse::<i64>() {
+                    Ok(v) => Some(v),
+                    Err(_) => {
+                        tracing::warn!(record = %at, entry, "repartition origin bound is not a number; ignored");
+                        continue;
+                    }
+                },
+            };
+            if !self.origins.contains_key(origin) {
+                self.origins
+                    .insert(origin.to_string(), (i64::MIN, HashMap::new()));
+            }
+            let Some((value, holders)) = self.origins.get_mut(origin) else {
+                continue;
+            };
+            if let Some(b) = bound {
+                *value = (*value).max(b);
+            }
+            match holders.get_mut(producer) {
+                Some(h) => *h = (bound.is_some(), now_ms),
+                None => {
+                    holders.insert(producer.to_string(), (bound.is_some(), now_ms));
+                }
+            }
+        }
+    }
+
+    /// Some writer has announced input partition `origin` (and not long
+    /// ago: see [`Self::hold`]).
+    fn knows(&self, origin: &str) -> bool {
+        self.origins.contains_key(origin)
+    }
+
+    /// Writer `producer` holds no input partition any more.
+    fn release(&mut self, producer: &str) {
+        for (_, holders) in self.origins.values_mut() {
+            if let Some(h) = holders.get_mut(producer) {
+                h.0 = false;
+            }
+        }
+    }
+
+    /// The lowest bound of an input partition that a writer heard within
+    /// `idle_ms` announces active; expired announcements are dropped.
+    fn hold(&mut self, now_ms: i64, idle_ms: i64) -> Option<i64> {
+        let mut hold = None;
+        self.origins.retain(|_, (value, holders)| {
+            holders.retain(|_, (_, heard)| now_ms - *heard <= idle_ms);
+            if holders.values().any(|(active, _)| *active) {
+                hold = Some(hold.map_or(*value, |h: i64| h.min(*value)));
+            }
+            !holders.is_empty()
+        });
+        hold
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -364,9 +480,20 @@ impl ProducerWatermarks {
     pub fn new(idle: Duration) -> Self {
         Self {
             producers: HashMap::new(),
+            origins: OriginWatermarks::default(),
             idle_ms: idle.as_millis() as i64,
             emitted: None,
+            gate: None,
         }
+    }
+
+    /// Holds the watermark until some writer has announced each input
+    /// partition of `expected` (`topic:partition`), or until `until_ms`.
+    /// A writer announces only the partitions it reads; while a group
+    /// forms, the first writers heard read only some of them.
+    pub fn expect_origins(mut self, expected: Arc<HashSet<String>>, until_ms: i64) -> Self {
+        self.gate = Some((expected, until_ms));
+        self
     }
 
     /// Writer `producer` announced `watermark` at `now_ms`.
@@ -391,6 +518,13 @@ impl ProducerWatermarks {
             p.finished = true;
             p.heard_ms = now_ms;
         }
+        self.origins.release(producer);
+    }
+
+    /// Writer `producer`'s bounds per input partition ([`ORIGINS`]), from
+    /// record `at`.
+    pub fn observe_origins(&mut self, producer: &str, header: &str, now_ms: i64, at: &str) {
+        self.origins.observe(producer, header, now_ms, at);
     }
 
     /// The writers as rows (producer, watermark, finished), and the
@@ -424,23 +558,40 @@ impl ProducerWatermarks {
                 None => self.emitted = self.emitted.max(Some(watermark)),
             }
         }
+        // The previous owner's watermark already waited for everyone.
+        self.gate = None;
     }
 
     /// The partition's watermark at `now_ms`: the minimum over writers that
-    /// are neither finished nor idle, never below what it was before. None
-    /// until a writer has been heard from.
+    /// are neither finished nor idle, and over the input partitions some
+    /// writer still holds (see [`OriginWatermarks`]), never below what it
+    /// was before. None until a writer has been heard from.
     pub fn watermark(&mut self, now_ms: i64) -> Option<i64> {
+        if let Some((expected, until)) = &self.gate {
+            if now_ms < *until && expected.iter().any(|o| !self.origins.knows(o)) {
+                return self.emitted;
+            }
+            self.gate = None;
+        }
         let active = self
             .producers
             .values()
             .filter(|p| !p.finished && now_ms - p.heard_ms <= self.idle_ms)
             .map(|p| p.watermark)
             .min();
+        let hold = self.origins.hold(now_ms, self.idle_ms);
+        let held = |w: i64| hold.map_or(w, |h| w.min(h));
         let next = match (active, self.emitted) {
-            (Some(a), Some(e)) => Some(a.max(e)),
-            (Some(a), None) => Some(a),
+            (Some(a), Some(e)) => Some(held(a).max(e)),
+            (Some(a), None) => Some(held(a)),
             // Everyone idle or finished: the highest anyone announced.
-            (None, e) => self.producers.values().map(|p| p.watermark).max().max(e),
+            (None, e) => self
+                .producers
+                .values()
+                .map(|p| p.watermark)
+                .max()
+                .map(held)
+                .max(e),
         };
         self.emitted = next;
         next
@@ -463,6 +614,8 @@ pub(crate) struct ReaderPartitions {
     /// The lowest watermark other readers' partitions have published:
     /// this reader's partitions are announced no higher.
     floor: Option<i64>,
+    /// Every partition of the writers' input topics, if known.
+    expected: Option<Arc<HashSet<String>>>,
 }
 
 /// What a reader takes from a chunk of one partition: the fresh rows per
@@ -474,6 +627,8 @@ pub(crate) struct Record<'a> {
     pub kind: Option<&'a str>,
     pub producer: Option<&'a str>,
     pub watermark: Option<&'a str>,
+    /// The writer's bounds per input partition ([`ORIGINS`]).
+    pub origins: Option<&'a str>,
     /// The record holds a join's second input.
     pub second: bool,
     pub value: &'a [u8],
@@ -494,7 +649,16 @@ impl ReaderPartitions {
             writers: HashMap::new(),
             announced: HashMap::new(),
             floor: None,
+            expected: None,
         }
+    }
+
+    /// The partitions of the writers' input topics (`topic:partition`):
+    /// a partition read from its start holds its watermark until each is
+    /// announced (see [`ProducerWatermarks::expect_origins`]).
+    pub fn expect_origins(mut self, expected: HashSet<String>) -> Self {
+        self.expected = Some(Arc::new(expected));
+        self
     }
 
     /// The rows of a chunk of records of `partition` not taken before, per
@@ -510,10 +674,14 @@ impl ReaderPartitions {
     ) -> Result<ReadChunk> {
         let idle = self.idle;
         let schemas = &self.inputs;
-        let writers = self
-            .writers
-            .entry(partition)
-            .or_insert_with(|| ProducerWatermarks::new(idle));
+        let expected = &self.expected;
+        let writers = self.writers.entry(partition).or_insert_with(|| {
+            let w = ProducerWatermarks::new(idle);
+            match expected {
+                Some(e) => w.expect_origins(e.clone(), now_ms + idle.as_millis() as i64),
+                None => w,
+            }
+        });
         let mut rows: Vec<Vec<RecordBatch>> = vec![Vec::new(); schemas.len()];
         for r in records {
             let at = format!("{location}@{}", r.offset);
@@ -521,7 +689,12 @@ impl ReaderPartitions {
                 Some("watermark") => {
                     let w = r.watermark.and_then(|w| w.parse::<i64>().ok());
                     match (r.producer, w) {
-                        (Some(p), Some(w)) => writers.observe(p, w, now_ms),
+                        (Some(p), Some(w)) => {
+                            writers.observe(p, w, now_ms);
+                            if let Some(o) = r.origins {
+                                writers.observe_origins(p, o, now_ms, &at);
+                            }
+                        }
                         _ => {
                             tracing::warn!(record = %at, "repartition watermark without producer or value ignored")
                         }
@@ -772,6 +945,21 @@ pub struct RepartitionSinkFactory {
     partitions: usize,
     /// Writes a join's second input (tagged [`SIDE`]).
     second: bool,
+    /// How the writer bounds each input partition's event time.
+    origins: Option<OriginSpec>,
+}
+
+/// Where a writer finds event time, and how its source makes watermarks:
+/// the writer derives from them a watermark per input partition, as the
+/// source does, for readers to hold when that partition changes hands.
+#[derive(Debug, Clone)]
+pub struct OriginSpec {
+    /// The input's event-time column (a millisecond timestamp).
+    pub event_time: String,
+    /// The source's out-of-orderness, in ms.
+    pub out_of_orderness_ms: i64,
+    /// The source's idle timeout, in ms.
+    pub idle_timeout_ms: i64,
 }
 
 impl RepartitionSinkFactory {
@@ -802,7 +990,15 @@ impl RepartitionSinkFactory {
             keys,
             partitions,
             second: false,
+            origins: None,
         })
+    }
+
+    /// Announces with each watermark a bound per input partition, from
+    /// the rows' event times (see [`OriginWatermarks`]).
+    pub fn with_origins(mut self, spec: OriginSpec) -> Self {
+        self.origins = Some(spec);
+        self
     }
 
     /// This writer sends a join's second input: its rows are tagged, and
@@ -838,7 +1034,17 @@ impl SinkFactory for RepartitionSinkFactory {
             .map(|k| schema.index_of(k))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let origins = match &self.origins {
+            Some(spec) => Some(OriginTracker::new(
+                spec,
+                &schema,
+                schema.index_of(ORIGIN_TOPIC)?,
+                schema.index_of(ORIGIN_PARTITION)?,
+            )?),
+            None => None,
+        };
         Ok(Box::new(RepartitionSink {
+            origins,
             producer: KafkaProducer::new(&self.brokers, &self.properties, ctx.metrics.clone())?,
             topic: self.topic.clone(),
             keys,
@@ -865,6 +1071,8 @@ impl SinkFactory for RepartitionSinkFactory {
 
 /// One writer into a repartition topic.
 struct RepartitionSink {
+    /// The bounds per input partition announced with the watermark.
+    origins: Option<OriginTracker>,
     producer: KafkaProducer,
     topic: String,
     keys: Vec<usize>,
@@ -882,16 +1090,27 @@ struct RepartitionSink {
 
 impl RepartitionSink {
     /// Sends the held-back watermark if the rate limit allows it (or
-    /// `now`, before a checkpoint).
+    /// `now`, before a checkpoint). Moved input-partition bounds are sent
+    /// the same way, with the last watermark: a writer catching up on a
+    /// partition it took over keeps its watermark while the partition's
+    /// bound rises.
     async fn send_pending(&mut self, force: bool) -> vigil_engine::Result<()> {
         let now = self.clock.now_ms();
         let due =
             force || now.saturating_sub(self.sent_at_ms) >= WATERMARK_EVERY.as_millis() as i64;
-        if let (Some(w), true) = (self.pending, due) {
+        let moved = self.origins.as_ref().is_some_and(|o| o.dirty);
+        let w = match self.pending {
+            Some(w) => Some(w),
+            None if moved => self.last_watermark,
+            None => None,
+        };
+        if let (Some(w), true) = (w, due) {
             self.pending = None;
             self.last_watermark = Some(w);
             self.sent_at_ms = now;
-            self.control("watermark", Some(w)).await?;
+            let origins = self.origins.as_mut().map(|o| o.header(now));
+            self.control("watermark", Some(w), origins.as_deref())
+                .await?;
         }
         Ok(())
     }
@@ -901,6 +1120,7 @@ impl RepartitionSink {
         &mut self,
         kind: &str,
         watermark: Option<EventTime>,
+        origins: Option<&str>,
     ) -> vigil_engine::Result<()> {
         let w = watermark.map(|w| w.to_string());
         for p in 0..self.partitions as i32 {
@@ -919,6 +1139,12 @@ impl RepartitionSink {
                     value: Some(w.as_str()),
                 });
             }
+            if let Some(o) = origins {
+                headers = headers.insert(Header {
+                    key: ORIGINS,
+                    value: Some(o),
+                });
+            }
             let record = FutureRecord::<str, [u8]>::to(&self.topic)
                 .partition(p)
                 .payload(&[])
@@ -929,9 +1155,145 @@ impl RepartitionSink {
     }
 }
 
+/// A writer's bound per input partition: the largest event time it has
+/// written from the partition, minus the source's out-of-orderness (what
+/// the source's own watermark for that partition is). A partition whose
+/// rows stopped for half the source's idle timeout is announced idle:
+/// before the source lets it go, so the bound never holds readers longer
+/// than the writer's watermark does.
+struct OriginTracker {
+    event_time: usize,
+    topic: usize,
+    partition: usize,
+    delay_ms: i64,
+    idle_ms: i64,
+    /// Per topic and partition: the largest event time, and when the last
+    /// row came.
+    seen: HashMap<String, HashMap<i32, (EventTime, i64)>>,
+    /// A bound moved, or a partition appeared, since the last header.
+    dirty: bool,
+}
+
+impl OriginTracker {
+    fn new(
+        spec: &OriginSpec,
+        schema: &Schema,
+        topic: usize,
+        partition: usize,
+    ) -> vigil_engine::Result<Self> {
+        let event_time = schema.index_of(&spec.event_time)?;
+        let types = [
+            (topic, DataType::Utf8),
+            (partition, DataType::Int32),
+            (
+                event_time,
+                DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+            ),
+        ];
+        for (i, t) in types {
+            let f = schema.field(i);
+            let ok = match (f.data_type(), &t) {
+                (DataType::Timestamp(u, _), DataType::Timestamp(v, _)) => u == v,
+                (a, b) => a == b,
+            };
+            if !ok {
+                return Err(vigil_engine::EngineError::User(format!(
+                    "repartition: column {:?} is {}, not {t}",
+                    f.name(),
+                    f.data_type()
+                )));
+            }
+        }
+        Ok(Self {
+            event_time,
+            topic,
+            partition,
+            delay_ms: spec.out_of_orderness_ms,
+            idle_ms: spec.idle_timeout_ms / 2,
+            seen: HashMap::new(),
+            dirty: false,
+        })
+    }
+
+    /// Takes the event times of `batch`'s rows, per input partition.
+    fn observe(&mut self, batch: &RecordBatch, now_ms: i64) {
+        let topics = batch.column(self.topic).as_string::<i32>();
+        let partitions = batch.column(self.partition).as_primitive::<Int32Type>();
+        let times = batch
+            .column(self.event_time)
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let mut run: Option<(usize, EventTime)> = None;
+        for r in 0..batch.num_rows() {
+            if topics.is_null(r) || partitions.is_null(r) {
+                continue;
+            }
+            let t = times.is_valid(r).then(|| times.value(r));
+            match run {
+                Some((start, max))
+                    if topics.value(start) == topics.value(r)
+                        && partitions.value(start) == partitions.value(r) =>
+                {
+                    run = Some((start, t.map_or(max, |t| t.max(max))));
+                }
+                _ => {
+                    if let Some((start, max)) = run {
+                        self.note(topics.value(start), partitions.value(start), max, now_ms);
+                    }
+                    run = Some((r, t.unwrap_or(EventTime::MIN)));
+                }
+            }
+        }
+        if let Some((start, max)) = run {
+            self.note(topics.value(start), partitions.value(start), max, now_ms);
+        }
+    }
+
+    fn note(&mut self, topic: &str, partition: i32, max: EventTime, now_ms: i64) {
+        if !self.seen.contains_key(topic) {
+            self.seen.insert(topic.to_string(), HashMap::new());
+        }
+        let Some(of_topic) = self.seen.get_mut(topic) else {
+            return;
+        };
+        let e = of_topic.entry(partition).or_insert_with(|| {
+            self.dirty = true;
+            (max, now_ms)
+        });
+        if max > e.0 {
+            e.0 = max;
+            self.dirty = true;
+        }
+        e.1 = now_ms;
+    }
+
+    /// The [`ORIGINS`] header at `now_ms`; partitions quiet for twice the
+    /// idle time, announced idle since, are forgotten.
+    fn header(&mut self, now_ms: i64) -> String {
+        self.dirty = false;
+        let idle = self.idle_ms;
+        let mut entries = Vec::new();
+        for (topic, partitions) in self.seen.iter_mut() {
+            partitions.retain(|_, (_, heard)| now_ms - *heard < 4 * idle);
+            for (p, (max, heard)) in partitions.iter() {
+                let value = match now_ms - heard >= idle || *max == EventTime::MIN {
+                    true => "idle".to_string(),
+                    false => max.saturating_sub(self.delay_ms).to_string(),
+                };
+                entries.push(format!("{topic}:{p}={value}"));
+            }
+        }
+        self.seen.retain(|_, p| !p.is_empty());
+        entries.sort_unstable();
+        entries.join(",")
+    }
+}
+
 #[async_trait]
 impl Sink for RepartitionSink {
     async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
+        if let Some(o) = &mut self.origins {
+            o.observe(&batch, self.clock.now_ms());
+        }
         for (p, value) in encode(&batch, &self.keys, self.partitions)? {
             let mut headers = OwnedHeaders::new().insert(Header {
                 key: KIND,
@@ -974,7 +1336,7 @@ impl Sink for RepartitionSink {
 
     async fn finish(&mut self) -> vigil_engine::Result<()> {
         self.send_pending(true).await?;
-        self.control("finished", self.last_watermark).await?;
+        self.control("finished", self.last_watermark, None).await?;
         self.flush().await
     }
 }
@@ -1094,12 +1456,160 @@ mod tests {
     }
 
     #[test]
+    fn a_fresh_partition_waits_until_every_input_partition_is_announced() {
+        let expected: HashSet<String> = ["auth:0", "auth:1", "alerts:0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut w = ProducerWatermarks::new(Duration::from_secs(10))
+            .expect_origins(Arc::new(expected.clone()), 10_000);
+        // The first writer of a forming group reads auth:0 only.
+        w.observe("a/0", 500, 0);
+        w.observe_origins("a/0", "auth:0=500", 0, "t@0");
+        assert_eq!(w.watermark(0), None, "auth:1 and alerts:0 unannounced");
+        w.observe("b/0", 300, 1_000);
+        w.observe_origins("b/0", "auth:1=300,alerts:0=idle", 1_000, "t@1");
+        assert_eq!(w.watermark(1_000), Some(300), "everyone announced");
+
+        // An input partition nobody announces holds only for the idle time.
+        let mut w = ProducerWatermarks::new(Duration::from_secs(10))
+            .expect_origins(Arc::new(expected), 10_000);
+        w.observe("a/0", 500, 0);
+        w.observe_origins("a/0", "auth:0=500", 0, "t@0");
+        assert_eq!(w.watermark(9_999), None);
+        w.observe("a/0", 600, 10_000);
+        w.observe_origins("a/0", "auth:0=600", 10_000, "t@2");
+        assert_eq!(w.watermark(10_000), Some(600));
+
+        // A partition taken over with its writers from a checkpoint has
+        // waited already, at its previous owner.
+        let mut w = ProducerWatermarks::new(Duration::from_secs(10))
+            .expect_origins(Arc::new(["auth:0".to_string()].into()), 10_000);
+        w.restore([(Some("a/0".to_string()), 700, false)].into_iter(), 0);
+        assert_eq!(w.watermark(0), Some(700));
+    }
+
+    #[test]
+    fn an_input_partition_changing_writers_holds_the_watermark_at_its_bound() {
+        let mut w = ProducerWatermarks::new(Duration::from_secs(10));
+        // a reads auth:0, b reads auth:1.
+        w.observe("a/0", 100, 0);
+        w.observe_origins("a/0", "auth:0=100", 0, "t@0");
+        w.observe("b/0", 100, 0);
+        w.observe_origins("b/0", "auth:1=400", 0, "t@1");
+        assert_eq!(w.watermark(0), Some(100));
+        // a dies. b takes auth:0 over; its own watermark is already past
+        // auth:0's backlog, but auth:0's bound, a's last, holds.
+        w.observe("b/0", 500, 3_000);
+        w.observe_origins("b/0", "auth:1=500", 3_000, "t@2");
+        assert_eq!(w.watermark(3_000), Some(100));
+        // Past a's idle time, b's bound for auth:0 still holds; re-read
+        // copies below a's bound do not lower it.
+        w.observe("b/0", 500, 11_000);
+        w.observe_origins("b/0", "auth:0=90,auth:1=500", 11_000, "t@3");
+        assert_eq!(w.watermark(11_000), Some(100));
+        w.observe("b/0", 500, 11_500);
+        w.observe_origins("b/0", "auth:0=300,auth:1=500", 11_500, "t@4");
+        assert_eq!(w.watermark(11_500), Some(300));
+        // An idle input partition no longer holds it; nor does a
+        // malformed entry.
+        w.observe("b/0", 500, 12_000);
+        w.observe_origins("b/0", "auth:0=idle,auth:1=500,junk,x:1=y", 12_000, "t@5");
+        assert_eq!(w.watermark(12_000), Some(500));
+    }
+
+    #[test]
+    fn a_dead_writers_partitions_hold_only_until_its_idle_time() {
+        let mut w = ProducerWatermarks::new(Duration::from_secs(10));
+        w.observe("a/0", 100, 0);
+        w.observe_origins("a/0", "auth:0=100", 0, "t@0");
+        w.observe("b/0", 100, 0);
+        w.observe_origins("b/0", "auth:1=400", 0, "t@1");
+        w.observe("b/0", 500, 9_000);
+        w.observe_origins("b/0", "auth:1=500", 9_000, "t@2");
+        assert_eq!(w.watermark(9_000), Some(100));
+        // Nobody took auth:0 over within the idle time (it has no rows).
+        w.observe("b/0", 600, 10_500);
+        w.observe_origins("b/0", "auth:1=600", 10_500, "t@3");
+        assert_eq!(w.watermark(10_500), Some(600));
+        // A finished writer's partitions stop holding at once.
+        w.observe("c/0", 700, 11_000);
+        w.observe_origins("c/0", "auth:2=650", 11_000, "t@4");
+        w.observe("b/0", 700, 11_000);
+        w.observe_origins("b/0", "auth:1=700", 11_000, "t@5");
+        assert_eq!(w.watermark(11_000), Some(650));
+        w.finish("c/0", 11_100);
+        assert_eq!(w.watermark(11_100), Some(700));
+    }
+
+    #[test]
+    fn a_writer_bounds_each_input_partition_by_its_own_rows() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(ORIGIN_TOPIC, DataType::Utf8, false),
+            Field::new(ORIGIN_PARTITION, DataType::Int32, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+                true,
+            ),
+        ]));
+        let batch = |rows: &[(&str, i32, Option<i64>)]| {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(arrow::array::TimestampMillisecondArray::from(
+                    rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
+            ];
+            RecordBatch::try_new(schema.clone(), columns).expect("batch")
+        };
+        let spec = OriginSpec {
+            event_time: "ts".into(),
+            out_of_orderness_ms: 10,
+            idle_timeout_ms: 1_000,
+        };
+        let mut t = OriginTracker::new(&spec, &schema, 0, 1).expect("tracker");
+        assert!(!t.dirty);
+        t.observe(
+            &batch(&[
+                ("auth", 0, Some(100)),
+                ("auth", 0, Some(300)),
+                ("auth", 1, Some(50)),
+                ("auth", 0, Some(200)),
+                ("alerts", 0, None),
+                ("alerts", 0, Some(70)),
+            ]),
+            0,
+        );
+        assert!(t.dirty);
+        assert_eq!(t.header(0), "alerts:0=60,auth:0=290,auth:1=40");
+        assert!(!t.dirty);
+        // An older row moves nothing.
+        t.observe(&batch(&[("auth", 0, Some(250))]), 100);
+        assert!(!t.dirty);
+        // Quiet for half the idle timeout: idle; for twice it: forgotten.
+        t.observe(&batch(&[("auth", 1, Some(60))]), 600);
+        assert!(t.dirty);
+        assert_eq!(t.header(600), "alerts:0=idle,auth:0=idle,auth:1=50");
+        assert_eq!(t.header(2_500), "auth:1=idle");
+        assert_eq!(t.header(3_000), "");
+        // A column of the wrong type is refused when the writer starts.
+        let bad = OriginSpec {
+            event_time: "_partition".into(),
+            ..spec
+        };
+        assert!(OriginTracker::new(&bad, &schema, 0, 1).is_err());
+        assert!(OriginTracker::new(&spec, &schema, 1, 0).is_err());
+    }
+
+    #[test]
     fn a_partitions_next_owner_knows_where_its_writers_were() {
         let schema = rows(&[], &[]).schema();
         let control = |producer: &'static str, w: &'static str, offset| Record {
             kind: Some("watermark"),
             producer: Some(producer),
             watermark: Some(w),
+            origins: None,
             second: false,
             value: &[],
             offset,
@@ -1166,6 +1676,7 @@ mod tests {
             kind: Some("data"),
             producer: None,
             watermark: None,
+            origins: None,
             second,
             value: value.as_slice(),
             offset,
@@ -1197,6 +1708,7 @@ mod tests {
             kind: Some("data"),
             producer: None,
             watermark: None,
+            origins: None,
             second: true,
             value: value.as_slice(),
             offset: 4,

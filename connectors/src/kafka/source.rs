@@ -128,6 +128,10 @@ enum Codec {
         /// A join's second input, handed out on
         /// [`super::repartition::SECOND_INPUT`].
         second: Option<SchemaRef>,
+        /// The Kafka topics the writers read: every one of their
+        /// partitions is announced before a fresh partition's watermark
+        /// moves (see [`KafkaSourceFactory::expect_origins`]).
+        origins: Vec<String>,
     },
 }
 
@@ -348,10 +352,25 @@ impl KafkaSourceFactory {
             partitions,
             idle,
             second,
+            origins: Vec::new(),
         };
         f.schema = schema;
         f.event_time = event_time;
         Ok(f)
+    }
+
+    /// A repartition reader whose writers read `topics`: until each
+    /// partition of those topics has been announced by some writer, or
+    /// for at most the idle timeout, a partition read from its start
+    /// holds its watermark. Writers of a group still forming announce
+    /// only the input partitions they were given so far; without this, the
+    /// first writer heard would move the watermark past the rows of
+    /// partitions not yet given to anyone.
+    pub fn expect_origins(mut self, topics: Vec<String>) -> Self {
+        if let Codec::Repartition { origins, .. } = &mut self.codec {
+            *origins = topics;
+        }
+        self
     }
 
     /// Shares this source's partitions with the other processes of the
@@ -543,6 +562,10 @@ impl SourceFactory for KafkaSourceFactory {
         consumer
             .subscribe(&topics)
             .map_err(|e| kafka_error("cannot subscribe", e))?;
+        let mut expected_origins = match &self.codec {
+            Codec::Repartition { origins, .. } => origin_partitions(&consumer, origins, &self.name),
+            _ => None,
+        };
         Ok(Box::new(KafkaSource {
             name: self.name.clone(),
             consumer,
@@ -574,14 +597,19 @@ impl SourceFactory for KafkaSourceFactory {
                     partitions,
                     idle,
                     second,
+                    origins: _,
                 } => {
-                    ValueDecoder::Repartition(Box::new(super::repartition::ReaderPartitions::new(
+                    let mut reader = super::repartition::ReaderPartitions::new(
                         *partitions,
                         *idle,
                         std::iter::once(self.schema.clone())
                             .chain(second.clone())
                             .collect(),
-                    )))
+                    );
+                    if let Some(expected) = expected_origins.take() {
+                        reader = reader.expect_origins(expected);
+                    }
+                    ValueDecoder::Repartition(Box::new(reader))
                 }
             },
             node: ctx.node.clone(),
@@ -735,6 +763,40 @@ fn measure_lag(
         drop(c);
         *metrics.consumer_lag.lock() = lag;
     }
+}
+
+/// Every partition of `topics` as `topic:partition`, from the broker's
+/// metadata; None (with a warning naming `source`) if the broker does not
+/// say, and the reader then waits for no one.
+fn origin_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    topics: &[String],
+    source: &str,
+) -> Option<HashSet<String>> {
+    if topics.is_empty() {
+        return None;
+    }
+    let mut all = HashSet::new();
+    for topic in topics {
+        let found = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .ok()
+            .and_then(|m| {
+                m.topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len())
+            })
+            .filter(|&n| n > 0);
+        match found {
+            Some(n) => all.extend((0..n).map(|p| format!("{topic}:{p}"))),
+            None => {
+                tracing::warn!(source, topic, "no partition count for an input of this repartition topic: its watermark waits for no input partition at start");
+                return None;
+            }
+        }
+    }
+    Some(all)
 }
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -1370,6 +1432,7 @@ impl KafkaSource {
             kind: header(r, super::repartition::KIND),
             producer: header(r, super::repartition::PRODUCER),
             watermark: header(r, super::repartition::WATERMARK),
+            origins: header(r, super::repartition::ORIGINS),
             second: header(r, super::repartition::SIDE) == Some("1"),
             value: &g.buf[g.spans[r].bytes.clone()],
             offset: g.offsets[r],
