@@ -1455,6 +1455,12 @@ mod tests {
         assert_eq!(w.watermark(13_100), Some(310));
     }
 
+    /// Writer `producer` announced `watermark` and the bounds `origins`.
+    fn heard(w: &mut ProducerWatermarks, producer: &str, watermark: i64, origins: &str, now: i64) {
+        w.observe(producer, watermark, now);
+        w.observe_origins(producer, origins, now, "test");
+    }
+
     #[test]
     fn a_fresh_partition_waits_until_every_input_partition_is_announced() {
         let expected: HashSet<String> = ["auth:0", "auth:1", "alerts:0"]
@@ -1464,21 +1470,17 @@ mod tests {
         let mut w = ProducerWatermarks::new(Duration::from_secs(10))
             .expect_origins(Arc::new(expected.clone()), 10_000);
         // The first writer of a forming group reads auth:0 only.
-        w.observe("a/0", 500, 0);
-        w.observe_origins("a/0", "auth:0=500", 0, "t@0");
+        heard(&mut w, "a/0", 500, "auth:0=500", 0);
         assert_eq!(w.watermark(0), None, "auth:1 and alerts:0 unannounced");
-        w.observe("b/0", 300, 1_000);
-        w.observe_origins("b/0", "auth:1=300,alerts:0=idle", 1_000, "t@1");
+        heard(&mut w, "b/0", 300, "auth:1=300,alerts:0=idle", 1_000);
         assert_eq!(w.watermark(1_000), Some(300), "everyone announced");
 
         // An input partition nobody announces holds only for the idle time.
         let mut w = ProducerWatermarks::new(Duration::from_secs(10))
             .expect_origins(Arc::new(expected), 10_000);
-        w.observe("a/0", 500, 0);
-        w.observe_origins("a/0", "auth:0=500", 0, "t@0");
+        heard(&mut w, "a/0", 500, "auth:0=500", 0);
         assert_eq!(w.watermark(9_999), None);
-        w.observe("a/0", 600, 10_000);
-        w.observe_origins("a/0", "auth:0=600", 10_000, "t@2");
+        heard(&mut w, "a/0", 600, "auth:0=600", 10_000);
         assert_eq!(w.watermark(10_000), Some(600));
 
         // A partition taken over with its writers from a checkpoint has
@@ -1493,50 +1495,44 @@ mod tests {
     fn an_input_partition_changing_writers_holds_the_watermark_at_its_bound() {
         let mut w = ProducerWatermarks::new(Duration::from_secs(10));
         // a reads auth:0, b reads auth:1.
-        w.observe("a/0", 100, 0);
-        w.observe_origins("a/0", "auth:0=100", 0, "t@0");
-        w.observe("b/0", 100, 0);
-        w.observe_origins("b/0", "auth:1=400", 0, "t@1");
+        heard(&mut w, "a/0", 100, "auth:0=100", 0);
+        heard(&mut w, "b/0", 100, "auth:1=400", 0);
         assert_eq!(w.watermark(0), Some(100));
         // a dies. b takes auth:0 over; its own watermark is already past
         // auth:0's backlog, but auth:0's bound, a's last, holds.
-        w.observe("b/0", 500, 3_000);
-        w.observe_origins("b/0", "auth:1=500", 3_000, "t@2");
+        heard(&mut w, "b/0", 500, "auth:1=500", 3_000);
         assert_eq!(w.watermark(3_000), Some(100));
         // Past a's idle time, b's bound for auth:0 still holds; re-read
         // copies below a's bound do not lower it.
-        w.observe("b/0", 500, 11_000);
-        w.observe_origins("b/0", "auth:0=90,auth:1=500", 11_000, "t@3");
+        heard(&mut w, "b/0", 500, "auth:0=90,auth:1=500", 11_000);
         assert_eq!(w.watermark(11_000), Some(100));
-        w.observe("b/0", 500, 11_500);
-        w.observe_origins("b/0", "auth:0=300,auth:1=500", 11_500, "t@4");
+        heard(&mut w, "b/0", 500, "auth:0=300,auth:1=500", 11_500);
         assert_eq!(w.watermark(11_500), Some(300));
         // An idle input partition no longer holds it; nor does a
         // malformed entry.
-        w.observe("b/0", 500, 12_000);
-        w.observe_origins("b/0", "auth:0=idle,auth:1=500,junk,x:1=y", 12_000, "t@5");
+        heard(
+            &mut w,
+            "b/0",
+            500,
+            "auth:0=idle,auth:1=500,junk,x:1=y",
+            12_000,
+        );
         assert_eq!(w.watermark(12_000), Some(500));
     }
 
     #[test]
     fn a_dead_writers_partitions_hold_only_until_its_idle_time() {
         let mut w = ProducerWatermarks::new(Duration::from_secs(10));
-        w.observe("a/0", 100, 0);
-        w.observe_origins("a/0", "auth:0=100", 0, "t@0");
-        w.observe("b/0", 100, 0);
-        w.observe_origins("b/0", "auth:1=400", 0, "t@1");
-        w.observe("b/0", 500, 9_000);
-        w.observe_origins("b/0", "auth:1=500", 9_000, "t@2");
+        heard(&mut w, "a/0", 100, "auth:0=100", 0);
+        heard(&mut w, "b/0", 100, "auth:1=400", 0);
+        heard(&mut w, "b/0", 500, "auth:1=500", 9_000);
         assert_eq!(w.watermark(9_000), Some(100));
         // Nobody took auth:0 over within the idle time (it has no rows).
-        w.observe("b/0", 600, 10_500);
-        w.observe_origins("b/0", "auth:1=600", 10_500, "t@3");
+        heard(&mut w, "b/0", 600, "auth:1=600", 10_500);
         assert_eq!(w.watermark(10_500), Some(600));
         // A finished writer's partitions stop holding at once.
-        w.observe("c/0", 700, 11_000);
-        w.observe_origins("c/0", "auth:2=650", 11_000, "t@4");
-        w.observe("b/0", 700, 11_000);
-        w.observe_origins("b/0", "auth:1=700", 11_000, "t@5");
+        heard(&mut w, "c/0", 700, "auth:2=650", 11_000);
+        heard(&mut w, "b/0", 700, "auth:1=700", 11_000);
         assert_eq!(w.watermark(11_000), Some(650));
         w.finish("c/0", 11_100);
         assert_eq!(w.watermark(11_100), Some(700));
