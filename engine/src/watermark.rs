@@ -22,9 +22,7 @@
 //!
 //! "Nothing yet" is a state too: an input that has never produced a watermark
 //! and is not idle holds the merged watermark back, because it may still send
-//! old records. So does a subtask not yet given any partition (a consumer
-//! group still forming), until its idle timeout has passed: the partitions
-//! it is about to be given may hold the oldest records.
+//! old records.
 
 use crate::message::{EventTime, Watermark};
 
@@ -112,9 +110,6 @@ pub struct PartitionWatermarks {
     /// Partitions are held at their announcements only, never at their
     /// records' event times.
     announced_only: bool,
-    /// When tracking began: a subtask given no partition yet holds the
-    /// watermark back until its idle timeout has passed since then.
-    started_ms: i64,
 }
 
 impl PartitionWatermarks {
@@ -137,7 +132,6 @@ impl PartitionWatermarks {
             last_event_time: None,
             went_idle: Vec::new(),
             announced_only: false,
-            started_ms: now_ms,
         }
     }
 
@@ -278,13 +272,6 @@ impl PartitionWatermarks {
                 Some(w) => min = Some(min.map_or(w, |m| m.min(w))),
                 None => blocked = true,
             }
-        }
-        if self.partitions.is_empty()
-            && now_ms.saturating_sub(self.started_ms) < self.idle_timeout_ms
-        {
-            // Not assigned anything yet (a group still forming): its first
-            // partitions may bring the oldest rows, so it is not idle yet.
-            return None;
         }
         let next = if all_finished && !self.partitions.is_empty() {
             Watermark::EventTime(EventTime::MAX)

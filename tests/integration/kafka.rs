@@ -815,3 +815,127 @@ async fn an_exactly_once_sink_writes_in_transactions_committed_with_the_checkpoi
         "checkpoints were stored"
     );
 }
+
+/// Rows of a read model's input: (op, tenant, incident, severity).
+fn model_rows(rows: &[(&str, &str, &str, &str)]) -> arrow::array::RecordBatch {
+    use arrow::array::StringArray;
+    use arrow::datatypes::{DataType, Field, Schema};
+    let col = |i: usize| {
+        std::sync::Arc::new(StringArray::from(
+            rows.iter()
+                .map(|r| [r.0, r.1, r.2, r.3][i])
+                .collect::<Vec<_>>(),
+        )) as arrow::array::ArrayRef
+    };
+    let schema = Schema::new(
+        ["op", "tenant_id", "incident_id", "severity"]
+            .map(|n| Field::new(n, DataType::Utf8, false))
+            .to_vec(),
+    );
+    arrow::array::RecordBatch::try_new(std::sync::Arc::new(schema), (0..4).map(col).collect())
+        .expect("batch")
+}
+
+/// Polls until `check` holds, for at most 20 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(tokio::time::Instant::now() < until, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_read_model_is_served_whole_by_every_process_and_rebuilt_from_its_changelog() {
+    use vigil_connectors::kafka::model_log::{topic_name, ModelLog};
+    use vigil_connectors::read_model::{ReadModelSinkConfig, ReadModelSinkFactory, ReadModels};
+    use vigil_engine::{Sink, SinkFactory, TaskContext};
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let log = ModelLog {
+        brokers: cluster.bootstrap_servers(),
+        properties: Default::default(),
+        topic: topic_name("soc", "open"),
+        partitions: 3,
+    };
+    // The mock cluster does not create topics over the admin API: made
+    // here, and found as it should be.
+    cluster.create_topic(&log.topic, 3, 1).expect("topic");
+    log.ensure("soc").await.expect("changelog topic");
+    let config = ReadModelSinkConfig {
+        name: None,
+        key: "incident_id".into(),
+        tenant: "tenant_id".into(),
+        op: "op".into(),
+    };
+    // Each "process" has its own models, as separate `vigil run`s do.
+    let process = || {
+        let models = ReadModels::new();
+        let factory =
+            ReadModelSinkFactory::new(&config, "open", &models).shared("soc", log.clone());
+        (models, factory)
+    };
+    let ((m1, f1), (m2, f2)) = (process(), process());
+    let schema = model_rows(&[]).schema();
+    let ctx = TaskContext::detached("open", 0, 1, 0);
+    let mut s1 = f1.create(&ctx, schema.clone()).expect("sink 1");
+    let mut s2 = f2.create(&ctx, schema.clone()).expect("sink 2");
+    // Each writes the keys it owns.
+    s1.write(model_rows(&[
+        ("upsert", "acme", "i1", "high"),
+        ("upsert", "acme", "i2", "low"),
+    ]))
+    .await
+    .expect("write");
+    s2.write(model_rows(&[("upsert", "globex", "g1", "critical")]))
+        .await
+        .expect("write");
+    s1.flush().await.expect("flush");
+    s2.flush().await.expect("flush");
+    let served = |m: &ReadModels, tenant: &str| m.get("open").map_or(0, |m| m.count(tenant));
+    eventually("both processes serve every key", || {
+        [&m1, &m2]
+            .iter()
+            .all(|m| served(m, "acme") == 2 && served(m, "globex") == 1)
+    })
+    .await;
+    // i1 moved to the second process, which closes it and raises i2; a
+    // replay of the first process's batch changes nothing.
+    s2.write(model_rows(&[
+        ("delete", "acme", "i1", "high"),
+        ("upsert", "acme", "i2", "critical"),
+    ]))
+    .await
+    .expect("write");
+    s2.flush().await.expect("flush");
+    let i2 = |m: &ReadModels| m.get("open").and_then(|m| m.get("acme", "i2"));
+    eventually("the move's changes reach both", || {
+        [&m1, &m2]
+            .iter()
+            .all(|m| served(m, "acme") == 1 && i2(m).is_some_and(|r| r.contains("critical")))
+    })
+    .await;
+    // A process started later rebuilds the model from the changelog.
+    let (m3, f3) = process();
+    let _s3 = f3.create(&ctx, schema).expect("sink 3");
+    eventually("a new process serves the model", || {
+        served(&m3, "acme") == 1
+            && served(&m3, "globex") == 1
+            && m3.get("open").and_then(|m| m.get("acme", "i1")).is_none()
+            && i2(&m3) == i2(&m1)
+    })
+    .await;
+    // Filters work on the followed rows.
+    let page = m3
+        .get("open")
+        .expect("model")
+        .list(
+            "globex",
+            &vigil_connectors::read_model::Query {
+                filters: vec![("severity".into(), "critical".into())],
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .expect("list");
+    assert_eq!(page.total, 1);
+}

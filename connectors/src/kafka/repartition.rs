@@ -158,13 +158,13 @@ pub async fn ensure_topic_with(
             &AdminOptions::new().operation_timeout(Some(timeout)),
         )
         .await
-        .map_err(|e| io(topic, "cannot create the repartition topic", e))?;
+        .map_err(|e| io(topic, "cannot create the internal topic", e))?;
     for r in results {
         match r {
             Ok(_) => {}
             // Another process of the pipeline created it first.
             Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(io(topic, "cannot create the repartition topic", code)),
+            Err((_, code)) => return Err(io(topic, "cannot create the internal topic", code)),
         }
     }
     match found(&admin)? {
