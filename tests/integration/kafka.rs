@@ -849,7 +849,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 async fn a_shared_read_model_is_served_whole_by_every_process_and_rebuilt_from_its_changelog() {
     use vigil_connectors::kafka::model_log::{topic_name, ModelLog};
     use vigil_connectors::read_model::{ReadModelSinkConfig, ReadModelSinkFactory, ReadModels};
-    use vigil_engine::{Sink, SinkFactory, TaskContext};
+    use vigil_engine::{SinkFactory, TaskContext};
     let cluster = MockCluster::new(1).expect("mock cluster");
     let log = ModelLog {
         brokers: cluster.bootstrap_servers(),
