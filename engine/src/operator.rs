@@ -172,6 +172,14 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// Every input that has not ended is idle (its partitions are quiet,
+    /// or it was given none). Event time does not move, but an operator
+    /// may emit what does not wait for it (a restored projection's read
+    /// models).
+    fn on_idle(&mut self, _out: &mut Collector) -> Result<()> {
+        Ok(())
+    }
+
     /// The earliest event time this operator may still emit, if that is
     /// behind its input watermark. A join that keeps rows to pair them later
     /// emits them with their own event time; the runtime forwards
@@ -267,6 +275,10 @@ pub enum SourceEvent {
     /// This subtask now reads partition `partition` (a Kafka rebalance gave
     /// it one); indices may grow past [`Source::partitions`].
     PartitionAssigned(usize),
+    /// The group's assignment for this subtask has come, its partitions
+    /// (if any) announced just before: a subtask given none stops waiting
+    /// for one (see [`SourceFactory::assigned_by_group`]).
+    GroupAssigned,
     /// The watermark of partition `partition` is `watermark`, as its
     /// producers announced it (a repartition topic carries its writers'
     /// watermarks): the partition is held there from now on, not at its
@@ -356,6 +368,14 @@ pub trait SourceFactory: Send + Sync {
     /// watermark back until its first announcement instead of being
     /// derived from the rows it delivered.
     fn announces_watermarks(&self) -> bool {
+        false
+    }
+    /// True when a subtask's partitions come from a consumer group after
+    /// it starts: until the group's first assignment
+    /// ([`SourceEvent::GroupAssigned`]), or for its idle timeout, a subtask
+    /// without partitions holds the watermark back instead of being idle,
+    /// because the partitions it is about to get may hold the oldest rows.
+    fn assigned_by_group(&self) -> bool {
         false
     }
     /// One-line description for `vigil explain`.

@@ -751,6 +751,9 @@ pub fn start(graph: &Graph, opts: RuntimeOptions) -> Result<RunningPipeline> {
                     if f.announces_watermarks() {
                         wm = wm.announced_only();
                     }
+                    if f.assigned_by_group() {
+                        wm = wm.awaiting_assignment();
+                    }
                     let control = source_rx
                         .next()
                         .ok_or_else(|| EngineError::Internal("source control missing".into()))?;
@@ -903,6 +906,7 @@ async fn run_source(
             SourceEvent::Pending => {}
             SourceEvent::PartitionEnd(p) => wm.finish(p),
             SourceEvent::PartitionAssigned(p) => wm.assign(p, clock.now_ms()),
+            SourceEvent::GroupAssigned => wm.assignment_came(),
             SourceEvent::PartitionRevoked(p) => wm.revoke(p),
             SourceEvent::KeyGroups(change) => {
                 outs.broadcast(Message::KeyGroups(Arc::new(change))).await?;
@@ -1018,7 +1022,11 @@ async fn run_operator(
                     outs.watermark(Watermark::EventTime(held)).await?;
                 }
             }
-            InputEvent::Watermark(w) => outs.watermark(w).await?,
+            InputEvent::Watermark(Watermark::Idle) => {
+                op.on_idle(&mut out)?;
+                outs.emit(&mut out).await?;
+                outs.watermark(Watermark::Idle).await?;
+            }
             InputEvent::Latency(marker) => outs.marker(marker).await?,
             InputEvent::Barrier(b) => {
                 let state = op.snapshot()?;

@@ -22,7 +22,10 @@
 //!
 //! "Nothing yet" is a state too: an input that has never produced a watermark
 //! and is not idle holds the merged watermark back, because it may still send
-//! old records.
+//! old records. So does a subtask whose partitions come from a consumer group
+//! before the group's first assignment (or its idle timeout): the partitions
+//! it is about to get may hold the oldest records. Once the assignment has
+//! come, a subtask given none is idle at once.
 
 use crate::message::{EventTime, Watermark};
 
@@ -110,6 +113,9 @@ pub struct PartitionWatermarks {
     /// Partitions are held at their announcements only, never at their
     /// records' event times.
     announced_only: bool,
+    /// Waiting, since this time, for a group's first assignment.
+    awaiting: Option<i64>,
+    started_ms: i64,
 }
 
 impl PartitionWatermarks {
@@ -132,7 +138,23 @@ impl PartitionWatermarks {
             last_event_time: None,
             went_idle: Vec::new(),
             announced_only: false,
+            awaiting: None,
+            started_ms: now_ms,
         }
+    }
+
+    /// The partitions come from a consumer group: without any, the
+    /// subtask holds the watermark back until the group's first
+    /// assignment has come ([`Self::assignment_came`]), however empty, or
+    /// until its idle timeout has passed.
+    pub fn awaiting_assignment(mut self) -> Self {
+        self.awaiting = Some(self.started_ms);
+        self
+    }
+
+    /// The group's assignment has come.
+    pub fn assignment_came(&mut self) {
+        self.awaiting = None;
     }
 
     /// Holds each partition at what the source announces for it
@@ -271,6 +293,13 @@ impl PartitionWatermarks {
             match t.announced.or(derived) {
                 Some(w) => min = Some(min.map_or(w, |m| m.min(w))),
                 None => blocked = true,
+            }
+        }
+        if let Some(since) = self.awaiting {
+            if !self.partitions.is_empty() || now_ms.saturating_sub(since) >= self.idle_timeout_ms {
+                self.awaiting = None;
+            } else {
+                return None;
             }
         }
         let next = if all_finished && !self.partitions.is_empty() {

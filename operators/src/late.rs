@@ -30,6 +30,12 @@ pub(crate) fn split_late(
         .map(|t| Some(t.is_some_and(|t| t < watermark)))
         .collect();
     let late_rows = filter_record_batch(&batch, &late)?;
+    tracing::debug!(
+        rows = late_rows.num_rows(),
+        earliest = ?arrow::compute::min(times),
+        watermark,
+        "rows behind the watermark go to the late output"
+    );
     TaskMetrics::add(&metrics.late_records, late_rows.num_rows());
     out.emit_side(LATE, late_rows);
     Ok(filter_record_batch(&batch, &not(&late)?)?)

@@ -486,8 +486,8 @@ async fn a_repartition_writer_sends_each_row_to_its_key_groups_partition_with_wa
 }
 
 /// The `auth` source of the three-process tests' pipelines: logins over
-/// a topic not divided by user, at most `disorder` out of order.
-fn auth_source(brokers: &str, disorder: &str) -> String {
+/// a topic not divided by user.
+fn auth_source(brokers: &str) -> String {
     // No line continuation: it would eat the first line's indent.
     format!(
         "  auth:
@@ -495,7 +495,7 @@ fn auth_source(brokers: &str, disorder: &str) -> String {
     brokers: {brokers}
     topics: [auth]
     properties: {{ session.timeout.ms: \"6000\" }}
-    watermark: {{ out_of_orderness: {disorder} }}
+    watermark: {{ out_of_orderness: 30s }}
     schema:
       fields:
         - {{ name: ts, type: timestamp }}
@@ -540,20 +540,14 @@ sinks:
     tenant: user
     key: window_start
 ",
-        auth = auth_source(brokers, "30s")
+        auth = auth_source(brokers)
     )
 }
 
 /// A pipeline joining logins with alerts on the same user that come at
 /// most 30 s after the login; neither topic is divided by user, so with
 /// `scale_out` both inputs of the join go through one repartition topic.
-///
-/// Its sources allow 20 minutes out of order, not 30 s as the window's:
-/// with both cores busy, the process taking over the killed one's
-/// partitions still counts a few rows late at 30 s (docs/scale-out.md,
-/// "Not built yet").
 fn joining(brokers: &str, name: &str, scale_out: bool) -> String {
-    const DISORDER: &str = "20m";
     let scale = if scale_out {
         "scale_out: { partitions: 6 }\n"
     } else {
@@ -568,7 +562,7 @@ name: {name}
     brokers: {brokers}
     topics: [alerts]
     properties: {{ session.timeout.ms: \"6000\" }}
-    watermark: {{ out_of_orderness: {disorder} }}
+    watermark: {{ out_of_orderness: 30s }}
     schema:
       fields:
         - {{ name: ts, type: timestamp }}
@@ -585,8 +579,7 @@ sinks:
     input: pairs
     path: pairs.ndjson
 ",
-        auth = auth_source(brokers, DISORDER),
-        disorder = DISORDER
+        auth = auth_source(brokers)
     )
 }
 

@@ -521,6 +521,28 @@ impl ProducerWatermarks {
         self.origins.release(producer);
     }
 
+    /// The writers and input-partition bounds at `now_ms`, for a log line.
+    fn describe(&self, now_ms: i64) -> String {
+        let mut parts: Vec<String> = self
+            .producers
+            .iter()
+            .map(|(id, p)| {
+                format!(
+                    "{id}={}{} heard {} ms ago",
+                    p.watermark,
+                    if p.finished { " finished" } else { "" },
+                    now_ms - p.heard_ms
+                )
+            })
+            .collect();
+        parts.extend(self.origins.origins.iter().map(|(o, (bound, holders))| {
+            let active = holders.values().filter(|(a, _)| *a).count();
+            format!("{o}<={bound} ({active} holding)")
+        }));
+        parts.sort_unstable();
+        parts.join(", ")
+    }
+
     /// Writer `producer`'s bounds per input partition ([`ORIGINS`]), from
     /// record `at`.
     pub fn observe_origins(&mut self, producer: &str, header: &str, now_ms: i64, at: &str) {
@@ -754,6 +776,14 @@ impl ReaderPartitions {
             .map_or(w, |f| w.min(f))
             .max(last.unwrap_or(i64::MIN));
         self.announced.insert(partition, w);
+        if last != Some(w) {
+            tracing::debug!(
+                partition,
+                watermark = w,
+                writers = %self.writers.get(&partition).map(|x| x.describe(now_ms)).unwrap_or_default(),
+                "repartition partition watermark moved"
+            );
+        }
         (last != Some(w)).then_some(w)
     }
 

@@ -512,6 +512,9 @@ impl SourceFactory for KafkaSourceFactory {
     fn output_schema(&self) -> SchemaRef {
         self.schema.clone()
     }
+    fn assigned_by_group(&self) -> bool {
+        true
+    }
     fn event_time_column(&self) -> usize {
         self.event_time
     }
@@ -1071,6 +1074,9 @@ impl KafkaSource {
                         self.queue
                             .push_back(Queued::control(SourceEvent::PartitionAssigned(i)));
                     }
+                    // Even an empty assignment ends the wait for one.
+                    self.queue
+                        .push_back(Queued::control(SourceEvent::GroupAssigned));
                 }
                 RebalanceEvent::Revoked {
                     partitions,

@@ -170,6 +170,25 @@ fn a_subtask_without_partitions_is_idle_not_finished() {
 }
 
 #[test]
+fn a_group_subtask_without_partitions_waits_for_the_first_assignment() {
+    let mut w = PartitionWatermarks::new(0, 0, IDLE, 0).awaiting_assignment();
+    assert_eq!(w.poll(0), None, "its first partitions may be the oldest");
+    w.assignment_came();
+    assert_eq!(w.poll(1), Some(Watermark::Idle), "given none: idle at once");
+
+    // A group that never answers holds it for the idle timeout only.
+    let mut w = PartitionWatermarks::new(0, 0, IDLE, 0).awaiting_assignment();
+    assert_eq!(w.poll(IDLE - 1), None);
+    assert_eq!(w.poll(IDLE), Some(Watermark::Idle));
+
+    // Given a partition, it is held by that partition as any other.
+    let mut w = PartitionWatermarks::new(0, 0, IDLE, 0).awaiting_assignment();
+    w.assign(0, 5);
+    w.observe(0, 2_000, 5);
+    assert_eq!(w.poll(5), Some(Watermark::EventTime(2_000)));
+}
+
+#[test]
 fn assigned_partitions_join_and_revoked_ones_leave_the_minimum() {
     let mut w = PartitionWatermarks::new(0, 0, IDLE, 0);
     w.assign(1, 0); // Kafka partition 7, say, at local index 1

@@ -967,6 +967,15 @@ impl Operator for IncidentOperator {
         Ok(())
     }
 
+    fn on_idle(&mut self, out: &mut Collector) -> Result<()> {
+        // A restart whose inputs bring nothing still serves what it
+        // restored.
+        if self.publish {
+            self.finish_batch(Vec::new(), false, out)?;
+        }
+        Ok(())
+    }
+
     fn state_size(&self) -> vigil_engine::StateSize {
         self.projection.size()
     }
