@@ -606,10 +606,10 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                 let mut f = ReadModelSinkFactory::new(c, &s.name, &read_models);
                 // With scale_out the processes share the model through a
                 // changelog (a missing broker is scale_out's error, below).
-                if let Some(Ok((brokers, properties))) = spec
+                if let Some((scale, Ok((brokers, properties)))) = spec
                     .scale_out
                     .as_ref()
-                    .map(|scale| super::rekey::kafka_of(spec, scale))
+                    .map(|scale| (scale, super::rekey::kafka_of(spec, scale)))
                 {
                     let log = ModelLog {
                         brokers,
@@ -618,7 +618,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
                             &super::rekey::topic_safe(&spec.name),
                             &super::rekey::topic_safe(f.model_name()),
                         ),
-                        partitions: spec.scale_out.as_ref().map_or(1, |s| s.partitions),
+                        partitions: scale.partitions,
                     };
                     changelogs.push(log.clone());
                     f = f.shared(&spec.name, log);

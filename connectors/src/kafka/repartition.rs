@@ -1245,37 +1245,29 @@ impl OriginTracker {
         })
     }
 
-    /// Takes the event times of `batch`'s rows, per input partition.
-    fn observe(&mut self, batch: &RecordBatch, now_ms: i64) {
-        let topics = batch.column(self.topic).as_string::<i32>();
-        let partitions = batch.column(self.partition).as_primitive::<Int32Type>();
+    /// Takes the event times of `batch`'s rows, per run of rows of one
+    /// input partition (a batch is usually one run).
+    fn observe(&mut self, batch: &RecordBatch, now_ms: i64) -> vigil_engine::Result<()> {
+        let (topic, partition) = (batch.column(self.topic), batch.column(self.partition));
+        let runs = arrow::compute::partition(&[topic.clone(), partition.clone()])?;
+        let topics = topic.as_string::<i32>();
+        let partitions = partition.as_primitive::<Int32Type>();
         let times = batch
             .column(self.event_time)
             .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
-        let mut run: Option<(usize, EventTime)> = None;
-        for r in 0..batch.num_rows() {
-            if topics.is_null(r) || partitions.is_null(r) {
+        for run in runs.ranges() {
+            if topics.is_null(run.start) || partitions.is_null(run.start) {
                 continue;
             }
-            let t = times.is_valid(r).then(|| times.value(r));
-            match run {
-                Some((start, max))
-                    if topics.value(start) == topics.value(r)
-                        && partitions.value(start) == partitions.value(r) =>
-                {
-                    run = Some((start, t.map_or(max, |t| t.max(max))));
-                }
-                _ => {
-                    if let Some((start, max)) = run {
-                        self.note(topics.value(start), partitions.value(start), max, now_ms);
-                    }
-                    run = Some((r, t.unwrap_or(EventTime::MIN)));
-                }
-            }
+            let max = arrow::compute::max(&times.slice(run.start, run.len()));
+            self.note(
+                topics.value(run.start),
+                partitions.value(run.start),
+                max.unwrap_or(EventTime::MIN),
+                now_ms,
+            );
         }
-        if let Some((start, max)) = run {
-            self.note(topics.value(start), partitions.value(start), max, now_ms);
-        }
+        Ok(())
     }
 
     fn note(&mut self, topic: &str, partition: i32, max: EventTime, now_ms: i64) {
@@ -1322,7 +1314,7 @@ impl OriginTracker {
 impl Sink for RepartitionSink {
     async fn write(&mut self, batch: RecordBatch) -> vigil_engine::Result<()> {
         if let Some(o) = &mut self.origins {
-            o.observe(&batch, self.clock.now_ms());
+            o.observe(&batch, self.clock.now_ms())?;
         }
         for (p, value) in encode(&batch, &self.keys, self.partitions)? {
             let mut headers = OwnedHeaders::new().insert(Header {
@@ -1606,15 +1598,18 @@ mod tests {
                 ("alerts", 0, Some(70)),
             ]),
             0,
-        );
+        )
+        .expect("observe");
         assert!(t.dirty);
         assert_eq!(t.header(0), "alerts:0=60,auth:0=290,auth:1=40");
         assert!(!t.dirty);
         // An older row moves nothing.
-        t.observe(&batch(&[("auth", 0, Some(250))]), 100);
+        t.observe(&batch(&[("auth", 0, Some(250))]), 100)
+            .expect("observe");
         assert!(!t.dirty);
         // Quiet for half the idle timeout: idle; for twice it: forgotten.
-        t.observe(&batch(&[("auth", 1, Some(60))]), 600);
+        t.observe(&batch(&[("auth", 1, Some(60))]), 600)
+            .expect("observe");
         assert!(t.dirty);
         assert_eq!(t.header(600), "alerts:0=idle,auth:0=idle,auth:1=50");
         assert_eq!(t.header(2_500), "auth:1=idle");

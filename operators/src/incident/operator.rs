@@ -893,6 +893,14 @@ impl IncidentOperator {
         Ok(())
     }
 
+    /// Publishes the read models whole if this run has not yet.
+    fn publish_restored(&mut self, out: &mut Collector) -> Result<()> {
+        if self.publish {
+            self.finish_batch(Vec::new(), false, out)?;
+        }
+        Ok(())
+    }
+
     fn finish_batch(
         &mut self,
         events: Vec<Event>,
@@ -961,19 +969,13 @@ impl Operator for IncidentOperator {
         _watermark: vigil_engine::EventTime,
         out: &mut Collector,
     ) -> Result<()> {
-        if self.publish {
-            self.finish_batch(Vec::new(), false, out)?;
-        }
-        Ok(())
+        self.publish_restored(out)
     }
 
     fn on_idle(&mut self, out: &mut Collector) -> Result<()> {
         // A restart whose inputs bring nothing still serves what it
         // restored.
-        if self.publish {
-            self.finish_batch(Vec::new(), false, out)?;
-        }
-        Ok(())
+        self.publish_restored(out)
     }
 
     fn state_size(&self) -> vigil_engine::StateSize {
