@@ -197,6 +197,16 @@ impl Control {
         self.observer.attach(metrics);
     }
 
+    /// The id of the latest checkpoint completed since the pipeline last
+    /// (re)started, if any.
+    pub fn latest_checkpoint(&self) -> Option<u64> {
+        self.current
+            .lock()
+            .as_ref()
+            .and_then(|h| h.latest())
+            .map(|c| c.id)
+    }
+
     /// The pipeline stopped.
     pub fn detach(&self) {
         *self.current.lock() = None;

@@ -83,6 +83,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8686")]
         http: String,
     },
+    /// The Kubernetes operator: the VigilPipeline resource and its controller.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
     /// Run the embedded demo: generated logins with injected attacks, detected live.
     Demo {
         #[command(flatten)]
@@ -120,6 +125,48 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Reconcile VigilPipelines until stopped (SIGTERM) or the leader lease is lost.
+    Run {
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long, env = "VIGIL_OPERATOR_NAMESPACE")]
+        namespace: Option<String>,
+        /// Serve the operator's /metrics and /healthz here, or `off`.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        metrics: String,
+        /// Hold this Lease (in --lease-namespace) before reconciling, so one
+        /// replica of the operator works at a time.
+        #[arg(long)]
+        leader_election: bool,
+        /// Namespace of the leader Lease (default: $POD_NAMESPACE).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// Name of the leader Lease.
+        #[arg(long, default_value = "vigil-operator")]
+        lease_name: String,
+        /// This replica's identity in the Lease (default: $POD_NAME, else the host name).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Address of a pipeline pod's API: {pod}, {service}, {namespace}, {port}.
+        #[arg(long, default_value = "{pod}.{service}.{namespace}.svc:{port}")]
+        pod_address: String,
+        /// Talk to this API server over plain HTTP with no credentials
+        /// (`kubectl proxy`'s address) instead of the in-cluster or
+        /// kubeconfig one.
+        #[arg(long)]
+        api_server: Option<String>,
+    },
+    /// Print the VigilPipeline CustomResourceDefinition (YAML), generated from the types.
+    Crd,
+    /// Print the ConfigMap, Service and StatefulSet a VigilPipeline file
+    /// becomes, after the operator's checks (the pipeline must be inline).
+    Render {
+        /// A VigilPipeline manifest (YAML).
+        file: PathBuf,
+    },
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Stop after this long (e.g. 30s, 5m).
@@ -147,6 +194,17 @@ struct RunArgs {
     /// Start from this savepoint instead of the latest checkpoint.
     #[arg(long, conflicts_with = "fresh")]
     from_savepoint: Option<String>,
+    /// Start from this savepoint unless this process has already taken a
+    /// checkpoint after starting from it (then from the latest checkpoint):
+    /// for a savepoint named in a deployment's pod arguments, which a pod
+    /// restart must not go back to. `{member}` stands for the member name;
+    /// text after '#' makes a new start from the same savepoint.
+    #[arg(long, conflicts_with_all = ["fresh", "from_savepoint"])]
+    initial_savepoint: Option<String>,
+    /// Subtasks per node, in place of the pipeline file's `parallelism`
+    /// (nodes that set their own keep it).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    parallelism: Option<u16>,
     /// This process's name among the processes of a Kafka pipeline sharing
     /// one checkpoint storage (default: $VIGIL_MEMBER, else the host name);
     /// it names the process's checkpoints, so it must stay the same across
@@ -299,10 +357,11 @@ fn run_plan_with(plan: Plan, args: &RunArgs, default_store: Option<&str>) -> Res
         })?),
     };
     let checkpoints = checkpoint_store(&plan, args, default_store)?;
-    let restore = match (&args.from_savepoint, args.fresh) {
-        (Some(name), _) => Restore::Savepoint(name.clone()),
-        (None, true) => Restore::Fresh,
-        (None, false) => Restore::Latest,
+    let restore = match (&args.from_savepoint, &args.initial_savepoint, args.fresh) {
+        (Some(name), _, _) => Restore::Savepoint(name.clone()),
+        (None, Some(name), _) => Restore::InitialSavepoint(name.clone()),
+        (None, None, true) => Restore::Fresh,
+        (None, None, false) => Restore::Latest,
     };
     let member = args
         .member
@@ -543,9 +602,94 @@ fn take_savepoint(name: &str, http: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-fn options(dead_letter_dir: &Path) -> PlanOptions {
+/// The operator's check of a pipeline file: `vigil validate`'s, with the
+/// pod's environment.
+fn pipeline_validator() -> vigil_kubernetes::Validator {
+    Arc::new(|file: &str, text: &str, env: vigil_kubernetes::PodEnv| {
+        let opts = PlanOptions {
+            env: Arc::new(move |name: &str| env(name)),
+            dead_letter_dir: std::env::temp_dir(),
+            ..PlanOptions::default()
+        };
+        pipeline::load_str(file, text, &opts)
+            .map(|_| ())
+            .map_err(|d| d.to_string())
+    })
+}
+
+fn operator(command: &OperatorCommand) -> Result<(), Failure> {
+    match command {
+        OperatorCommand::Crd => {
+            print!("{}", vigil_kubernetes::resource::crd_yaml().context("CRD")?);
+            Ok(())
+        }
+        OperatorCommand::Render { file } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let vp: vigil_kubernetes::VigilPipeline = serde_saphyr::from_str(&text)
+                .with_context(|| format!("{} is not a VigilPipeline", file.display()))?;
+            let children = vigil_kubernetes::controller::render_offline(&vp, &pipeline_validator())
+                .with_context(|| file.display().to_string())?;
+            print!(
+                "{}",
+                vigil_kubernetes::render::to_yaml(&children).context("YAML")?
+            );
+            Ok(())
+        }
+        OperatorCommand::Run {
+            namespace,
+            metrics,
+            leader_election,
+            lease_namespace,
+            lease_name,
+            identity,
+            pod_address,
+            api_server,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            let metrics = match metrics.as_str() {
+                "off" => None,
+                a => Some(a.parse().with_context(|| format!("--metrics {a:?}"))?),
+            };
+            let identity = identity
+                .clone()
+                .unwrap_or_else(vigil::members::default_member);
+            let options = vigil_kubernetes::Options {
+                namespace: namespace.clone(),
+                pod_address: vigil_kubernetes::admin::PodAddress(pod_address.clone()),
+                metrics,
+                leader: leader_election
+                    .then(|| (lease_namespace.clone(), lease_name.clone(), identity)),
+                ..vigil_kubernetes::Options::default()
+            };
+            runtime.block_on(async {
+                let config = match api_server {
+                    Some(url) => kube::Config::new(
+                        url.parse()
+                            .with_context(|| format!("--api-server {url:?} is not a URL"))?,
+                    ),
+                    None => kube::Config::infer()
+                        .await
+                        .context("no Kubernetes API to talk to (in-cluster or kubeconfig)")?,
+                };
+                let client = kube::Client::try_from(config).context("Kubernetes client")?;
+                vigil_kubernetes::run(client, pipeline_validator(), options)
+                    .await
+                    .context("operator")?;
+                anyhow::Ok(())
+            })?;
+            Ok(())
+        }
+    }
+}
+
+fn options(run: &RunArgs) -> PlanOptions {
     PlanOptions {
-        dead_letter_dir: dead_letter_dir.to_path_buf(),
+        dead_letter_dir: run.dead_letter_dir.clone(),
+        parallelism: run.parallelism.map(usize::from),
         ..PlanOptions::default()
     }
 }
@@ -577,7 +721,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             let cluster = rdkafka::mocking::MockCluster::new(1)
                 .context("cannot start the embedded Kafka broker")?;
             let brokers = cluster.bootstrap_servers();
-            let mut opts = options(&run.dead_letter_dir);
+            let mut opts = options(run);
             let at = brokers.clone();
             opts.env = Arc::new(move |name: &str| match name {
                 "KAFKA_BROKERS" => Some(at.clone()),
@@ -596,11 +740,12 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             run_plan_with(plan, run, Some(DEFAULT_CHECKPOINTS))
         }
         Command::Run { file, run } => run_plan_with(
-            plan_file(file, &options(&run.dead_letter_dir))?,
+            plan_file(file, &options(run))?,
             run,
             Some(DEFAULT_CHECKPOINTS),
         ),
         Command::Savepoint { name, http } => take_savepoint(name, http),
+        Command::Operator { command } => operator(command),
         Command::Sql {
             query,
             file,
@@ -638,7 +783,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 json: *json,
                 cross_tenant: *cross_tenant,
             };
-            let plan = pipeline::query::plan_query_script(&request, &options(&run.dead_letter_dir))
+            let plan = pipeline::query::plan_query_script(&request, &options(run))
                 .map_err(Failure::Invalid)?;
             if *explain {
                 println!("pipeline {}", plan.name);
@@ -648,12 +793,9 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             run_plan(plan, run)
         }
         Command::Demo { run } => {
-            let plan = pipeline::load_str(
-                "pipelines/demo.yaml",
-                vigil::DEMO_PIPELINE,
-                &options(&run.dead_letter_dir),
-            )
-            .map_err(Failure::Invalid)?;
+            let plan =
+                pipeline::load_str("pipelines/demo.yaml", vigil::DEMO_PIPELINE, &options(run))
+                    .map_err(Failure::Invalid)?;
             run_plan(plan, run)
         }
     }

@@ -60,6 +60,13 @@ pub enum Restore {
     Latest,
     /// A named savepoint.
     Savepoint(String),
+    /// A named savepoint the first time this process starts with it, its
+    /// latest checkpoint on every start after a checkpoint was taken from
+    /// it (how a deployment that names a savepoint in a pod's arguments
+    /// survives a pod restart). `{member}` in the name stands for the
+    /// process's member name; a member without such a savepoint (one a
+    /// rescale added) starts as a new member does.
+    InitialSavepoint(String),
     /// Nothing: ignore the store's checkpoints (they are replaced).
     Fresh,
 }
@@ -496,13 +503,9 @@ async fn supervise(
     membership: Option<&crate::members::Membership>,
 ) -> Result<Summary, EngineError> {
     let serving = listener.is_some();
-    let server = async {
-        match listener {
-            Some(l) => crate::http::serve(l, plan.read_models.clone(), control.clone()).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(server);
+    // Set when the run starts from an --initial-savepoint: once a checkpoint
+    // is taken after it, later starts go on from their latest checkpoint.
+    let mut first_savepoint: Option<(String, u64)> = None;
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     let started = Instant::now();
     let shared = |c: CompletedCheckpoint| match membership {
@@ -512,7 +515,36 @@ async fn supervise(
     let mut restore = match (&options.checkpoints, &options.restore) {
         (Some(store), Restore::Latest) => store.latest().await?.map(shared),
         (Some(store), Restore::Savepoint(name)) => Some(Arc::new(store.savepoint(name).await?)),
-        (None, Restore::Savepoint(name)) => {
+        (Some(store), Restore::InitialSavepoint(name)) => {
+            let per_member = name.contains("{member}");
+            let who = store
+                .member()
+                .map(str::to_string)
+                .or_else(|| options.member.clone())
+                .unwrap_or_else(crate::members::default_member);
+            // What follows '#' tells apart two starts from one savepoint
+            // (a rollback to the savepoint a failed upgrade started from).
+            let start = name.replace("{member}", &who);
+            let name = start.split('#').next().unwrap_or_default().to_string();
+            if store.started_from().await?.as_deref() == Some(start.as_str()) {
+                tracing::info!(savepoint = %start, "started from this savepoint before; going on from the latest checkpoint");
+                store.latest().await?.map(shared)
+            } else {
+                match store.savepoint(&name).await {
+                    Ok(c) => {
+                        first_savepoint = Some((start, c.id));
+                        Some(Arc::new(c))
+                    }
+                    Err(EngineError::User(e)) if per_member => {
+                        tracing::warn!(savepoint = %name, error = %e, "no savepoint for this member; starting as a new member");
+                        first_savepoint = Some((start, 0));
+                        store.latest().await?.map(shared)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        (None, Restore::Savepoint(name) | Restore::InitialSavepoint(name)) => {
             return Err(EngineError::User(format!(
                 "savepoint {name:?}: no checkpoint storage to read it from"
             )))
@@ -522,6 +554,36 @@ async fn supervise(
     if let Some(c) = &restore {
         tracing::info!(checkpoint = c.id, savepoint = ?c.savepoint, rows = c.rows(), "restoring state");
     }
+    let marker = async {
+        let (Some((name, after)), Some(store)) = (&first_savepoint, &options.checkpoints) else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if control.latest_checkpoint().is_some_and(|id| id > *after) {
+                match store.set_started_from(name).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot record the savepoint this process started from")
+                    }
+                }
+            }
+        }
+        std::future::pending().await
+    };
+    let server = async {
+        let serve = async {
+            match listener {
+                Some(l) => crate::http::serve(l, plan.read_models.clone(), control.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = serve => r,
+            never = marker => never,
+        }
+    };
+    tokio::pin!(server);
     let mut failures = 0u32;
     let mut restarts = 0u32;
     loop {

@@ -56,6 +56,10 @@ pub struct PlanOptions {
     pub clock: SharedClock,
     /// Directory for the default dead-letter file.
     pub dead_letter_dir: PathBuf,
+    /// Subtasks of every node that does not set its own, in place of the
+    /// file's `parallelism` (`vigil run --parallelism`, the Kubernetes
+    /// resource's per-pod parallelism).
+    pub parallelism: Option<usize>,
 }
 
 impl Default for PlanOptions {
@@ -64,6 +68,7 @@ impl Default for PlanOptions {
             env: Arc::new(process_env),
             clock: Arc::new(SystemClock),
             dead_letter_dir: PathBuf::from("."),
+            parallelism: None,
         }
     }
 }
@@ -230,6 +235,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         errors: Vec::new(),
     };
     let definition = super::fingerprint::of(&spec.root);
+    let default_parallelism = options.parallelism.unwrap_or(spec.parallelism).max(1);
     let mut kafka_sources = Vec::new();
     let mut graph = Graph::new();
     let mut built: HashMap<String, Built> = HashMap::new();
@@ -263,7 +269,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
 
     for s in &spec.sources {
         let what = format!("source {:?}", s.name);
-        let parallelism = s.parallelism.unwrap_or(spec.parallelism);
+        let parallelism = s.parallelism.unwrap_or(default_parallelism);
         // A generator knows its own disorder; files and Kafka default to 5 s.
         let default_disorder = match &s.kind {
             SourceKind::Generator(cfg) => cfg.out_of_orderness,
@@ -334,7 +340,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         let Some(inputs) = resolve(&mut p, &graph, &built, &names, &t.path, &t.inputs) else {
             continue;
         };
-        let parallelism = t.parallelism.unwrap_or(spec.parallelism);
+        let parallelism = t.parallelism.unwrap_or(default_parallelism);
         if let TransformKind::Incidents(step) = &t.kind {
             let input_of = |name: &str| step_input(&graph, &built, name);
             let planned = match plan_incidents(&t.name, &step.config, &input_of) {
@@ -647,7 +653,7 @@ pub fn build(spec: &PipelineSpec, options: &PlanOptions) -> Result<Plan, Diagnos
         match graph.add_sink(
             &s.name,
             factory,
-            s.parallelism.unwrap_or(spec.parallelism),
+            s.parallelism.unwrap_or(default_parallelism),
             &inputs,
         ) {
             Ok(_) => sinks.push(s.name.clone()),
