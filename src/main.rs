@@ -602,21 +602,6 @@ fn take_savepoint(name: &str, http: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The operator's check of a pipeline file: `vigil validate`'s, with the
-/// pod's environment.
-fn pipeline_validator() -> vigil_kubernetes::Validator {
-    Arc::new(|file: &str, text: &str, env: vigil_kubernetes::PodEnv| {
-        let opts = PlanOptions {
-            env: Arc::new(move |name: &str| env(name)),
-            dead_letter_dir: std::env::temp_dir(),
-            ..PlanOptions::default()
-        };
-        pipeline::load_str(file, text, &opts)
-            .map(|_| ())
-            .map_err(|d| d.to_string())
-    })
-}
-
 fn operator(command: &OperatorCommand) -> Result<(), Failure> {
     match command {
         OperatorCommand::Crd => {
@@ -628,8 +613,9 @@ fn operator(command: &OperatorCommand) -> Result<(), Failure> {
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let vp: vigil_kubernetes::VigilPipeline = serde_saphyr::from_str(&text)
                 .with_context(|| format!("{} is not a VigilPipeline", file.display()))?;
-            let children = vigil_kubernetes::controller::render_offline(&vp, &pipeline_validator())
-                .with_context(|| file.display().to_string())?;
+            let children =
+                vigil_kubernetes::controller::render_offline(&vp, &vigil::operator::validator())
+                    .with_context(|| file.display().to_string())?;
             print!(
                 "{}",
                 vigil_kubernetes::render::to_yaml(&children).context("YAML")?
@@ -659,7 +645,7 @@ fn operator(command: &OperatorCommand) -> Result<(), Failure> {
                 .unwrap_or_else(vigil::members::default_member);
             let options = vigil_kubernetes::Options {
                 namespace: namespace.clone(),
-                pod_address: vigil_kubernetes::admin::PodAddress(pod_address.clone()),
+                pod_address: vigil_kubernetes::admin::PodAddress::Template(pod_address.clone()),
                 metrics,
                 leader: leader_election
                     .then(|| (lease_namespace.clone(), lease_name.clone(), identity)),
@@ -676,7 +662,7 @@ fn operator(command: &OperatorCommand) -> Result<(), Failure> {
                         .context("no Kubernetes API to talk to (in-cluster or kubeconfig)")?,
                 };
                 let client = kube::Client::try_from(config).context("Kubernetes client")?;
-                vigil_kubernetes::run(client, pipeline_validator(), options)
+                vigil_kubernetes::run(client, vigil::operator::validator(), options)
                     .await
                     .context("operator")?;
                 anyhow::Ok(())

@@ -6,6 +6,7 @@
 //! template so that it can run outside the cluster, and so tests can point
 //! it at a `vigil` process on loopback.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -17,25 +18,46 @@ const SAVEPOINT_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long other requests may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The address of a pod's API, from a template with `{pod}`, `{service}`,
-/// `{namespace}` and `{port}`.
-#[derive(Debug, Clone)]
-pub struct PodAddress(pub String);
+/// How the operator reaches a pod's API: a template with `{pod}`,
+/// `{service}`, `{namespace}` and `{port}`, or a function (an operator
+/// embedded outside the cluster, and tests, whose pods are local processes).
+#[derive(Clone)]
+pub enum PodAddress {
+    /// A template.
+    Template(String),
+    /// A function.
+    Resolve(Resolver),
+}
+
+/// `(namespace, service, pod)` to `host:port`.
+pub type Resolver = Arc<dyn Fn(&str, &str, &str) -> String + Send + Sync>;
+
+impl std::fmt::Debug for PodAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Template(t) => write!(f, "PodAddress({t:?})"),
+            Self::Resolve(_) => write!(f, "PodAddress(<function>)"),
+        }
+    }
+}
 
 impl Default for PodAddress {
     fn default() -> Self {
-        Self("{pod}.{service}.{namespace}.svc:{port}".to_string())
+        Self::Template("{pod}.{service}.{namespace}.svc:{port}".to_string())
     }
 }
 
 impl PodAddress {
     /// The address of `pod` of the pipeline `service` in `namespace`.
     pub fn of(&self, namespace: &str, service: &str, pod: &str) -> String {
-        self.0
-            .replace("{pod}", pod)
-            .replace("{service}", service)
-            .replace("{namespace}", namespace)
-            .replace("{port}", &crate::render::HTTP_PORT.to_string())
+        match self {
+            Self::Template(t) => t
+                .replace("{pod}", pod)
+                .replace("{service}", service)
+                .replace("{namespace}", namespace)
+                .replace("{port}", &crate::render::HTTP_PORT.to_string()),
+            Self::Resolve(f) => f(namespace, service, pod),
+        }
     }
 }
 

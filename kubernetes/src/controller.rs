@@ -590,6 +590,34 @@ impl Step<'_> {
         Ok(format!("{base}.{{member}}"))
     }
 
+    /// A savepoint of the `pods` running pods, if they can give one. When
+    /// they are not all ready and the savepoint fails, the step goes on
+    /// without one (from the latest checkpoint) and says so in an event;
+    /// when they are, the failure stops the step, to be tried again.
+    async fn try_savepoint(
+        &mut self,
+        reason: &str,
+        pods: i32,
+        healthy: bool,
+    ) -> Result<Option<String>, Error> {
+        if pods == 0 {
+            return Ok(None);
+        }
+        match self.savepoint(reason, pods).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if healthy => Err(e),
+            Err(e) => {
+                self.event(
+                    true,
+                    "NoSavepoint",
+                    format!("pods are not ready and gave no {reason} savepoint ({e}): going on from the latest checkpoint"),
+                )
+                .await;
+                Ok(None)
+            }
+        }
+    }
+
     /// Writes the children of `deployed` at `replicas` pods where they
     /// differ from what is there.
     async fn apply(&self, deployed: &Deployed, replicas: i32) -> Result<bool, Error> {
@@ -649,6 +677,10 @@ where
             api.create(&PostParams::default(), desired).await?;
             Ok(true)
         }
+        Some(current) if !same_owner(&current, desired) => Err(invalid(
+            "NameConflict",
+            format!("{name} exists and is not this resource's; rename one of them",),
+        )),
         Some(current) if rendered(&current) == rendered(desired) => Ok(false),
         Some(current) => {
             let mut next = desired.clone();
@@ -665,6 +697,18 @@ where
     }
 }
 
+/// Whether `current` is controlled by the resource `desired` names as its owner.
+fn same_owner<K: Resource>(current: &K, desired: &K) -> bool {
+    let controller = |k: &K| {
+        k.meta()
+            .owner_references
+            .as_ref()
+            .and_then(|o| o.iter().find(|r| r.controller == Some(true)))
+            .map(|r| r.uid.clone())
+    };
+    controller(current) == controller(desired)
+}
+
 fn deadline_passed(upgrade: &Upgrade) -> bool {
     upgrade
         .deadline
@@ -676,7 +720,16 @@ fn deadline_passed(upgrade: &Upgrade) -> bool {
 pub async fn reconcile(vp: Arc<VigilPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = tokio::time::Instant::now();
     let key = format!("{}/{}", vp.namespace().unwrap_or_default(), vp.name_any());
-    let result = reconcile_inner(&vp, &ctx).await;
+    // The watch cache can be behind this controller's own last write (the
+    // status of the step it just took); acting on it would take the step
+    // again. Every reconcile starts from the object as the API server has it.
+    let api: Api<VigilPipeline> =
+        Api::namespaced(ctx.client.clone(), &vp.namespace().unwrap_or_default());
+    let result = match api.get_opt(&vp.name_any()).await {
+        Ok(Some(fresh)) => reconcile_inner(&fresh, &ctx).await,
+        Ok(None) => Ok(Action::await_change()),
+        Err(e) => Err(e.into()),
+    };
     ctx.metrics
         .duration
         .with_label_values(&[] as &[&str])
@@ -841,19 +894,8 @@ async fn reconcile_inner(vp: &VigilPipeline, ctx: &Context) -> Result<Action, Er
         if step.status.phase.as_deref() != Some("Suspended") {
             let pods = pods_of(sts.as_ref());
             let mut next = running.clone();
-            if pods > 0 {
-                if rolled_out(sts.as_ref(), &running.hash, pods) {
-                    next.savepoint = Some(step.savepoint("suspend", pods).await?);
-                } else {
-                    step.event(
-                        true,
-                        "SuspendWithoutSavepoint",
-                        "pods are not ready: no savepoint; resuming goes on from the latest checkpoint".to_string(),
-                    )
-                    .await;
-                    next.savepoint = None;
-                }
-            }
+            let healthy = rolled_out(sts.as_ref(), &running.hash, pods);
+            next.savepoint = step.try_savepoint("suspend", pods, healthy).await?;
             step.apply(&next, 0).await?;
             step.status.running = Some(next);
             step.status.phase = Some("Suspended".to_string());
@@ -873,7 +915,8 @@ async fn reconcile_inner(vp: &VigilPipeline, ctx: &Context) -> Result<Action, Er
         // Resume: the running version (or the new spec) from the suspend
         // savepoint.
         let mut next = running.clone();
-        if desired.hash != running.hash {
+        let failed = step.status.failed_spec_hash.as_deref() == Some(desired.hash.as_str());
+        if desired.hash != running.hash && !failed {
             next.hash = desired.hash.clone();
             next.spec = desired.view.clone();
             next.pipeline = desired.pipeline.clone();
@@ -912,30 +955,16 @@ async fn reconcile_inner(vp: &VigilPipeline, ctx: &Context) -> Result<Action, Er
         let pods = pods_of(sts.as_ref());
         let healthy = rolled_out(sts.as_ref(), &running.hash, pods);
         let savepoint = match spec.upgrade_mode {
-            UpgradeMode::Savepoint if healthy && pods > 0 => {
-                match step.savepoint("upgrade", pods).await {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        let message = format!("upgrade to {} waits: {e}", desired.hash);
-                        step.condition("Degraded", true, "SavepointFailed", &message);
-                        step.save().await?;
-                        step.event(true, "SavepointFailed", message).await;
-                        return Err(e);
-                    }
+            UpgradeMode::Savepoint => match step.try_savepoint("upgrade", pods, healthy).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let message = format!("upgrade to {} waits: {e}", desired.hash);
+                    step.condition("Degraded", true, "SavepointFailed", &message);
+                    step.save().await?;
+                    step.event(true, "SavepointFailed", message).await;
+                    return Err(e);
                 }
-            }
-            UpgradeMode::Savepoint => {
-                step.event(
-                    true,
-                    "UpgradeWithoutSavepoint",
-                    format!(
-                        "version {} is not ready: upgrading from the latest checkpoint",
-                        running.hash
-                    ),
-                )
-                .await;
-                None
-            }
+            },
             _ => None,
         };
         let epoch = running.epoch + i64::from(spec.upgrade_mode == UpgradeMode::Stateless);
@@ -1130,33 +1159,24 @@ async fn finalize(
         .as_ref()
         .map(|r| r.hash.clone())
         .unwrap_or_default();
-    if pods > 0 && rolled_out(sts, &hash, pods) {
-        let key = format!("{}/{}", step.ns, step.name);
-        let tries = step.ctx.failures.lock().get(&key).copied().unwrap_or(0);
-        match step.savepoint("final", pods).await {
-            Ok(_) => {
-                step.save().await?;
-            }
-            // A few tries, then let the resource go: its checkpoints stay
-            // in storage either way.
-            Err(e) if tries < 3 => return Err(e),
-            Err(e) => {
-                step.event(
-                    true,
-                    "FinalSavepointFailed",
-                    format!("deleting without a final savepoint: {e}"),
-                )
-                .await;
-            }
+    let key = format!("{}/{}", step.ns, step.name);
+    let tries = step.ctx.failures.lock().get(&key).copied().unwrap_or(0);
+    // A few tries while pods are ready, then let the resource go: its
+    // checkpoints stay in storage either way.
+    let healthy = rolled_out(sts, &hash, pods) && tries < 3;
+    // The savepoint is in the event; the status goes with the resource.
+    match step.try_savepoint("final", pods, healthy).await? {
+        Some(_) => {}
+        None if pods == 0 => {
+            step.event(
+                false,
+                "DeletedWithoutSavepoint",
+                "no pod runs to take a final savepoint from; the checkpoints stay in storage"
+                    .to_string(),
+            )
+            .await
         }
-    } else {
-        step.event(
-            false,
-            "DeletedWithoutSavepoint",
-            "no ready pod to take a final savepoint from; the checkpoints stay in storage"
-                .to_string(),
-        )
-        .await;
+        None => {}
     }
     let finalizers: Vec<String> = step
         .vp

@@ -84,9 +84,10 @@ pub fn hash(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex()[..16].to_string()
 }
 
-/// The name of the ConfigMap holding `name`'s pipeline file.
+/// The name of the ConfigMap holding `name`'s pipeline file (a name that
+/// the ConfigMap a resource reads its file from is unlikely to have).
 pub fn config_map_name(name: &str) -> String {
-    format!("{name}-pipeline")
+    format!("{name}-vigil-pipeline")
 }
 
 /// The name of pod `ordinal` of `name`'s StatefulSet.

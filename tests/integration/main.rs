@@ -8,6 +8,8 @@ mod correlation;
 mod demo;
 mod incidents;
 mod kafka;
+mod kube_api;
+mod kubernetes;
 mod observability;
 mod pipeline_errors;
 mod recovery;
