@@ -290,6 +290,8 @@ struct Cluster {
     api: Arc<FakeApi>,
     kubelet: Arc<Kubelet>,
     dir: tempfile::TempDir,
+    /// The operator's own /metrics.
+    metrics: SocketAddr,
     _tasks: JoinSet<()>,
 }
 
@@ -303,12 +305,12 @@ impl Drop for Cluster {
     }
 }
 
-fn options(kubelet: &Arc<Kubelet>) -> vigil_kubernetes::Options {
+fn options(kubelet: &Arc<Kubelet>, metrics: Option<SocketAddr>) -> vigil_kubernetes::Options {
     let k = kubelet.clone();
     vigil_kubernetes::Options {
         namespace: None,
         pod_address: PodAddress::Resolve(Arc::new(move |_, _, pod| k.address(pod))),
-        metrics: None,
+        metrics,
         leader: Some((
             NS.to_string(),
             "vigil-operator".to_string(),
@@ -327,7 +329,8 @@ impl Cluster {
         let kubelet = Kubelet::new(dir.path());
         let mut tasks = JoinSet::new();
         let client = api.client();
-        let opts = options(&kubelet);
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let opts = options(&kubelet, Some(metrics));
         tasks.spawn(async move {
             if let Err(e) = vigil_kubernetes::run(client, vigil::operator::validator(), opts).await
             {
@@ -347,6 +350,7 @@ impl Cluster {
             api,
             kubelet,
             dir,
+            metrics,
             _tasks: tasks,
         }
     }
@@ -749,7 +753,11 @@ async fn reconciling_again_writes_nothing_and_every_child_is_owned_by_its_resour
         let dir = tempfile::tempdir().expect("tempdir");
         let kubelet = Kubelet::new(dir.path());
         let ctx = Arc::new(
-            vigil_kubernetes::Context::new(api.client(), vigil::operator::validator(), options(&kubelet))
+            vigil_kubernetes::Context::new(
+                api.client(),
+                vigil::operator::validator(),
+                options(&kubelet, None),
+            )
                 .expect("context"),
         );
         let pipelines: kube::Api<vigil_kubernetes::VigilPipeline> = kube::Api::namespaced(api.client(), NS);
@@ -757,6 +765,19 @@ async fn reconciling_again_writes_nothing_and_every_child_is_owned_by_its_resour
             let vp = pipelines.get("demo").await.expect("get");
             vigil_kubernetes::reconcile(Arc::new(vp), ctx.clone()).await.expect("reconcile");
         };
+        // A variable from a Secret: the pods get the reference; the
+        // operator never reads the Secret.
+        pipelines
+            .patch(
+                "demo",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "spec": { "env": [
+                    { "name": "VIGIL_DEMO_RATE", "value": "2000" },
+                    { "name": "KAFKA_PASSWORD", "valueFrom": { "secretKeyRef": { "name": "kafka", "key": "password" } } },
+                ] } })),
+            )
+            .await
+            .expect("patch");
         // The finalizer, then the children and status, then the pods'
         // readiness as status.
         for _ in 0..3 {
@@ -770,6 +791,16 @@ async fn reconciling_again_writes_nothing_and_every_child_is_owned_by_its_resour
             assert!(owned_by(&child, &uid), "{kind} {name}: {child:#}");
             assert!(child["metadata"]["annotations"][vigil_kubernetes::render::RENDERED].is_string());
         }
+        let env = api.get(STATEFULSETS, NS, "demo").expect("sts")["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+        assert!(
+            env.as_array().is_some_and(|e| e.iter().any(|v| v["name"] == "KAFKA_PASSWORD"
+                && v["valueFrom"]["secretKeyRef"] == json!({ "name": "kafka", "key": "password" }))),
+            "{env:#}"
+        );
+        assert!(
+            !api.requests().iter().any(|r| r.contains("/secrets")),
+            "the operator reads no Secret"
+        );
         let map = api.get(CONFIGMAPS, NS, "demo-vigil-pipeline").expect("ConfigMap");
         assert_eq!(map["data"]["pipeline.yaml"], vigil::DEMO_PIPELINE, "the validated file, as it is");
         let writes = api.writes();
@@ -850,6 +881,19 @@ async fn a_bad_resource_gets_a_condition_and_an_event_backs_off_and_leaves_the_r
         tokio::time::sleep(Duration::from_secs(12)).await;
         let tries = reads(&c) - start;
         assert!(tries <= 4, "{tries} reconciles in 12 s");
+
+        let (status, text) = try_get(c.metrics, "/metrics").await.expect("operator metrics");
+        assert_eq!(status, 200);
+        for line in [
+            "vigil_operator_reconcile_errors_total{reason=\"InvalidSpec\"}",
+            "vigil_operator_reconcile_errors_total{reason=\"InvalidPipeline\"}",
+            "vigil_operator_reconcile_errors_total{reason=\"ConfigMapNotFound\"}",
+            "vigil_operator_reconciles_total{result=\"ok\"}",
+            "vigil_operator_reconcile_duration_seconds_count",
+            "vigil_operator_leader 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
 
         // Put right, the same version runs on without a restart.
         c.patch_spec(json!({ "pipeline": { "inline": null, "configMapRef": { "name": "demo-pipeline", "key": "pipeline.yaml" } } })).await;
@@ -1029,4 +1073,177 @@ fn the_crd_and_manifests_are_generated_from_the_code_and_valid_for_kubernetes() 
         ],
     );
     assert_eq!(out.trim(), "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_operator_leads_at_a_time_and_another_takes_over_a_lease_left_to_expire() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        use k8s_openapi::api::coordination::v1::Lease;
+        use vigil_kubernetes::leader::LeaderLease;
+        let api = FakeApi::start().await;
+        let leases = || kube::Api::<Lease>::namespaced(api.client(), "vigil-system");
+        let a = LeaderLease::new(
+            leases(),
+            "vigil-operator",
+            "operator-a",
+            Duration::from_secs(2),
+        );
+        let b = LeaderLease::new(
+            leases(),
+            "vigil-operator",
+            "operator-b",
+            Duration::from_secs(2),
+        );
+        assert!(
+            a.try_hold().await.expect("a"),
+            "the first candidate takes the free lease"
+        );
+        assert!(
+            !b.try_hold().await.expect("b"),
+            "the second waits while it is held"
+        );
+        assert!(a.try_hold().await.expect("a renews"));
+        assert!(!b.try_hold().await.expect("b"));
+        // a stops renewing (its process died): once the lease has run out, b leads.
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        assert!(b.try_hold().await.expect("b takes over"));
+        assert!(
+            !a.try_hold().await.expect("a"),
+            "the old leader does not take it back"
+        );
+        let lease = api
+            .get(
+                "coordination.k8s.io/v1/leases",
+                "vigil-system",
+                "vigil-operator",
+            )
+            .expect("lease");
+        assert_eq!(lease["spec"]["holderIdentity"], "operator-b");
+        assert_eq!(lease["spec"]["leaseTransitions"], 1);
+        // A leader that loses the lease stops: keep() returns.
+        let lost = tokio::time::timeout(Duration::from_secs(5), a.keep())
+            .await
+            .expect("a notices");
+        assert!(lost.to_string().contains("taken over"), "{lost}");
+    })
+    .await
+    .expect("bounded");
+}
+
+/// `vigil run --initial-savepoint`: the savepoint on the first start, the
+/// latest checkpoint on a restart after a checkpoint (a pod restarted after
+/// an upgrade must not go back to the savepoint), and the savepoint again
+/// for a new start told apart with `#`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_savepoint_is_restored_once_and_a_restart_goes_on_from_the_latest_checkpoint() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("demo.yaml");
+        std::fs::write(&file, vigil::DEMO_PIPELINE).expect("write");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let start = |extra: &[&str], log: &str| {
+            let mut args: Vec<String> = [
+                "run",
+                file.to_str().expect("path"),
+                "--checkpoints",
+                dir.path().join("checkpoints").to_str().expect("path"),
+                "--checkpoint-interval",
+                "1s",
+                "--http",
+                &addr.to_string(),
+                "--progress",
+                "off",
+                "--log-format",
+                "json",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+                .args(&args)
+                .env("VIGIL_DEMO_RATE", "2000")
+                .env("VIGIL_DEMO_EVENTS", "100000000")
+                .env("VIGIL_MEMBER", "demo-0")
+                .env_remove("RUST_LOG")
+                .stdout(Stdio::null())
+                .stderr(
+                    std::fs::File::create(dir.path().join(log)).map_or(Stdio::null(), Stdio::from),
+                )
+                .spawn()
+                .expect("start vigil");
+            Pod {
+                child: Some(child),
+                template: String::new(),
+                port,
+                ready: false,
+                failures: 0,
+            }
+        };
+        let checkpoint = || async {
+            let (_, body) = try_get(addr, "/v1/checkpoints").await?;
+            serde_json::from_str::<Value>(&body).ok()?["checkpoints"]["latest_id"].as_u64()
+        };
+        let until_checkpoint = |after: u64| async move {
+            loop {
+                if checkpoint().await.is_some_and(|id| id > after) {
+                    return checkpoint().await.unwrap_or(0);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let log = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+        let restored = |name: &str| {
+            log(name)
+                .lines()
+                .find(|l| l.contains("restoring state"))
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).expect("a JSON log line")["fields"].clone()
+                })
+        };
+
+        let first = start(&[], "1.log");
+        until_checkpoint(0).await;
+        let admin = vigil_kubernetes::admin::Admin::default();
+        let sp = admin
+            .savepoint(&addr.to_string(), "up.demo-0")
+            .await
+            .expect("savepoint");
+        drop(first);
+
+        let second = start(&["--initial-savepoint", "up.{member}"], "2.log");
+        let after = until_checkpoint(sp.checkpoint as u64).await;
+        // The marker is written once a checkpoint after the savepoint is.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let r = restored("2.log").expect("a restore");
+        assert_eq!(r["savepoint"], "Some(\"up.demo-0\")", "{r}");
+        assert_eq!(r["checkpoint"], sp.checkpoint);
+        drop(second);
+
+        let third = start(&["--initial-savepoint", "up.{member}"], "3.log");
+        until_checkpoint(after).await;
+        assert!(
+            log("3.log").contains("started from this savepoint before"),
+            "{}",
+            log("3.log")
+        );
+        let r = restored("3.log").expect("a restore");
+        assert!(
+            r["checkpoint"].as_u64().unwrap_or(0) >= after,
+            "the latest checkpoint, not the savepoint: {r}"
+        );
+        drop(third);
+
+        let fourth = start(&["--initial-savepoint", "up.{member}#rollback-1"], "4.log");
+        until_checkpoint(0).await;
+        let r = restored("4.log").expect("a restore");
+        assert_eq!(
+            r["savepoint"], "Some(\"up.demo-0\")",
+            "a new start from the savepoint: {r}"
+        );
+        drop(fourth);
+    })
+    .await
+    .expect("bounded");
 }
