@@ -505,7 +505,7 @@ async fn supervise(
     let serving = listener.is_some();
     // Set when the run starts from an --initial-savepoint: once a checkpoint
     // is taken after it, later starts go on from their latest checkpoint.
-    let mut first_savepoint: Option<(String, u64)> = None;
+    let mut first_savepoint: Option<(String, String, u64)> = None;
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     let started = Instant::now();
     let shared = |c: CompletedCheckpoint| match membership {
@@ -526,18 +526,18 @@ async fn supervise(
             // (a rollback to the savepoint a failed upgrade started from).
             let start = name.replace("{member}", &who);
             let name = start.split('#').next().unwrap_or_default().to_string();
-            if store.started_from().await?.as_deref() == Some(start.as_str()) {
+            if store.started_from(&who).await?.as_deref() == Some(start.as_str()) {
                 tracing::info!(savepoint = %start, "started from this savepoint before; going on from the latest checkpoint");
                 store.latest().await?.map(shared)
             } else {
                 match store.savepoint(&name).await {
                     Ok(c) => {
-                        first_savepoint = Some((start, c.id));
+                        first_savepoint = Some((who.clone(), start, c.id));
                         Some(Arc::new(c))
                     }
                     Err(EngineError::User(e)) if per_member => {
                         tracing::warn!(savepoint = %name, error = %e, "no savepoint for this member; starting as a new member");
-                        first_savepoint = Some((start, 0));
+                        first_savepoint = Some((who.clone(), start, 0));
                         store.latest().await?.map(shared)
                     }
                     Err(e) => return Err(e),
@@ -555,13 +555,14 @@ async fn supervise(
         tracing::info!(checkpoint = c.id, savepoint = ?c.savepoint, rows = c.rows(), "restoring state");
     }
     let marker = async {
-        let (Some((name, after)), Some(store)) = (&first_savepoint, &options.checkpoints) else {
+        let (Some((member, name, after)), Some(store)) = (&first_savepoint, &options.checkpoints)
+        else {
             return std::future::pending().await;
         };
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             if control.latest_checkpoint().is_some_and(|id| id > *after) {
-                match store.set_started_from(name).await {
+                match store.set_started_from(member, name).await {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot record the savepoint this process started from")

@@ -478,6 +478,12 @@ fn rolled_out(sts: Option<&StatefulSet>, hash: &str, replicas: i32) -> bool {
         && (replicas > 0 || status.replicas == 0)
 }
 
+/// The pods `deployed` asks for (`fallback` if its spec cannot be read).
+fn replicas_of(deployed: &Deployed, fallback: i32) -> i32 {
+    serde_json::from_value::<VigilPipelineSpec>(deployed.spec.clone())
+        .map_or(fallback, |s| s.replicas)
+}
+
 /// Pods of `sts` as it is now.
 fn pods_of(sts: Option<&StatefulSet>) -> i32 {
     sts.and_then(|s| s.spec.as_ref())
@@ -805,6 +811,40 @@ async fn reconcile_inner(vp: &VigilPipeline, ctx: &Context) -> Result<Action, Er
         return Ok(Action::requeue(Duration::ZERO));
     }
 
+    // An upgrade in progress: done, out of time, or still going. This
+    // comes before the checks of the spec, so that a spec edited into
+    // something invalid mid-upgrade cannot keep a failed version running.
+    if let (Some(upgrade), Some(running)) =
+        (step.status.upgrade.clone(), step.status.running.clone())
+    {
+        let replicas = replicas_of(&running, vp.spec.replicas);
+        if rolled_out(sts.as_ref(), &running.hash, replicas) {
+            step.status.upgrade = None;
+            step.status.last_good = Some(running.clone());
+            step.status.phase = Some("Running".to_string());
+            step.condition("Ready", true, "Running", "every pod is ready");
+            step.condition(
+                "Progressing",
+                false,
+                "UpgradeComplete",
+                &format!("running {}", running.hash),
+            );
+            step.condition("Degraded", false, "AsExpected", "");
+            step.save().await?;
+            step.event(
+                false,
+                "Upgraded",
+                format!("version {} is ready on every pod", running.hash),
+            )
+            .await;
+            return Ok(Action::requeue(ctx.options.resync));
+        }
+        if !deadline_passed(&upgrade) {
+            return Ok(Action::requeue(ctx.options.poll));
+        }
+        return roll_back(&mut step, &upgrade).await;
+    }
+
     let desired = match resolve(vp, ctx).await {
         Ok(d) => d,
         Err(Error::Invalid { reason, message }) => {
@@ -861,35 +901,6 @@ async fn reconcile_inner(vp: &VigilPipeline, ctx: &Context) -> Result<Action, Er
         return Ok(poll);
     };
 
-    // An upgrade in progress: done, out of time, or still going.
-    if let Some(upgrade) = step.status.upgrade.clone() {
-        if rolled_out(sts.as_ref(), &running.hash, replicas) {
-            step.status.upgrade = None;
-            step.status.last_good = Some(running.clone());
-            step.status.phase = Some("Running".to_string());
-            step.condition("Ready", true, "Running", "every pod is ready");
-            step.condition(
-                "Progressing",
-                false,
-                "UpgradeComplete",
-                &format!("running {}", running.hash),
-            );
-            step.condition("Degraded", false, "AsExpected", "");
-            step.save().await?;
-            step.event(
-                false,
-                "Upgraded",
-                format!("version {} is ready on every pod", running.hash),
-            )
-            .await;
-            return Ok(Action::requeue(ctx.options.resync));
-        }
-        if !deadline_passed(&upgrade) {
-            return Ok(poll);
-        }
-        return roll_back(&mut step, &upgrade, replicas).await;
-    }
-
     if suspended {
         if step.status.phase.as_deref() != Some("Suspended") {
             let pods = pods_of(sts.as_ref());
@@ -925,7 +936,7 @@ async fn reconcile_inner(vp: &VigilPipeline, ctx: &Context) -> Result<Action, Er
                 next.savepoint = None;
             }
         }
-        step.apply(&next, replicas).await?;
+        step.apply(&next, replicas_of(&next, replicas)).await?;
         step.status.running = Some(next.clone());
         step.status.spec_hash = Some(next.hash.clone());
         step.status.phase = Some("Deploying".to_string());
@@ -968,11 +979,31 @@ async fn reconcile_inner(vp: &VigilPipeline, ctx: &Context) -> Result<Action, Er
             _ => None,
         };
         let epoch = running.epoch + i64::from(spec.upgrade_mode == UpgradeMode::Stateless);
+        // Each pod restores the savepoint of the pod of its name. When the
+        // number of pods changes, some would have none and some would be
+        // left over: the pods then go on from their latest checkpoints,
+        // whose partitions' state moves between processes through the
+        // shared storage; the savepoint stays for a rollback.
+        let before = replicas_of(&running, replicas);
+        let start = match &savepoint {
+            Some(_) if before != replicas && before.max(replicas) > 1 => {
+                step.event(
+                    false,
+                    "RescaleFromCheckpoints",
+                    format!(
+                        "{before} to {replicas} pods: the pods go on from their latest checkpoints; the savepoint is kept for a rollback"
+                    ),
+                )
+                .await;
+                None
+            }
+            s => s.clone(),
+        };
         let next = Deployed {
             hash: desired.hash.clone(),
             spec: desired.view.clone(),
             pipeline: desired.pipeline.clone(),
-            savepoint: savepoint.clone(),
+            savepoint: start,
             epoch,
         };
         let started = now();
@@ -1013,7 +1044,9 @@ async fn reconcile_inner(vp: &VigilPipeline, ctx: &Context) -> Result<Action, Er
         return Ok(poll);
     }
 
-    // At rest: keep the children as rendered, report health.
+    // At rest: keep the children as rendered, report health. The pods
+    // are the running version's (after a rollback, not the spec's).
+    let replicas = replicas_of(&running, replicas);
     step.apply(&running, replicas).await?;
     let ready = rolled_out(sts.as_ref(), &running.hash, replicas);
     let failed_again = step.status.failed_spec_hash.as_deref() == Some(desired.hash.as_str());
@@ -1091,7 +1124,7 @@ async fn report_checkpoints(step: &mut Step<'_>, pods: i32) {
     }
 }
 
-async fn roll_back(step: &mut Step<'_>, upgrade: &Upgrade, replicas: i32) -> Result<Action, Error> {
+async fn roll_back(step: &mut Step<'_>, upgrade: &Upgrade) -> Result<Action, Error> {
     let failed = upgrade.to_hash.clone();
     let resync = Action::requeue(step.ctx.options.poll);
     let Some(good) = step.status.last_good.clone() else {
@@ -1108,6 +1141,8 @@ async fn roll_back(step: &mut Step<'_>, upgrade: &Upgrade, replicas: i32) -> Res
         step.event(true, "UpgradeFailed", message).await;
         return Ok(resync);
     };
+    // At the last good version's shape: a failed rescale goes back too.
+    let replicas = replicas_of(&good, step.vp.spec.replicas);
     let mut back = good.clone();
     // A start from the savepoint taken before the upgrade, told apart
     // from the failed version's start from it.
@@ -1272,5 +1307,52 @@ pub async fn run(client: Client, validator: Validator, options: Options) -> Resu
     tokio::select! {
         r = work => r,
         r = metrics => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_reconciles_back_off_from_5_seconds_to_5_minutes() {
+        let waits: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn a_spec_is_refused_with_the_field_it_gets_wrong() {
+        let check = |v: serde_json::Value| {
+            let spec: VigilPipelineSpec = serde_json::from_value(v).expect("spec");
+            match check_spec(&spec) {
+                Err(Error::Invalid { message, .. }) => message,
+                other => format!("{other:?}"),
+            }
+        };
+        assert!(check(serde_json::json!({ "parallelism": 0 })).contains("spec.parallelism is 0"));
+        assert!(check(serde_json::json!({ "replicas": 2 })).contains("spec.checkpoints.s3"));
+        assert!(check(serde_json::json!({ "upgradeDeadline": "soon" }))
+            .contains("spec.upgradeDeadline"));
+        assert!(
+            check(serde_json::json!({ "checkpoints": { "s3": { "url": "bucket" } } }))
+                .contains("s3://bucket/prefix")
+        );
+        assert_eq!(check(serde_json::json!({})), "Ok(300s)");
+    }
+
+    #[test]
+    fn the_pods_environment_answers_for_values_and_references() {
+        let spec: VigilPipelineSpec = serde_json::from_value(serde_json::json!({
+            "env": [
+                { "name": "RATE", "value": "5" },
+                { "name": "PASSWORD", "valueFrom": { "secretKeyRef": { "name": "s", "key": "k" } } },
+            ],
+        }))
+        .expect("spec");
+        let env = pod_env(&spec);
+        assert_eq!(env("RATE").as_deref(), Some("5"));
+        assert_eq!(env("PASSWORD").as_deref(), Some("from-secret"));
+        assert_eq!(env("VIGIL_MEMBER").as_deref(), Some("pod"));
+        assert_eq!(env("UNSET"), None);
     }
 }

@@ -442,3 +442,107 @@ impl<T: serde::Serialize> erased::Yaml for Typed<'_, T> {
         serde_saphyr::to_string(&v).map_err(|e| crate::Error::Yaml(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_do_not_change_between_builds() {
+        // Stored in status: a different hash would upgrade every pipeline
+        // when the operator is upgraded.
+        assert_eq!(hash(b"vigil"), "0246024e6e3f4ef2");
+    }
+
+    fn shape<'a>(spec: &'a VigilPipelineSpec, savepoint: Option<&'a str>) -> Shape<'a> {
+        Shape {
+            name: "demo",
+            namespace: "detections",
+            owner: OwnerReference {
+                api_version: "vigil.dev/v1alpha1".into(),
+                kind: "VigilPipeline".into(),
+                name: "demo".into(),
+                uid: "u".into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            },
+            spec,
+            hash: "h",
+            pipeline: "name: demo\n",
+            savepoint,
+            epoch: 2,
+            replicas: 3,
+        }
+    }
+
+    #[test]
+    fn pods_get_the_savepoint_the_shape_and_their_storage() {
+        let spec: VigilPipelineSpec = serde_json::from_value(serde_json::json!({
+            "parallelism": 4,
+            "checkpoints": { "s3": { "url": "s3://bucket/vigil/", "endpoint": "http://minio:9000", "credentialsSecret": "s3" } },
+        }))
+        .expect("spec");
+        let c = render(&shape(&spec, Some("up-1.{member}")));
+        let sts = c.stateful_set.spec.expect("spec");
+        assert_eq!(sts.replicas, Some(3));
+        assert!(
+            sts.volume_claim_templates.is_none(),
+            "shared storage: no volume per pod"
+        );
+        let pod = sts.template.spec.expect("pod");
+        let container = &pod.containers[0];
+        let args = container.args.clone().expect("args");
+        let pair = |flag: &str| {
+            args.windows(2)
+                .find(|w| w[0] == flag)
+                .map(|w| w[1].clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(pair("--parallelism"), "4");
+        assert_eq!(pair("--checkpoints"), "s3://bucket/vigil/epoch-2");
+        assert_eq!(pair("--initial-savepoint"), "up-1.{member}");
+        let env = container.env.clone().expect("env");
+        assert!(env.iter().any(|e| e.name == "AWS_ALLOW_HTTP"));
+        assert_eq!(
+            container.env_from.as_ref().expect("envFrom")[0]
+                .secret_ref
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            Some("s3")
+        );
+        let member = env
+            .iter()
+            .find(|e| e.name == "VIGIL_MEMBER")
+            .expect("member");
+        assert_eq!(
+            member
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("metadata.name")
+        );
+        assert_eq!(
+            c.config_map.data.expect("data")[PIPELINE_FILE],
+            "name: demo\n"
+        );
+    }
+
+    #[test]
+    fn the_rendered_hash_follows_every_change() {
+        let spec = VigilPipelineSpec {
+            pipeline: Default::default(),
+            ..serde_json::from_value(serde_json::json!({})).expect("spec")
+        };
+        let rendered = |sp| {
+            render(&shape(&spec, sp))
+                .stateful_set
+                .metadata
+                .annotations
+                .expect("a")[RENDERED]
+                .clone()
+        };
+        assert_eq!(rendered(None), rendered(None));
+        assert_ne!(rendered(None), rendered(Some("x.{member}")));
+    }
+}

@@ -430,3 +430,51 @@ pub fn crd_yaml() -> Result<String, crate::Error> {
         "# Generated from the Rust types by `vigil operator crd`: do not edit.\n---\n{body}"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_the_schema_refuses_is_kept_not_failed_on() {
+        let spec: VigilPipelineSpec = serde_json::from_value(serde_json::json!({
+            "upgradeMode": "sideways",
+            "state": "paused",
+            "parallelism": 0,
+        }))
+        .expect("still a spec");
+        assert_eq!(spec.upgrade_mode, UpgradeMode::Unknown("sideways".into()));
+        assert_eq!(spec.state, DesiredState::Unknown("paused".into()));
+        assert_eq!(spec.parallelism, 0);
+        let round = serde_json::to_value(&spec).expect("json");
+        assert_eq!(round["upgradeMode"], "sideways");
+    }
+
+    #[test]
+    fn defaults_are_what_the_docs_say() {
+        let spec: VigilPipelineSpec =
+            serde_json::from_value(serde_json::json!({})).expect("an empty spec");
+        assert_eq!(spec.upgrade_mode, UpgradeMode::Savepoint);
+        assert_eq!(spec.state, DesiredState::Running);
+        assert_eq!((spec.replicas, spec.parallelism), (1, 1));
+        assert_eq!(spec.upgrade_deadline, "5m");
+        assert_eq!(spec.image, DEFAULT_IMAGE);
+        let view = spec.deployment_view();
+        assert!(view.get("state").is_none() && view.get("savepointNonce").is_none());
+    }
+
+    #[test]
+    fn the_crd_validates_enums_and_parallelism_and_has_printer_columns() {
+        let yaml = crd_yaml().expect("the CRD");
+        for needle in [
+            "- last-state",
+            "- suspended",
+            "minimum: 1.0",
+            "name: Phase",
+            "shortNames:",
+            "status: {}",
+        ] {
+            assert!(yaml.contains(needle), "{needle}");
+        }
+    }
+}

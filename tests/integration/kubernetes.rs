@@ -982,16 +982,18 @@ fn the_crd_and_manifests_are_generated_from_the_code_and_valid_for_kubernetes() 
     let chart = root.join("deploy/helm/vigil-operator");
     let chart = chart.to_str().expect("path");
     run_tool(&helm, &["lint", "--strict", chart]);
-    let manifest = run_tool(
-        &helm,
-        &[
+    let template = |extra: &[&str]| {
+        let mut args = vec![
             "template",
             "vigil-operator",
             chart,
             "--namespace",
             "vigil-system",
-        ],
-    );
+        ];
+        args.extend_from_slice(extra);
+        run_tool(&helm, &args)
+    };
+    let manifest = template(&[]);
     let plain = std::fs::read_to_string(root.join("deploy/kubernetes/operator.yaml"))
         .expect("operator.yaml");
     assert!(
@@ -1001,18 +1003,7 @@ fn the_crd_and_manifests_are_generated_from_the_code_and_valid_for_kubernetes() 
     let namespaced = dir.path().join("namespaced.yaml");
     std::fs::write(
         &namespaced,
-        run_tool(
-            &helm,
-            &[
-                "template",
-                "vigil-operator",
-                chart,
-                "--namespace",
-                "vigil-system",
-                "--set",
-                "watchNamespace=detections",
-            ],
-        ),
+        template(&["--set", "watchNamespace=detections"]),
     )
     .expect("write");
     let files = [
@@ -1214,8 +1205,12 @@ async fn an_initial_savepoint_is_restored_once_and_a_restart_goes_on_from_the_la
 
         let second = start(&["--initial-savepoint", "up.{member}"], "2.log");
         let after = until_checkpoint(sp.checkpoint as u64).await;
-        // The marker is written once a checkpoint after the savepoint is.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // The run records that it went past the savepoint once a checkpoint
+        // after it is complete (beside its checkpoints).
+        let marker = dir.path().join("checkpoints/demo/started-from/demo-0");
+        while std::fs::read_to_string(&marker).ok().as_deref() != Some("up.demo-0") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let r = restored("2.log").expect("a restore");
         assert_eq!(r["savepoint"], "Some(\"up.demo-0\")", "{r}");
         assert_eq!(r["checkpoint"], sp.checkpoint);

@@ -513,31 +513,29 @@ impl CheckpointStore {
         })
     }
 
-    /// Where the name of the savepoint this store's member last started
-    /// from is kept (`vigil run --initial-savepoint`).
-    fn started_from_path(&self) -> Path {
-        self.root
-            .clone()
-            .join("started-from")
-            .join(self.member.as_deref().unwrap_or("_"))
+    /// Where the name of the savepoint process `member` last started from
+    /// is kept (`vigil run --initial-savepoint`).
+    fn started_from_path(&self, member: &str) -> Result<Path> {
+        check_savepoint_name(member)?;
+        Ok(self.root.clone().join("started-from").join(member))
     }
 
-    /// The savepoint this store's member started from, once a checkpoint
-    /// taken after it completed: a restart of the same process goes on from
-    /// its latest checkpoint instead of going back to the savepoint.
-    pub async fn started_from(&self) -> Result<Option<String>> {
-        let path = self.started_from_path();
+    /// The savepoint process `member` started from, once a checkpoint taken
+    /// after it completed: a restart of the same process goes on from its
+    /// latest checkpoint instead of going back to the savepoint.
+    pub async fn started_from(&self, member: &str) -> Result<Option<String>> {
+        let path = self.started_from_path(member)?;
         Ok(self
             .get_if_present(&path)
             .await?
             .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
-    /// Records that this store's member has gone past savepoint `name`.
-    pub async fn set_started_from(&self, name: &str) -> Result<()> {
-        let path = self.started_from_path();
+    /// Records that process `member` has gone past savepoint `start`.
+    pub async fn set_started_from(&self, member: &str, start: &str) -> Result<()> {
+        let path = self.started_from_path(member)?;
         self.store
-            .put(&path, PutPayload::from(Bytes::from(name.to_string())))
+            .put(&path, PutPayload::from(Bytes::from(start.to_string())))
             .await
             .map_err(|e| store_error(format!("cannot write {path}"), e))?;
         Ok(())
