@@ -687,7 +687,11 @@ where
             "NameConflict",
             format!("{name} exists and is not this resource's; rename one of them",),
         )),
-        Some(current) if rendered(&current) == rendered(desired) => Ok(false),
+        Some(current)
+            if rendered(&current) == rendered(desired) && unchanged(desired, &current) =>
+        {
+            Ok(false)
+        }
         Some(current) => {
             let mut next = desired.clone();
             next.meta_mut().resource_version = current.meta().resource_version.clone();
@@ -700,6 +704,28 @@ where
                 Err(e) => Err(e.into()),
             }
         }
+    }
+}
+
+/// Whether every field `desired` sets has that value in `current` (what
+/// the API server adds, its defaults and status, does not count): a child
+/// someone edited (`kubectl scale`, an image changed by hand) is put back.
+fn unchanged<K: serde::Serialize>(desired: &K, current: &K) -> bool {
+    fn within(d: &serde_json::Value, c: &serde_json::Value) -> bool {
+        use serde_json::Value;
+        match (d, c) {
+            (Value::Object(d), Value::Object(c)) => d
+                .iter()
+                .all(|(k, v)| v.is_null() || c.get(k).is_some_and(|cv| within(v, cv))),
+            (Value::Array(d), Value::Array(c)) => {
+                d.len() == c.len() && d.iter().zip(c).all(|(d, c)| within(d, c))
+            }
+            (d, c) => d == c,
+        }
+    }
+    match (serde_json::to_value(desired), serde_json::to_value(current)) {
+        (Ok(d), Ok(c)) => within(&d, &c),
+        _ => false,
     }
 }
 

@@ -407,7 +407,8 @@ impl Cluster {
     }
 
     async fn wait(&self, what: &str, within: Duration, done: impl Fn(&Self) -> bool) {
-        let deadline = tokio::time::Instant::now() + within;
+        let started = tokio::time::Instant::now();
+        let deadline = started + within;
         while !done(self) {
             if tokio::time::Instant::now() > deadline {
                 panic!(
@@ -422,6 +423,8 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // How long each step took, for people (`--nocapture`).
+        eprintln!("{what}: {:.1} s", started.elapsed().as_secs_f64());
     }
 
     fn events(&self) -> Vec<(String, String, String)> {
@@ -582,6 +585,13 @@ async fn a_vigil_pipeline_is_deployed_upgraded_from_a_savepoint_rolled_back_susp
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        c.wait(
+            "the last checkpoint in status",
+            Duration::from_secs(30),
+            |c| c.status()["lastCheckpoint"]["id"].as_i64().unwrap_or(0) > 0,
+        )
+        .await;
+        assert_eq!(c.status()["restarts"], 0);
         let v1 = c.running_hash();
 
         // An upgrade in savepoint mode: a rescale to parallelism 2.
@@ -807,6 +817,17 @@ async fn reconciling_again_writes_nothing_and_every_child_is_owned_by_its_resour
         once().await;
         once().await;
         assert_eq!(api.writes(), writes, "reconciling twice more changed nothing");
+
+        // A StatefulSet scaled by hand is put back.
+        let statefulsets: kube::Api<k8s_openapi::api::apps::v1::StatefulSet> =
+            kube::Api::namespaced(api.client(), NS);
+        statefulsets
+            .patch("demo", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({ "spec": { "replicas": 5 } })))
+            .await
+            .expect("scale by hand");
+        once().await;
+        assert_eq!(api.get(STATEFULSETS, NS, "demo").expect("sts")["spec"]["replicas"], 1);
+        once().await;
 
         // Pods ready (as the StatefulSet controller would report them).
         let sts = api.get(STATEFULSETS, NS, "demo").expect("sts");
