@@ -31,7 +31,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use parking_lot::Mutex;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::admin::{Admin, PodAddress};
 use crate::render::{self, Shape};
@@ -91,7 +91,7 @@ pub struct Metrics {
     pub registry: Registry,
     reconciles: IntCounterVec,
     errors: IntCounterVec,
-    duration: HistogramVec,
+    duration: Histogram,
     savepoints: IntCounterVec,
     leader: IntGauge,
 }
@@ -110,13 +110,12 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        let duration = HistogramVec::new(
+        let duration = Histogram::with_opts(
             HistogramOpts::new(
                 "vigil_operator_reconcile_duration_seconds",
                 "Time a reconcile takes (savepoints included)",
             )
             .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]),
-            &[],
         )?;
         let savepoints = IntCounterVec::new(
             Opts::new(
@@ -764,7 +763,6 @@ pub async fn reconcile(vp: Arc<VigilPipeline>, ctx: Arc<Context>) -> Result<Acti
     };
     ctx.metrics
         .duration
-        .with_label_values(&[] as &[&str])
         .observe(started.elapsed().as_secs_f64());
     match &result {
         Ok(_) => {

@@ -409,38 +409,27 @@ pub fn render(shape: &Shape<'_>) -> Children {
 
 /// The children as one YAML stream (`vigil operator render`).
 pub fn to_yaml(children: &Children) -> Result<String, crate::Error> {
-    let yaml = |v: &dyn erased::Yaml| v.yaml();
-    let mut out = String::new();
-    for doc in [
-        yaml(&Typed("v1", "ConfigMap", &children.config_map))?,
-        yaml(&Typed("v1", "Service", &children.service))?,
-        yaml(&Typed("apps/v1", "StatefulSet", &children.stateful_set))?,
-    ] {
-        out.push_str("---\n");
-        out.push_str(&doc);
-    }
-    Ok(out)
+    let docs = [
+        typed("v1", "ConfigMap", &children.config_map)?,
+        typed("v1", "Service", &children.service)?,
+        typed("apps/v1", "StatefulSet", &children.stateful_set)?,
+    ];
+    Ok(docs.iter().map(|d| format!("---\n{d}")).collect())
 }
 
-/// An object with its `apiVersion` and `kind`, which k8s-openapi's types
-/// leave out of their own serialization of a bare struct.
-struct Typed<'a, T>(&'a str, &'a str, &'a T);
-
-mod erased {
-    pub trait Yaml {
-        fn yaml(&self) -> Result<String, crate::Error>;
+/// `object` as YAML with its `apiVersion` and `kind`, which k8s-openapi's
+/// types leave out when a bare struct is serialized.
+fn typed<T: serde::Serialize>(
+    api_version: &str,
+    kind: &str,
+    object: &T,
+) -> Result<String, crate::Error> {
+    let mut v = serde_json::to_value(object).map_err(|e| crate::Error::Yaml(e.to_string()))?;
+    if let Some(m) = v.as_object_mut() {
+        m.insert("apiVersion".into(), api_version.into());
+        m.insert("kind".into(), kind.into());
     }
-}
-
-impl<T: serde::Serialize> erased::Yaml for Typed<'_, T> {
-    fn yaml(&self) -> Result<String, crate::Error> {
-        let mut v = serde_json::to_value(self.2).map_err(|e| crate::Error::Yaml(e.to_string()))?;
-        if let Some(m) = v.as_object_mut() {
-            m.insert("apiVersion".into(), self.0.into());
-            m.insert("kind".into(), self.1.into());
-        }
-        serde_saphyr::to_string(&v).map_err(|e| crate::Error::Yaml(e.to_string()))
-    }
+    serde_saphyr::to_string(&v).map_err(|e| crate::Error::Yaml(e.to_string()))
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinSet;
 use vigil_kubernetes::admin::PodAddress;
 
+use crate::free_port;
 use crate::kube_api::FakeApi;
 
 /// The image the kubelet double can run: the `vigil` under test.
@@ -34,13 +35,6 @@ const STATEFULSETS: &str = "apps/v1/statefulsets";
 const CONFIGMAPS: &str = "/v1/configmaps";
 const SERVICES: &str = "/v1/services";
 const EVENTS: &str = "events.k8s.io/v1/events";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// A pod: a `vigil` process, killed on drop.
 struct Pod {
@@ -879,11 +873,11 @@ async fn a_bad_resource_gets_a_condition_and_an_event_backs_off_and_leaves_the_r
                 status == "True" && r == reason && m.contains(message)
             })
             .await;
-            assert!(
-                c.events().iter().any(|e| e.0 == "Warning" && e.1 == reason && e.2.contains(message)),
-                "an event for {patch}: {:?}",
-                c.events()
-            );
+            // The event follows the status write.
+            c.wait(&format!("an event for {patch}"), Duration::from_secs(10), |c| {
+                c.events().iter().any(|e| e.0 == "Warning" && e.1 == reason && e.2.contains(message))
+            })
+            .await;
             assert_eq!(c.condition("Ready").0, "True", "the running pipeline stays ready");
             assert_eq!(c.running_hash(), hash);
             assert_eq!(c.sts()["metadata"]["resourceVersion"], sts["metadata"]["resourceVersion"], "the StatefulSet is untouched");

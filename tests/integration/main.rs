@@ -40,6 +40,14 @@ pub async fn run_to_end(plan: &vigil::pipeline::Plan) -> vigil::run::Summary {
     .expect("runs")
 }
 
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// Plan options with a fixed environment instead of the process's.
 pub fn options_with(env: &[(&str, &str)]) -> PlanOptions {
     let map: HashMap<String, String> = env

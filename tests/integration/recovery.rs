@@ -22,6 +22,8 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use tokio::task::JoinSet;
 use vigil::pipeline::{load_str, Plan};
+
+use crate::free_port;
 use vigil_connectors::file::{FileSinkConfig, FileSinkFactory};
 use vigil_engine::graph::NodeKind;
 use vigil_engine::{
@@ -571,13 +573,6 @@ fn stored_checkpoints(dir: &std::path::Path) -> u64 {
                 .unwrap_or(0)
         })
         .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A `vigil run` of the crash pipeline, killed on drop.
